@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+// The one attention kernel: query rows against a cache view's blocks, in tiles, with an
+// online softmax. Decode and prefill are two ways of cutting its work into items.
+#pragma once
+
+#include "kvcache/attention/online_softmax.hpp"
+#include "kvcache/cache/block.hpp"
+#include "kvcache/detail/assert.hpp"
+#include "kvcache/detail/error.hpp"
+#include "kvcache/shape.hpp"
+#include "kvcache/thread_pool.hpp"
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+namespace kvcache {
+
+/// Knobs of the attention kernels. The defaults are right for most uses.
+struct attention_options {
+  /// Scale of the scores; 0 means 1/sqrt(head_dim).
+  double scale = 0.0;
+  /// Keys per inner tile: scores are never materialized for more keys than this at once.
+  Index tile_tokens = 64;
+  /// Decode only: split each kv head's keys into runs of about this many tokens that are
+  /// attended separately (in parallel when a pool is given) and merged. 0 chooses: one run
+  /// per kv head, or shorter runs when there are more threads than kv heads.
+  Index split_tokens = 0;
+  /// Threads to run on; nullptr runs on the calling thread alone.
+  thread_pool* pool = nullptr;
+};
+
+/// Scratch memory of the attention kernels. Reusing one across calls makes them allocation
+/// free after the first call of the largest shape (the warm-up).
+template <class T>
+class attention_workspace {
+ public:
+  struct worker_scratch {
+    row_matrix<T> q;      // [row][head_dim] the item's scaled queries
+    row_matrix<T> s;      // [row][tile] scores, then probabilities
+    row_matrix<T> k;      // [tile][head_dim] keys converted to T, when stored otherwise
+    row_matrix<T> v;      // [tile][head_dim] values converted to T
+    std::vector<Index> pos;  // [row] position of each query row, for the causal mask
+    softmax_state<T> state;  // of the item being run, when it needs no merge
+  };
+
+  /// Sizes the scratch for `workers` workers and `partials` partial states (grow only).
+  /// Sizes the scratch of `workers` workers for items of up to `rows` query rows and tiles of
+  /// `tile` keys of `head_dim`, and `partials` partial states of `rows` rows. Allocates only
+  /// what is missing, so every later call of the same or a smaller size allocates nothing.
+  void prepare(Index workers, Index rows, Index tile, Index head_dim, bool convert,
+               Index partials) {
+    if (Index(workers_.size()) < workers) workers_.resize(static_cast<std::size_t>(workers));
+    for (Index w = 0; w < workers; ++w) {
+      auto& s = worker(w);
+      grow(s.q, rows, head_dim);
+      grow(s.s, rows, tile);
+      if (convert) {
+        grow(s.k, tile, head_dim);
+        grow(s.v, tile, head_dim);
+      }
+      if (Index(s.pos.size()) < rows) s.pos.resize(static_cast<std::size_t>(rows));
+      if (s.state.rows() < rows || s.state.o.cols() != head_dim) s.state.reset(rows, head_dim);
+    }
+    if (Index(partials_.size()) < partials) partials_.resize(static_cast<std::size_t>(partials));
+    for (Index i = 0; i < partials; ++i) partial(i).reset(rows, head_dim);
+  }
+  worker_scratch& worker(Index w) { return workers_[static_cast<std::size_t>(w)]; }
+  softmax_state<T>& partial(Index i) { return partials_[static_cast<std::size_t>(i)]; }
+
+ private:
+  // Makes `m` at least rows x cols without shrinking it.
+  static void grow(row_matrix<T>& m, Index rows, Index cols) {
+    if (m.rows() < rows || m.cols() < cols) {
+      m.resize(std::max(m.rows(), rows), std::max(m.cols(), cols));
+    }
+  }
+
+  std::vector<worker_scratch> workers_;
+  std::vector<softmax_state<T>> partials_;
+};
+
+namespace detail {
+
+template <class T>
+using tile_map = Eigen::Map<const row_matrix<T>, 0, Eigen::OuterStride<>>;
+
+// Rows [t0, t0+n) of a block's keys or values, as T: mapped in place when stored as T,
+// otherwise converted into `scratch` (one tile, in cache, never the whole cache).
+template <class T, class Scalar>
+tile_map<T> load_tile(const Scalar* base, Index stride, Index t0, Index n, Index head_dim,
+                      row_matrix<T>& scratch) {
+  if constexpr (std::is_same_v<T, Scalar>) {
+    (void)scratch;
+    return tile_map<T>(base + t0 * stride, n, head_dim, Eigen::OuterStride<>(stride));
+  } else {
+    const Eigen::Map<const row_matrix<Scalar>, 0, Eigen::OuterStride<>> src(
+        base + t0 * stride, n, head_dim, Eigen::OuterStride<>(stride));
+    scratch.topLeftCorner(n, head_dim) = src.template cast<T>();
+    return tile_map<T>(scratch.data(), n, head_dim, Eigen::OuterStride<>(scratch.cols()));
+  }
+}
+
+// Folds keys [k0, k1) of kv head `h` into the first `rows` rows of `st` for the first `rows`
+// rows of `ws.q`. When
+// `row_pos` is given, row r sees only keys at positions <= row_pos[r] (a key's position is
+// its index in the view). Rows that see no key in a tile are left untouched.
+template <class View, class T>
+void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
+                  Index tile, typename attention_workspace<T>::worker_scratch& ws,
+                  softmax_state<T>& st) {
+  const Index d = view.head_dim();
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  Index offset = 0;  // position of the current block's first token
+  for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
+    const auto blk = view.block(h, b);
+    const Index lo = std::max(k0, offset), hi = std::min(k1, offset + blk.tokens);
+    for (Index t0 = lo; t0 < hi; t0 += tile) {
+      const Index n = std::min(tile, hi - t0);
+      const auto K = load_tile<T>(blk.keys, blk.stride, t0 - offset, n, d, ws.k);
+      auto S = ws.s.topLeftCorner(rows, n);
+      S.noalias() = ws.q.topRows(rows) * K.transpose();
+      if (row_pos != nullptr) {
+        for (Index r = 0; r < rows; ++r) {
+          const Index visible = row_pos[r] - t0 + 1;  // keys of this tile row r may see
+          if (visible < n) S.row(r).tail(n - std::max<Index>(visible, 0)).setConstant(neg_inf);
+        }
+      }
+      for (Index r = 0; r < rows; ++r) {
+        const T tile_max = S.row(r).maxCoeff();
+        if (tile_max == neg_inf) {
+          S.row(r).setZero();
+          continue;
+        }
+        const T m_new = std::max(st.m(r), tile_max);
+        const T alpha = std::exp(st.m(r) - m_new);
+        S.row(r) = (S.row(r).array() - m_new).exp().matrix();
+        st.l(r) = alpha * st.l(r) + S.row(r).sum();
+        st.o.row(r) *= alpha;
+        st.m(r) = m_new;
+      }
+      const auto V = load_tile<T>(blk.values, blk.stride, t0 - offset, n, d, ws.v);
+      st.o.topRows(rows).noalias() += S * V;
+    }
+    offset += blk.tokens;
+  }
+}
+
+template <class View>
+void check_view(const char* fn, const attention_shape& shape, const View& view) {
+  if (view.n_kv_heads() != shape.n_kv_heads() || view.head_dim() != shape.head_dim()) {
+    fail<std::invalid_argument>(fn, ": cache has ", view.n_kv_heads(), " kv heads of dim ",
+                                view.head_dim(), ", expected ", shape.n_kv_heads(), " of dim ",
+                                shape.head_dim());
+  }
+}
+
+template <class T>
+T score_scale(const attention_options& opt, Index head_dim) {
+  return opt.scale != 0.0 ? T(opt.scale) : T(1) / std::sqrt(T(head_dim));
+}
+
+}  // namespace detail
+}  // namespace kvcache

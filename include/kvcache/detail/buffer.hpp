@@ -1,0 +1,62 @@
+// SPDX-License-Identifier: Apache-2.0
+// A move-only, cache-line aligned, uninitialized array: the storage under every cache.
+#pragma once
+
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+
+namespace kvcache::detail {
+
+inline constexpr std::size_t buffer_alignment = 64;
+
+template <class T>
+class buffer {
+  static_assert(std::is_trivially_copyable_v<T>, "buffer holds trivially copyable scalars");
+
+ public:
+  buffer() noexcept = default;
+  /// Allocates `n` uninitialized elements; throws std::length_error when n is too large to
+  /// address and std::bad_alloc when memory is short.
+  explicit buffer(Index n) : size_(n) {
+    if (n < 0 || static_cast<std::size_t>(n) > std::numeric_limits<std::size_t>::max() / sizeof(T)) {
+      throw std::length_error("kvcache: buffer size out of range");
+    }
+    if (n > 0) {
+      data_ = static_cast<T*>(
+          ::operator new(static_cast<std::size_t>(n) * sizeof(T), std::align_val_t{buffer_alignment}));
+    }
+  }
+  buffer(const buffer&) = delete;
+  buffer& operator=(const buffer&) = delete;
+  buffer(buffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+  buffer& operator=(buffer&& other) noexcept {
+    buffer(std::move(other)).swap(*this);
+    return *this;
+  }
+  ~buffer() {
+    if (data_ != nullptr) ::operator delete(data_, std::align_val_t{buffer_alignment});
+  }
+
+  void swap(buffer& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(size_, other.size_);
+  }
+
+  T* data() noexcept { return data_; }
+  const T* data() const noexcept { return data_; }
+  Index size() const noexcept { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  Index size_ = 0;
+};
+
+}  // namespace kvcache::detail

@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: Apache-2.0
+// Validated value types for the shape of a model's attention and of its KV cache.
+#pragma once
+
+#include "kvcache/detail/error.hpp"
+#include "kvcache/types.hpp"
+
+#include <stdexcept>
+
+namespace kvcache {
+
+/// The heads of one attention layer: `n_heads` query heads share `n_kv_heads` key/value heads
+/// in groups of `group_size() = n_heads / n_kv_heads`. MHA has n_kv_heads == n_heads, MQA has
+/// n_kv_heads == 1, grouped-query attention (GQA) anything in between.
+class attention_shape {
+ public:
+  /// Throws std::invalid_argument unless every size is positive and n_heads is a multiple of
+  /// n_kv_heads.
+  attention_shape(Index n_heads, Index n_kv_heads, Index head_dim)
+      : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim) {
+    check_positive("n_heads", n_heads);
+    check_positive("n_kv_heads", n_kv_heads);
+    check_positive("head_dim", head_dim);
+    if (n_heads % n_kv_heads != 0) {
+      detail::fail<std::invalid_argument>("attention_shape: n_heads = ", n_heads,
+                                          " is not a multiple of n_kv_heads = ", n_kv_heads);
+    }
+  }
+
+  Index n_heads() const noexcept { return n_heads_; }
+  Index n_kv_heads() const noexcept { return n_kv_heads_; }
+  Index head_dim() const noexcept { return head_dim_; }
+  /// Query heads per kv head.
+  Index group_size() const noexcept { return n_heads_ / n_kv_heads_; }
+  /// Width of a token's queries: n_heads * head_dim.
+  Index q_width() const noexcept { return n_heads_ * head_dim_; }
+  /// Width of a token's keys (and of its values): n_kv_heads * head_dim.
+  Index kv_width() const noexcept { return n_kv_heads_ * head_dim_; }
+
+  friend bool operator==(const attention_shape& a, const attention_shape& b) noexcept {
+    return a.n_heads_ == b.n_heads_ && a.n_kv_heads_ == b.n_kv_heads_ &&
+           a.head_dim_ == b.head_dim_;
+  }
+  friend bool operator!=(const attention_shape& a, const attention_shape& b) noexcept {
+    return !(a == b);
+  }
+
+ protected:
+  static void check_positive(const char* what, Index value) {
+    if (value <= 0) {
+      detail::fail<std::invalid_argument>("attention_shape: ", what, " must be positive, got ",
+                                          value);
+    }
+  }
+
+ private:
+  Index n_heads_;
+  Index n_kv_heads_;
+  Index head_dim_;
+};
+
+/// The attention of a whole model: `n_layers` layers of one attention_shape each.
+class cache_shape : public attention_shape {
+ public:
+  /// Throws std::invalid_argument as attention_shape does, and for n_layers <= 0.
+  cache_shape(Index n_layers, Index n_heads, Index n_kv_heads, Index head_dim)
+      : attention_shape(n_heads, n_kv_heads, head_dim), n_layers_(n_layers) {
+    check_positive("n_layers", n_layers);
+  }
+  cache_shape(Index n_layers, const attention_shape& heads)
+      : attention_shape(heads), n_layers_(n_layers) {
+    check_positive("n_layers", n_layers);
+  }
+
+  Index n_layers() const noexcept { return n_layers_; }
+  /// The per-layer part of the shape.
+  const attention_shape& heads() const noexcept { return *this; }
+
+  friend bool operator==(const cache_shape& a, const cache_shape& b) noexcept {
+    return a.n_layers_ == b.n_layers_ && a.heads() == b.heads();
+  }
+  friend bool operator!=(const cache_shape& a, const cache_shape& b) noexcept {
+    return !(a == b);
+  }
+
+ private:
+  Index n_layers_;
+};
+
+}  // namespace kvcache
