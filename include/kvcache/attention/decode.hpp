@@ -56,7 +56,7 @@ void decode_attention(const attention_shape& shape,
   auto run = [&](Index item, Index worker) {
     const Index h = item / splits, s = item % splits;
     auto& scratch = ws.worker(worker);
-    for (Index g = 0; g < G; ++g) scratch.q.row(g) = q.segment((h * G + g) * d, d) * scale;
+    for (Index g = 0; g < G; ++g) scratch.q.row(g).head(d) = q.segment((h * G + g) * d, d) * scale;
     auto& st = splits > 1 ? ws.partial(item) : scratch.state;
     st.clear(G);
     detail::attend_range(view, h, n * s / splits, n * (s + 1) / splits, G, nullptr, tile, scratch,

@@ -123,7 +123,7 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
       const Index n = std::min(tile, hi - t0);
       const auto K = load_tile<T>(blk.keys, blk.stride, t0 - offset, n, d, ws.k);
       auto S = ws.s.topLeftCorner(rows, n);
-      S.noalias() = ws.q.topRows(rows) * K.transpose();
+      S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
       if (row_pos != nullptr) {
         for (Index r = 0; r < rows; ++r) {
           const Index visible = row_pos[r] - t0 + 1;  // keys of this tile row r may see

@@ -58,7 +58,7 @@ void causal_attention(const attention_shape& shape,
     auto& scratch = ws.worker(worker);
     for (Index i = 0; i < nq; ++i) {
       for (Index g = 0; g < G; ++g) {
-        scratch.q.row(i * G + g) = q.block(i0 + i, (h * G + g) * d, 1, d) * scale;
+        scratch.q.row(i * G + g).head(d) = q.block(i0 + i, (h * G + g) * d, 1, d) * scale;
         scratch.pos[static_cast<std::size_t>(i * G + g)] = q_pos0 + i0 + i;
       }
     }

@@ -1,0 +1,18 @@
+# SPDX-License-Identifier: Apache-2.0
+# Warning flags for kvcache's own targets (tests, benchmarks, examples), never for consumers.
+option(KVCACHE_WERROR "Treat warnings in kvcache's own targets as errors" OFF)
+
+add_library(kvcache_warnings INTERFACE)
+if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(kvcache_warnings INTERFACE -Wall -Wextra -Wpedantic
+    $<$<BOOL:${KVCACHE_WERROR}>:-Werror>)
+elseif(MSVC)
+  target_compile_options(kvcache_warnings INTERFACE /W4 $<$<BOOL:${KVCACHE_WERROR}>:/WX>)
+endif()
+
+# -march=native for the programs that measure speed; off by default so binaries stay portable.
+option(KVCACHE_NATIVE "Compile kvcache's benchmarks and examples for this machine's CPU" OFF)
+add_library(kvcache_native INTERFACE)
+if(KVCACHE_NATIVE AND CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
+  target_compile_options(kvcache_native INTERFACE -march=native)
+endif()

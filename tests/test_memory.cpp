@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tests of the KV-cache byte formula and its inverses.
+#include <kvcache/memory.hpp>
+
+#include <gtest/gtest.h>
+
+namespace kvcache {
+namespace {
+
+// Llama-2-7B: 32 layers, 32 kv heads of 128, fp16: 512 KiB a token, 2 GiB at 4096 tokens.
+static_assert(kv_bytes_per_token(32, 32, 128, 2) == 524288);
+static_assert(kv_cache_bytes(1, 4096, 32, 32, 128, 2) == 2147483648LL);
+
+TEST(Memory, Formula) {
+  // Llama-3-70B: 80 layers, 8 kv heads of 128, fp16, 65536 tokens: 2*65536*80*8*128*2.
+  EXPECT_EQ(kv_cache_bytes(1, 65536, 80, 8, 128, 2), 21474836480LL);
+  EXPECT_EQ(kv_cache_bytes(3, 10, 2, 4, 8, 4), 2LL * 3 * 10 * 2 * 4 * 8 * 4);
+  EXPECT_EQ(kv_cache_bytes(0, 10, 2, 4, 8, 4), 0);
+}
+
+TEST(Memory, Inverses) {
+  // 24 GB card, 14 GB of weights: 10 GB for the cache of a 7B MHA model in fp16.
+  const std::int64_t budget = 10'000'000'000LL;
+  EXPECT_EQ(kv_tokens_that_fit(budget, 1, 32, 32, 128, 2), 19073);  // 1e10 / 524288
+  EXPECT_EQ(kv_tokens_that_fit(budget, 100, 32, 32, 128, 2), 190);
+  EXPECT_EQ(kv_batch_that_fits(budget, 4096, 32, 32, 128, 2), 4);
+  for (std::int64_t n : {1, 17, 4096}) {
+    const auto fit = kv_tokens_that_fit(kv_cache_bytes(2, n, 3, 4, 8, 2), 2, 3, 4, 8, 2);
+    EXPECT_EQ(fit, n);
+  }
+}
+
+TEST(Memory, BadInput) {
+  EXPECT_THROW(kv_cache_bytes(-1, 10, 2, 4, 8, 4), std::invalid_argument);
+  EXPECT_THROW(kv_cache_bytes(1, 10, 0, 4, 8, 4), std::invalid_argument);
+  EXPECT_THROW(kv_bytes_per_token(1, 1, 1, 0), std::invalid_argument);
+  EXPECT_THROW(kv_tokens_that_fit(-5, 1, 1, 1, 1, 1), std::invalid_argument);
+  EXPECT_THROW(kv_tokens_that_fit(5, 0, 1, 1, 1, 1), std::invalid_argument);
+  EXPECT_THROW(kv_batch_that_fits(5, 0, 1, 1, 1, 1), std::invalid_argument);
+  EXPECT_THROW(kv_cache_bytes(1LL << 40, 1LL << 40, 2, 2, 2, 2), std::overflow_error);
+}
+
+}  // namespace
+}  // namespace kvcache

@@ -1,0 +1,50 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tests of the thread pool attention runs on.
+#include <kvcache/thread_pool.hpp>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <vector>
+
+namespace kvcache {
+namespace {
+
+TEST(ThreadPool, RunsEveryItemOnceOnValidWorkers) {
+  for (Index threads : {1, 2, 4}) {
+    thread_pool pool(threads);
+    EXPECT_EQ(pool.size(), threads);
+    for (int round = 0; round < 50; ++round) {
+      const Index n = 1 + round * 7;
+      std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+      std::atomic<bool> bad_worker{false};
+      pool.parallel_for(n, [&](Index i, Index w) {
+        hits[static_cast<std::size_t>(i)].fetch_add(1);
+        if (w < 0 || w >= threads) bad_worker = true;
+      });
+      for (auto& h : hits) EXPECT_EQ(h.load(), 1);
+      EXPECT_FALSE(bad_worker.load());
+    }
+  }
+}
+
+TEST(ThreadPool, RethrowsAfterAllItemsFinish) {
+  thread_pool pool(2);
+  std::atomic<int> done{0};
+  EXPECT_THROW(pool.parallel_for(100,
+                                 [&](Index i, Index) {
+                                   done.fetch_add(1);
+                                   if (i == 50) throw std::runtime_error("item 50");
+                                 }),
+               std::runtime_error);
+  EXPECT_EQ(done.load(), 100);
+  pool.parallel_for(3, [&](Index, Index) { done.fetch_add(1); });  // still usable
+  EXPECT_EQ(done.load(), 103);
+}
+
+TEST(ThreadPool, BadSize) {
+  EXPECT_THROW(thread_pool(0), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace kvcache
