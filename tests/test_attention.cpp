@@ -234,7 +234,7 @@ TYPED_TEST(AttentionTest, BadInputThrowsAndLeavesCacheIntact) {
 
 TEST(OnlineSoftmax, MergeIsExactAndEmptyIsIdentity) {
   const Index rows = 3, d = 5;
-  const auto scores = random_matrix<double>(rows, 40, 1) * 8.0;
+  const row_matrix<double> scores = random_matrix<double>(rows, 40, 1) * 8.0;
   const auto values = random_matrix<double>(40, d, 2);
   auto fold = [&](Index a, Index b) {
     softmax_state<double> st;
