@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: Apache-2.0
+// The tiny decoder's forward pass, written once: with the KV cache (prefill, then one token
+// per step) or without it (the whole sequence recomputed at every step).
+#pragma once
+
+#include "model.hpp"
+
+#include <kvcache/kvcache.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace tiny {
+
+enum class mode { cached, uncached };
+
+/// Runs a model over token sequences. Buffers are sized once for `seq_len` tokens, so no step
+/// allocates (the uncached path's reference attention aside, which materializes its scores as
+/// generation without a cache does).
+template <class CacheScalar = float>
+class decoder {
+ public:
+  decoder(const config& c, const weights& w, Index threads = 1)
+      : cfg_(c), w_(w), shape_(c.attention()), rope_(c.head_dim(), c.rope_theta,
+                                                      kvcache::rope_style::interleaved, c.seq_len),
+        cache_(c.cache(), c.seq_len) {
+    c.validate();
+    if (threads > 1) pool_ = std::make_unique<kvcache::thread_pool>(threads);
+    opt_.pool = pool_.get();
+    const Index n = c.seq_len;
+    x_.resize(n, c.dim);
+    xb_.resize(n, c.dim);
+    q_.resize(n, c.n_heads * c.head_dim());
+    k_.resize(n, c.kv_dim());
+    v_.resize(n, c.kv_dim());
+    att_.resize(n, c.n_heads * c.head_dim());
+    hb_.resize(n, c.hidden_dim);
+    hb2_.resize(n, c.hidden_dim);
+    xn_.resize(c.dim);
+    logits_.resize(c.vocab_size);
+    cache_.reserve(n);
+  }
+
+  const config& cfg() const { return cfg_; }
+  const kvcache::contiguous_cache<CacheScalar>& cache() const { return cache_; }
+
+  /// Forgets every cached token.
+  void reset() { cache_.clear(); }
+
+  /// With the cache: runs `tokens` (the prompt, or one new token) at positions
+  /// cache().size().., appending their keys and values, and returns the last token's logits.
+  const vector& forward_cached(const std::vector<int>& tokens) {
+    return forward(tokens.data(), Index(tokens.size()), cache_.size(), mode::cached);
+  }
+  /// forward_cached of one token: a decode step.
+  const vector& forward_cached(int token) { return forward(&token, 1, cache_.size(), mode::cached); }
+
+  /// Without a cache: runs the whole sequence `tokens` from position 0, as generation without a
+  /// cache must at every step, and returns the last token's logits.
+  const vector& forward_uncached(const std::vector<int>& tokens) {
+    return forward(tokens.data(), Index(tokens.size()), 0, mode::uncached);
+  }
+
+ private:
+  // Rows [0, n) of the buffers hold the n tokens at positions pos0..pos0+n-1.
+  const vector& forward(const int* tokens, Index n, Index pos0, mode m) {
+    if (n == 0) throw std::invalid_argument("forward: no tokens");
+    if (pos0 + n > cfg_.seq_len) {
+      throw std::length_error("forward: " + std::to_string(pos0 + n) +
+                              " tokens exceed seq_len = " + std::to_string(cfg_.seq_len));
+    }
+    embed(tokens, n);
+    for (Index l = 0; l < cfg_.n_layers; ++l) {
+      const layer_weights& lw = w_.layers[std::size_t(l)];
+      rmsnorm(x_.topRows(n), lw.attn_norm, xb_.topRows(n));
+      qkv(lw, n);
+      rope_.apply(q_.topRows(n), pos0);
+      rope_.apply(k_.topRows(n), pos0);
+      attention(l, n, m);
+      x_.topRows(n).noalias() += att_.topRows(n) * lw.wo.transpose();  // output proj, residual
+      rmsnorm(x_.topRows(n), lw.ffn_norm, xb_.topRows(n));
+      mlp(lw, n);  // SwiGLU, residual
+    }
+    head(n - 1);
+    return logits_;
+  }
+
+  void embed(const int* tokens, Index n) {
+    for (Index i = 0; i < n; ++i) {
+      if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size) {
+        throw std::out_of_range("embed: token " + std::to_string(tokens[i]) +
+                                " out of range [0, " + std::to_string(cfg_.vocab_size) + ")");
+      }
+      x_.row(i) = w_.token_embedding.row(tokens[i]);
+    }
+  }
+
+  template <class In, class Out>
+  void rmsnorm(const In& in, const vector& weight, Out&& out) const {
+    for (Index i = 0; i < in.rows(); ++i) {
+      const float inv = 1.0f / std::sqrt(in.row(i).squaredNorm() / float(cfg_.dim) + cfg_.norm_eps);
+      out.row(i) = (in.row(i) * inv).cwiseProduct(weight.transpose());
+    }
+  }
+
+  void qkv(const layer_weights& lw, Index n) {
+    const auto xb = xb_.topRows(n);
+    q_.topRows(n).noalias() = xb * lw.wq.transpose();
+    k_.topRows(n).noalias() = xb * lw.wk.transpose();
+    v_.topRows(n).noalias() = xb * lw.wv.transpose();
+  }
+
+  // Writes att_ rows [0, n): the attention of the n queries over every earlier token.
+  void attention(Index l, Index n, mode m) {
+    if (m == mode::uncached) {
+      att_.topRows(n) =
+          kvcache::reference_attention<float>(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n));
+    } else if (n == 1) {
+      cache_.append(l, k_.topRows(1), v_.topRows(1));
+      kvcache::decode_attention(shape_, q_.row(0), cache_.layer(l), att_.row(0), ws_, opt_);
+    } else {
+      kvcache::prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n),
+                                 cache_.layer(l), att_.topRows(n), ws_, opt_);
+    }
+  }
+
+  void mlp(const layer_weights& lw, Index n) {
+    const auto xb = xb_.topRows(n);
+    hb_.topRows(n).noalias() = xb * lw.w1.transpose();
+    hb2_.topRows(n).noalias() = xb * lw.w3.transpose();
+    auto h = hb_.topRows(n).array();
+    h = h / (1.0f + (-h).exp()) * hb2_.topRows(n).array();  // silu(w1 x) * (w3 x)
+    x_.topRows(n).noalias() += hb_.topRows(n) * lw.w2.transpose();
+  }
+
+  void head(Index row) {
+    rmsnorm(x_.row(row), w_.final_norm, xn_);
+    logits_.noalias() = w_.classifier * xn_.transpose();
+  }
+
+  config cfg_;
+  const weights& w_;
+  kvcache::attention_shape shape_;
+  kvcache::rope rope_;
+  kvcache::contiguous_cache<CacheScalar> cache_;
+  std::unique_ptr<kvcache::thread_pool> pool_;
+  kvcache::attention_options opt_;
+  kvcache::attention_workspace<float> ws_;
+  matrix x_, xb_, q_, k_, v_, att_, hb_, hb2_;  // [token][...] activations of this call
+  kvcache::row_vector<float> xn_;               // [dim] the last token, normed
+  vector logits_;                               // [vocab] of the last token
+};
+
+}  // namespace tiny

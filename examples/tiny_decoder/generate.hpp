@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: Apache-2.0
+// Sampling and the generation loop: prefill, then one token per step, timed.
+#pragma once
+
+#include "forward.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <numeric>
+#include <vector>
+
+namespace tiny {
+
+/// Picks the next token: greedy argmax at temperature 0, otherwise a draw from the softmax of
+/// logits / temperature restricted to the smallest set of tokens whose probability reaches
+/// top_p (nucleus sampling). Draws come from a seeded xorshift generator, the same everywhere.
+class sampler {
+ public:
+  sampler(float temperature = 0.0f, float top_p = 1.0f, std::uint64_t seed = 42)
+      : temperature_(temperature), top_p_(top_p), state_(seed == 0 ? 0x9e3779b97f4a7c15ULL : seed) {
+    if (!(temperature >= 0.0f)) throw std::invalid_argument("sampler: temperature must be >= 0");
+    if (!(top_p > 0.0f && top_p <= 1.0f)) {
+      throw std::invalid_argument("sampler: top_p must be in (0, 1]");
+    }
+  }
+
+  int operator()(const vector& logits) {
+    Index best = 0;
+    logits.maxCoeff(&best);
+    if (temperature_ == 0.0f) return int(best);
+    probs_ = ((logits.array() - logits(best)) / temperature_).exp();
+    probs_ /= probs_.sum();
+    order_.resize(std::size_t(logits.size()));
+    std::iota(order_.begin(), order_.end(), 0);
+    std::sort(order_.begin(), order_.end(), [&](int a, int b) { return probs_(a) > probs_(b); });
+    float kept = 0.0f;
+    std::size_t n = 0;
+    while (n < order_.size() && (n == 0 || kept < top_p_)) kept += probs_(order_[n++]);
+    float r = uniform() * kept;
+    for (std::size_t i = 0; i < n; ++i) {
+      r -= probs_(order_[i]);
+      if (r <= 0.0f) return order_[i];
+    }
+    return order_[n - 1];
+  }
+
+ private:
+  float uniform() {  // [0, 1)
+    state_ ^= state_ >> 12;
+    state_ ^= state_ << 25;
+    state_ ^= state_ >> 27;
+    return float((state_ * 0x2545F4914F6CDD1DULL) >> 40) / float(1 << 24);
+  }
+
+  float temperature_, top_p_;
+  std::uint64_t state_;
+  Eigen::ArrayXf probs_;
+  std::vector<int> order_;
+};
+
+/// What one generation run did.
+struct run_result {
+  std::vector<int> tokens;           // generated, in order
+  std::vector<vector> logits;        // [step] logits each token was drawn from
+  double prefill_ms = 0;             // the prompt's forward pass
+  std::vector<double> decode_ms;     // [step] each later forward pass
+  Index kv_bytes = 0;                // bytes the cache holds at the end (0 without a cache)
+  Index tokens_cached = 0;
+};
+
+/// Generates `n_gen` tokens after `prompt`: one forward pass over the prompt gives the first
+/// token, then each of n_gen - 1 steps runs one more forward pass (one token with the cache,
+/// the whole sequence so far without it). `on_step(done)` is called after each token.
+template <class CacheScalar>
+run_result generate(decoder<CacheScalar>& dec, const std::vector<int>& prompt, Index n_gen,
+                    mode m, sampler pick, const std::function<void(Index)>& on_step = {}) {
+  using clock = std::chrono::steady_clock;
+  const auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+  if (prompt.empty()) throw std::invalid_argument("generate: the prompt is empty");
+  if (n_gen < 1) throw std::invalid_argument("generate: n_gen must be >= 1");
+  run_result r;
+  dec.reset();
+  std::vector<int> seq = prompt;
+  auto t0 = clock::now();
+  const vector* logits = m == mode::cached ? &dec.forward_cached(prompt) : &dec.forward_uncached(seq);
+  r.prefill_ms = ms(clock::now() - t0);
+  for (Index step = 0;; ++step) {
+    r.logits.push_back(*logits);
+    r.tokens.push_back(pick(*logits));
+    seq.push_back(r.tokens.back());
+    if (on_step) on_step(step + 1);
+    if (step + 1 == n_gen) break;
+    t0 = clock::now();
+    logits = m == mode::cached ? &dec.forward_cached(r.tokens.back()) : &dec.forward_uncached(seq);
+    r.decode_ms.push_back(ms(clock::now() - t0));
+  }
+  if (m == mode::cached) {
+    r.kv_bytes = dec.cache().bytes();
+    r.tokens_cached = dec.cache().size();
+  }
+  return r;
+}
+
+/// The q-quantile (0..1) of `v`, by nearest rank; 0 for an empty vector.
+inline double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double rank = std::clamp(std::ceil(q * double(v.size())) - 1.0, 0.0, double(v.size() - 1));
+  return v[std::size_t(rank)];
+}
+
+}  // namespace tiny

@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: Apache-2.0
+// tiny_decoder: a small Llama-style decoder that generates with and without the KV cache and
+// shows that both pick the same tokens while the cache is far faster.
+#include "generate.hpp"
+#include "llama2c.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <unistd.h>
+
+namespace {
+
+using tiny::Index;
+
+constexpr const char* usage = R"(usage: tiny_decoder [options]
+
+Runs a prompt through a small Llama-style decoder (prefill), then generates tokens, once with
+the KV cache (one token per step) and once without (the whole sequence every step), and
+compares them.
+
+  --mode cached|uncached|compare  what to run (default compare)
+  --prompt-len N      random prompt of N tokens from --seed (default 16)
+  --prompt TEXT       prompt text (needs --tokenizer)
+  --gen N             tokens to generate (default 128)
+  --seed N            seed of the random weights, prompt and sampling (default 42)
+  --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T)
+  --top-p P           nucleus sampling: keep the most likely tokens up to mass P (default 0.9)
+  --threads N         threads for attention (default 1)
+  --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
+  --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
+  --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
+                      random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed)
+  --json              print one JSON object instead of text
+  --help              this text
+)";
+
+[[noreturn]] void die(const std::string& message) {
+  std::cerr << "tiny_decoder: " << message << "\n(see tiny_decoder --help)\n";
+  std::exit(2);
+}
+
+struct options {
+  std::string mode = "compare";
+  Index prompt_len = 16;
+  std::optional<std::string> prompt_text;
+  Index gen = 128;
+  std::uint64_t seed = 42;
+  float temperature = 0.0f;
+  float top_p = 0.9f;
+  Index threads = 1;
+  std::optional<std::string> checkpoint, tokenizer_path;
+  tiny::config cfg;
+  bool seq_len_given = false;
+  bool json = false;
+};
+
+Index parse_int(const std::string& flag, const std::string& value, Index min) {
+  std::size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(value, &used);
+  } catch (const std::exception&) {
+    die(flag + " needs a whole number, got '" + value + "'");
+  }
+  if (used != value.size()) die(flag + " needs a whole number, got '" + value + "'");
+  if (v < min) die(flag + " must be >= " + std::to_string(min) + ", got " + value);
+  return Index(v);
+}
+
+float parse_float(const std::string& flag, const std::string& value) {
+  std::size_t used = 0;
+  float v = 0;
+  try {
+    v = std::stof(value, &used);
+  } catch (const std::exception&) {
+    die(flag + " needs a number, got '" + value + "'");
+  }
+  if (used != value.size()) die(flag + " needs a number, got '" + value + "'");
+  return v;
+}
+
+options parse(int argc, char** argv) {
+  options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      std::cout << usage;
+      std::exit(0);
+    }
+    if (flag == "--json") {
+      o.json = true;
+      continue;
+    }
+    if (i + 1 >= argc) die(flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unknown argument '" + flag + "'");
+    const std::string value = argv[++i];
+    if (flag == "--mode") {
+      if (value != "cached" && value != "uncached" && value != "compare") {
+        die("--mode must be cached, uncached or compare, got '" + value + "'");
+      }
+      o.mode = value;
+    } else if (flag == "--prompt-len") {
+      o.prompt_len = parse_int(flag, value, 1);
+    } else if (flag == "--prompt") {
+      o.prompt_text = value;
+    } else if (flag == "--gen") {
+      o.gen = parse_int(flag, value, 1);
+    } else if (flag == "--seed") {
+      o.seed = std::uint64_t(parse_int(flag, value, 0));
+    } else if (flag == "--temperature") {
+      o.temperature = parse_float(flag, value);
+      if (!(o.temperature >= 0.0f)) die("--temperature must be >= 0, got " + value);
+    } else if (flag == "--top-p") {
+      o.top_p = parse_float(flag, value);
+      if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) die("--top-p must be in (0, 1], got " + value);
+    } else if (flag == "--threads") {
+      o.threads = parse_int(flag, value, 1);
+    } else if (flag == "--checkpoint") {
+      o.checkpoint = value;
+    } else if (flag == "--tokenizer") {
+      o.tokenizer_path = value;
+    } else if (flag == "--dim") {
+      o.cfg.dim = parse_int(flag, value, 1);
+    } else if (flag == "--hidden") {
+      o.cfg.hidden_dim = parse_int(flag, value, 1);
+    } else if (flag == "--layers") {
+      o.cfg.n_layers = parse_int(flag, value, 1);
+    } else if (flag == "--heads") {
+      o.cfg.n_heads = parse_int(flag, value, 1);
+    } else if (flag == "--kv-heads") {
+      o.cfg.n_kv_heads = parse_int(flag, value, 1);
+    } else if (flag == "--vocab") {
+      o.cfg.vocab_size = parse_int(flag, value, 1);
+    } else if (flag == "--seq-len") {
+      o.cfg.seq_len = parse_int(flag, value, 1);
+      o.seq_len_given = true;
+    } else {
+      die("unknown option '" + flag + "'");
+    }
+  }
+  if (o.prompt_text && !o.tokenizer_path) die("--prompt needs --tokenizer to turn text into tokens");
+  return o;
+}
+
+std::string json_escape(const std::string& s) {
+  std::ostringstream out;
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out << '\\' << c;
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out << buf;
+    } else {
+      out << c;
+    }
+  }
+  return out.str();
+}
+
+struct mode_report {
+  tiny::run_result run;
+  double decode_median_ms = 0, decode_p90_ms = 0, tokens_per_s = 0;
+};
+
+mode_report summarize(tiny::run_result run) {
+  mode_report r;
+  r.decode_median_ms = tiny::quantile(run.decode_ms, 0.5);
+  r.decode_p90_ms = tiny::quantile(run.decode_ms, 0.9);
+  double total = 0;
+  for (double ms : run.decode_ms) total += ms;
+  r.tokens_per_s = total > 0 ? 1000.0 * double(run.decode_ms.size()) / total : 0.0;
+  r.run = std::move(run);
+  return r;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const options o = parse(argc, argv);
+  try {
+    tiny::config cfg = o.cfg;
+    tiny::weights w;
+    if (o.checkpoint) {
+      auto m = tiny::load_checkpoint(*o.checkpoint);
+      cfg = m.cfg;
+      w = std::move(m.w);
+    }
+    std::optional<tiny::tokenizer> tok;
+    if (o.tokenizer_path) {
+      tok.emplace();
+      tok->load(*o.tokenizer_path, cfg.vocab_size);
+    }
+
+    std::vector<int> prompt;
+    if (o.prompt_text) {
+      prompt = tok->encode(*o.prompt_text, /*bos=*/true, /*eos=*/false);
+    } else {
+      std::mt19937_64 gen(o.seed ^ 0x5eedULL);
+      for (Index i = 0; i < o.prompt_len; ++i) prompt.push_back(int(gen() % std::uint64_t(cfg.vocab_size)));
+    }
+    const Index needed = Index(prompt.size()) + o.gen - 1;
+    if (!o.checkpoint && !o.seq_len_given) cfg.seq_len = std::max<Index>(needed, 1);
+    if (needed > cfg.seq_len) {
+      die("prompt (" + std::to_string(prompt.size()) + " tokens) + --gen " + std::to_string(o.gen) +
+          " needs " + std::to_string(needed) + " positions but seq_len is " + std::to_string(cfg.seq_len));
+    }
+    cfg.validate();
+    if (!o.checkpoint) w = tiny::random_weights(cfg, o.seed);
+
+    tiny::decoder<float> dec(cfg, w, o.threads);
+    const bool tty = isatty(2) != 0 && !o.json;
+    std::optional<mode_report> cached, uncached;
+    for (const auto m : {tiny::mode::cached, tiny::mode::uncached}) {
+      const bool want = o.mode == "compare" || (o.mode == "cached") == (m == tiny::mode::cached);
+      if (!want) continue;
+      const char* name = m == tiny::mode::cached ? "cached" : "uncached";
+      const auto start = std::chrono::steady_clock::now();
+      auto progress = [&](Index done) {
+        if (!tty || (done % 16 != 0 && done != o.gen)) return;
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::fprintf(stderr, "\r[%s] %td/%td tokens, %.1f tokens/s   ", name, done, o.gen,
+                     double(done) / std::max(s, 1e-9));
+        if (done == o.gen) std::fprintf(stderr, "\r%60s\r", "");
+      };
+      auto report = summarize(tiny::generate(dec, prompt, o.gen, m,
+                                             tiny::sampler(o.temperature, o.top_p, o.seed), progress));
+      (m == tiny::mode::cached ? cached : uncached) = std::move(report);
+    }
+
+    const Index formula_bytes =
+        cached ? Index(kvcache::kv_cache_bytes(1, cached->run.tokens_cached, cfg.n_layers, cfg.n_kv_heads,
+                                               cfg.head_dim(), sizeof(float)))
+               : 0;
+    bool identical = false;
+    double max_diff = 0;
+    double speedup = 0;
+    if (cached && uncached) {
+      identical = cached->run.tokens == uncached->run.tokens;
+      for (std::size_t s = 0; s < std::min(cached->run.logits.size(), uncached->run.logits.size()); ++s) {
+        max_diff = std::max(max_diff, double((cached->run.logits[s] - uncached->run.logits[s]).cwiseAbs().maxCoeff()));
+      }
+      speedup = cached->decode_median_ms > 0 ? uncached->decode_median_ms / cached->decode_median_ms : 0;
+    }
+    auto text_of = [&](const std::vector<int>& tokens) {
+      std::string s;
+      int prev = prompt.back();
+      for (int t : tokens) {
+        s += tiny::safe_piece(tok->decode(prev, t));
+        prev = t;
+      }
+      return s;
+    };
+
+    if (o.json) {
+      std::ostringstream js;
+      js << "{\"config\":{\"dim\":" << cfg.dim << ",\"hidden_dim\":" << cfg.hidden_dim
+         << ",\"n_layers\":" << cfg.n_layers << ",\"n_heads\":" << cfg.n_heads
+         << ",\"n_kv_heads\":" << cfg.n_kv_heads << ",\"head_dim\":" << cfg.head_dim()
+         << ",\"vocab_size\":" << cfg.vocab_size << ",\"seq_len\":" << cfg.seq_len
+         << ",\"weights\":\"" << (o.checkpoint ? json_escape(*o.checkpoint) : "random") << "\"}"
+         << ",\"prompt_len\":" << prompt.size() << ",\"gen\":" << o.gen << ",\"threads\":" << o.threads
+         << ",\"kv_type\":\"f32\",\"modes\":{";
+      bool first = true;
+      for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
+        if (r == nullptr) continue;
+        js << (first ? "" : ",") << "\"" << (r == &*cached ? "cached" : "uncached") << "\":{"
+           << "\"prefill_ms\":" << r->run.prefill_ms
+           << ",\"decode_ms_per_token_median\":" << r->decode_median_ms
+           << ",\"decode_ms_per_token_p90\":" << r->decode_p90_ms
+           << ",\"tokens_per_s\":" << r->tokens_per_s << ",\"kv_bytes\":" << r->run.kv_bytes
+           << ",\"tokens_cached\":" << r->run.tokens_cached << ",\"tokens\":[";
+        for (std::size_t i = 0; i < r->run.tokens.size(); ++i) js << (i ? "," : "") << r->run.tokens[i];
+        js << "]";
+        if (tok) js << ",\"text\":\"" << json_escape(text_of(r->run.tokens)) << "\"";
+        js << "}";
+        first = false;
+      }
+      js << "},\"kv_bytes_formula\":" << formula_bytes;
+      if (cached && uncached) {
+        js << ",\"identical_tokens\":" << (identical ? "true" : "false")
+           << ",\"max_abs_logit_diff\":" << max_diff << ",\"speedup\":" << speedup;
+      }
+      js << "}\n";
+      std::cout << js.str();
+      return 0;
+    }
+
+    std::printf("model: dim %td, %td layers, %td query heads on %td kv heads (head_dim %td), "
+                "vocab %td, %s weights\n",
+                cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.vocab_size,
+                o.checkpoint ? o.checkpoint->c_str() : "random");
+    std::printf("prompt: %zu tokens, generating %td, %s, %td attention thread%s\n\n", prompt.size(),
+                o.gen, o.temperature == 0.0f ? "greedy" : "sampled", o.threads, o.threads == 1 ? "" : "s");
+    for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
+      if (r == nullptr) continue;
+      const bool is_cached = r == &*cached;
+      std::printf("%-9s prefill %8.2f ms | decode/token median %8.3f ms, p90 %8.3f ms | %9.1f tokens/s\n",
+                  is_cached ? "cached" : "uncached", r->run.prefill_ms, r->decode_median_ms,
+                  r->decode_p90_ms, r->tokens_per_s);
+      if (is_cached) {
+        std::printf("          KV cache: %td bytes for %td tokens (formula 2 x %td x %td layers x %td kv heads x %td x 4 B = %td)\n",
+                    r->run.kv_bytes, r->run.tokens_cached, r->run.tokens_cached, cfg.n_layers,
+                    cfg.n_kv_heads, cfg.head_dim(), formula_bytes);
+      } else {
+        std::printf("          no cache: every step recomputes K and V of all earlier tokens\n");
+      }
+    }
+    const auto& shown = cached ? cached->run.tokens : uncached->run.tokens;
+    std::printf("\ntokens:");
+    for (std::size_t i = 0; i < std::min<std::size_t>(shown.size(), 24); ++i) std::printf(" %d", shown[i]);
+    std::printf(shown.size() > 24 ? " ...\n" : "\n");
+    if (tok) std::printf("text: %s\n", text_of(shown).c_str());
+    if (cached && uncached) {
+      std::printf("identical tokens: %s; largest |logit difference| over %zu steps: %.3g\n",
+                  identical ? "yes" : "NO", cached->run.logits.size(), max_diff);
+      std::printf("speedup (uncached / cached decode time per token, medians): %.1fx\n", speedup);
+    }
+    return cached && uncached && !identical ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::cerr << "tiny_decoder: error: " << e.what() << "\n";
+    return 1;
+  }
+}

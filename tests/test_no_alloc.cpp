@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: Apache-2.0
+// Decode steps allocate nothing once warm: global operator new is counted around them, and
+// Eigen's own allocations (which bypass operator new) are forbidden while they run.
+#include <stdexcept>
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) \
+  do {                   \
+    if (!(x)) throw std::logic_error("Eigen assertion failed: " #x); \
+  } while (false)
+
+#include "tiny_decoder/forward.hpp"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+// GCC pairs the replaced operators with malloc/free and warns at every inlined delete.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
+namespace {
+std::atomic<long> allocations{0};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  const auto align = static_cast<std::size_t>(a);
+  if (void* p = std::aligned_alloc(align, (n + align - 1) / align * align)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+using kvcache::Index;
+
+TEST(NoAllocation, TheCountersSeeAllocations) {
+  const long before = allocations.load();
+  auto p = std::make_unique<kvcache::kv_layer<float>>(1, 4);
+  p->reserve(8);
+  EXPECT_GE(allocations.load() - before, 2);  // the object, and its aligned buffers
+  Eigen::internal::set_is_malloc_allowed(false);
+  EXPECT_THROW(Eigen::MatrixXf m(10, 10), std::logic_error);
+  Eigen::internal::set_is_malloc_allowed(true);
+}
+
+TEST(NoAllocation, DecodeStepsAfterWarmUp) {
+  for (kvcache::Index threads : {1, 2}) {
+    tiny::config cfg;
+    cfg.dim = 64;
+    cfg.hidden_dim = 96;
+    cfg.n_layers = 2;
+    cfg.n_heads = 8;
+    cfg.n_kv_heads = 2;
+    cfg.vocab_size = 50;
+    cfg.seq_len = 300;
+    const tiny::weights w = tiny::random_weights(cfg, 3);
+    tiny::decoder<float> dec(cfg, w, threads);
+    dec.forward_cached(std::vector<int>{1, 2, 3, 4, 5});
+    dec.forward_cached(6);  // warm-up: the workspace takes its size
+    const long before = allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    int token = 7;
+    EXPECT_NO_THROW(for (int step = 0; step < 200; ++step) {
+      Index best = 0;
+      dec.forward_cached(token).maxCoeff(&best);
+      token = int(best);
+    }) << "Eigen allocated";
+    Eigen::internal::set_is_malloc_allowed(true);
+    EXPECT_EQ(allocations.load() - before, 0) << "threads = " << threads;
+    EXPECT_EQ(dec.cache().size(), 206);
+  }
+}
+
+TEST(NoAllocation, DecodeAttentionWithSplitK) {
+  const kvcache::attention_shape s(8, 2, 64);
+  kvcache::kv_layer<Eigen::half> layer(2, 64);
+  layer.append(kvcache::row_matrix<float>::Random(5000, 128),
+               kvcache::row_matrix<float>::Random(5000, 128));
+  kvcache::thread_pool pool(2);
+  kvcache::attention_options opt;
+  opt.pool = &pool;
+  opt.split_tokens = 512;
+  kvcache::attention_workspace<float> ws;
+  const kvcache::row_vector<float> q = kvcache::row_vector<float>::Random(512);
+  kvcache::row_vector<float> out(512);
+  kvcache::decode_attention(s, q, layer, out, ws, opt);
+  const long before = allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  EXPECT_NO_THROW(for (int i = 0; i < 10; ++i) kvcache::decode_attention(s, q, layer, out, ws, opt));
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0);
+}
+
+}  // namespace
