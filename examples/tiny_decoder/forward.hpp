@@ -50,6 +50,8 @@ class decoder {
 
   /// Forgets every cached token.
   void reset() { cache_.clear(); }
+  /// Keeps the oldest n cached tokens (rollback, e.g. of rejected speculative tokens).
+  void crop(Index n) { cache_.crop(n); }
 
   /// With the cache: runs `tokens` (the prompt, or one new token) at positions
   /// cache().size().., appending their keys and values, and returns the last token's logits.

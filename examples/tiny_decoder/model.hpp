@@ -83,7 +83,7 @@ struct weights {
 };
 
 /// Weights drawn from a seeded generator, scaled like a trained model's so activations stay
-/// O(1) through the layers: N(0, 1/fan_in) projections, norms near 1. The same seed gives the
+/// O(1) through the layers: N(0, 1/fan_in) projections, norms near 1, an untied classifier. The same seed gives the
 /// same weights on every machine (the generator and its use are fully specified).
 inline weights random_weights(const config& c, std::uint64_t seed) {
   c.validate();
@@ -122,8 +122,10 @@ inline weights random_weights(const config& c, std::uint64_t seed) {
     w.layers.push_back(std::move(lw));
   }
   w.final_norm = norm_weights(c.dim);
-  w.classifier = w.token_embedding;
-  w.shared_classifier = true;
+  // An untied classifier: tied to the embedding, a random model's residual stream points at the
+  // current token and greedy decoding repeats it forever.
+  w.classifier = fill(c.vocab_size, c.dim, in_dim);
+  w.shared_classifier = false;
   return w;
 }
 

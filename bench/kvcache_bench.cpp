@@ -1,0 +1,296 @@
+// SPDX-License-Identifier: Apache-2.0
+// kvcache_bench: what the KV cache buys (cached against uncached decoding), what it costs
+// (append against concat), and how close decode attention runs to the memory bandwidth.
+#include "tiny_decoder/forward.hpp"
+#include "tiny_decoder/generate.hpp"
+
+#include <kvcache/kvcache.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using kvcache::Index;
+using kvcache::row_matrix;
+
+// Threads for everything multi-threaded here: the machine's cores.
+Index bench_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : Index(n);
+}
+
+kvcache::thread_pool& pool() {
+  static kvcache::thread_pool p(bench_threads());
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// STREAM triad a = b + s * c on the pool's threads, arrays far beyond the caches. Counted as
+// STREAM counts it: 3 arrays of bytes per pass (the write-allocate of `a` is not counted).
+struct triad_arrays {
+  static constexpr Index n = Index(1) << 26;  // 64 Mi floats: 256 MiB per array
+  std::vector<float> a, b, c;
+  triad_arrays() : a(std::size_t(n), 0.0f), b(std::size_t(n), 1.0f), c(std::size_t(n), 2.0f) {}
+  void run() {
+    const Index parts = pool().size();
+    pool().parallel_for(parts, [&](Index p, Index) {
+      const Index lo = n * p / parts, hi = n * (p + 1) / parts;
+      float* __restrict pa = a.data();
+      const float* __restrict pb = b.data();
+      const float* __restrict pc = c.data();
+      for (Index i = lo; i < hi; ++i) pa[i] = pb[i] + 3.0f * pc[i];
+    });
+  }
+  static double bytes() { return 3.0 * double(n) * sizeof(float); }
+};
+
+double g_triad_bytes_per_s = 0;  // median of a few passes, measured before any benchmark
+
+double measure_triad() {
+  triad_arrays t;
+  t.run();
+  std::vector<double> s;
+  for (int i = 0; i < 9; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    t.run();
+    s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(s.begin(), s.end());
+  return triad_arrays::bytes() / s[s.size() / 2];
+}
+
+void BM_triad(benchmark::State& state) {
+  static triad_arrays t;
+  for (auto _ : state) {
+    t.run();
+    benchmark::DoNotOptimize(t.a.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(triad_arrays::bytes()));
+  state.counters["threads"] = double(pool().size());
+  state.SetLabel("a = b + 3c, 3 x 256 MiB, " + std::to_string(pool().size()) + " threads");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tiny decoder (the demo's default model) producing one more token at context ctx.
+tiny::config decoder_config(Index seq_len) {
+  tiny::config c;  // dim 256, 4 layers, 8 query heads on 2 kv heads, vocab 512
+  c.seq_len = seq_len;
+  return c;
+}
+
+const tiny::weights& decoder_weights() {
+  static const tiny::weights w = tiny::random_weights(decoder_config(1), 42);
+  return w;
+}
+
+std::vector<int> some_tokens(Index n) {
+  std::vector<int> t;
+  std::mt19937 gen(7);
+  for (Index i = 0; i < n; ++i) t.push_back(int(gen() % 512));
+  return t;
+}
+
+std::string decoder_label(Index threads) {
+  return "dim 256, 4 layers, 8 q / 2 kv heads, f32 cache, " + std::to_string(threads) +
+         " attention thread" + (threads == 1 ? "" : "s");
+}
+
+void BM_decode_step_cached(benchmark::State& state) {
+  const Index ctx = state.range(0);
+  tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
+  dec.forward_cached(some_tokens(ctx));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(dec.forward_cached(5).data());
+    state.PauseTiming();
+    dec.crop(ctx);  // O(1): the next iteration sees the same context again
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel(decoder_label(1));
+}
+
+void BM_decode_step_uncached(benchmark::State& state) {
+  const Index ctx = state.range(0);
+  tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
+  auto seq = some_tokens(ctx + 1);
+  for (auto _ : state) benchmark::DoNotOptimize(dec.forward_uncached(seq).data());
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel(decoder_label(1));
+}
+
+template <tiny::mode Mode>
+void BM_generate(benchmark::State& state) {
+  const Index n = state.range(0), prompt_len = 16;
+  tiny::decoder<float> dec(decoder_config(prompt_len + n), decoder_weights(), 1);
+  const auto prompt = some_tokens(prompt_len);
+  for (auto _ : state) {
+    auto r = tiny::generate(dec, prompt, n, Mode, tiny::sampler());
+    benchmark::DoNotOptimize(r.tokens.data());
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+  state.SetLabel("prompt 16 + " + std::to_string(n) + " tokens, " + decoder_label(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One layer's cache of 8 kv heads x 128 holding ctx tokens, and one more token added to it.
+constexpr Index append_heads = 8, append_dim = 128;
+
+void BM_append(benchmark::State& state) {
+  const Index ctx = state.range(0);
+  kvcache::kv_layer<float> layer(append_heads, append_dim);
+  layer.reserve(ctx + 1);
+  layer.append(row_matrix<float>::Random(ctx, append_heads * append_dim),
+               row_matrix<float>::Random(ctx, append_heads * append_dim));
+  const row_matrix<float> k = row_matrix<float>::Random(1, append_heads * append_dim);
+  for (auto _ : state) {
+    layer.append(k, k);
+    benchmark::DoNotOptimize(layer.keys(0).data());
+    layer.crop(ctx);  // O(1), keeps the capacity
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel("in place, 8 kv heads x 128, f32");
+}
+
+void BM_concat(benchmark::State& state) {
+  const Index ctx = state.range(0);
+  kvcache::kv_layer<float> layer(append_heads, append_dim);
+  layer.append(row_matrix<float>::Random(ctx, append_heads * append_dim),
+               row_matrix<float>::Random(ctx, append_heads * append_dim));
+  const row_matrix<float> k = row_matrix<float>::Random(1, append_heads * append_dim);
+  for (auto _ : state) {
+    auto grown = layer.concatenated(k, k);  // torch.cat: a new tensor of old + new
+    benchmark::DoNotOptimize(grown.keys(0).data());
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel("torch.cat copy, 8 kv heads x 128, f32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// One layer's decode attention: a token's query heads over ctx cached tokens.
+template <class Scalar>
+void BM_decode_attention(benchmark::State& state) {
+  const Index ctx = state.range(0), n_heads = state.range(1), n_kv = state.range(2), d = 128;
+  const kvcache::attention_shape shape(n_heads, n_kv, d);
+  kvcache::kv_layer<Scalar> layer(n_kv, d);
+  layer.reserve(ctx);
+  for (Index t = 0; t < ctx; t += 4096) {
+    const Index n = std::min<Index>(4096, ctx - t);
+    layer.append(row_matrix<float>::Random(n, n_kv * d), row_matrix<float>::Random(n, n_kv * d));
+  }
+  kvcache::attention_workspace<float> ws;
+  kvcache::attention_options opt;
+  opt.pool = &pool();
+  const kvcache::row_vector<float> q = kvcache::row_vector<float>::Random(shape.q_width());
+  kvcache::row_vector<float> out(shape.q_width());
+  for (auto _ : state) {
+    kvcache::decode_attention(shape, q, layer, out, ws, opt);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(layer.bytes()));
+  state.counters["threads"] = double(pool().size());
+  state.counters["of_triad"] = benchmark::Counter(
+      double(layer.bytes()) / g_triad_bytes_per_s, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(std::to_string(n_heads) + " q / " + std::to_string(n_kv) + " kv heads x 128, " +
+                 kvcache::scalar_traits<Scalar>::name + ", " + std::to_string(pool().size()) +
+                 " threads");
+}
+
+// Causal attention over a whole prompt of ctx tokens, written to an empty layer.
+void BM_prefill_attention(benchmark::State& state) {
+  const Index ctx = state.range(0);
+  const kvcache::attention_shape shape(32, 8, 128);
+  const row_matrix<float> q = row_matrix<float>::Random(ctx, shape.q_width());
+  const row_matrix<float> k = row_matrix<float>::Random(ctx, shape.kv_width());
+  kvcache::kv_layer<float> layer(shape.n_kv_heads(), shape.head_dim());
+  row_matrix<float> out(ctx, shape.q_width());
+  kvcache::attention_workspace<float> ws;
+  kvcache::attention_options opt;
+  opt.pool = &pool();
+  for (auto _ : state) {
+    layer.clear();
+    kvcache::prefill_attention(shape, q, k, k, layer, out, ws, opt);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.SetItemsProcessed(state.iterations() * ctx);
+  state.counters["threads"] = double(pool().size());
+  state.SetLabel("32 q / 8 kv heads x 128, f32, causal, " + std::to_string(pool().size()) +
+                 " threads");
+}
+
+void register_all() {
+  benchmark::RegisterBenchmark("triad", BM_triad)->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (Index ctx : {64, 128, 256, 512, 1024, 2048, 4096}) {
+    benchmark::RegisterBenchmark(("decode_step/cached/" + std::to_string(ctx)).c_str(),
+                                 BM_decode_step_cached)
+        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  }
+  for (Index ctx : {64, 128, 256, 512, 1024, 2048, 4096}) {
+    benchmark::RegisterBenchmark(("decode_step/uncached/" + std::to_string(ctx)).c_str(),
+                                 BM_decode_step_uncached)
+        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  }
+  for (Index n : {32, 128, 512}) {
+    benchmark::RegisterBenchmark(("generate/cached/" + std::to_string(n)).c_str(),
+                                 BM_generate<tiny::mode::cached>)
+        ->Arg(n)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("generate/uncached/" + std::to_string(n)).c_str(),
+                                 BM_generate<tiny::mode::uncached>)
+        ->Arg(n)->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+  for (Index ctx : {256, 1024, 4096, 16384}) {
+    benchmark::RegisterBenchmark(("append/" + std::to_string(ctx)).c_str(), BM_append)
+        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  }
+  for (Index ctx : {256, 1024, 4096, 16384}) {
+    benchmark::RegisterBenchmark(("concat/" + std::to_string(ctx)).c_str(), BM_concat)
+        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+  }
+  const std::pair<const char*, void (*)(benchmark::State&)> dtypes[] = {
+      {"f32", BM_decode_attention<float>},
+      {"f16", BM_decode_attention<Eigen::half>},
+      {"bf16", BM_decode_attention<Eigen::bfloat16>}};
+  for (const auto& [name, fn] : dtypes) {
+    for (Index ctx : {512, 2048, 8192, 32768}) {
+      benchmark::RegisterBenchmark(
+          ("decode_attention/" + std::string(name) + "/" + std::to_string(ctx)).c_str(), fn)
+          ->Args({ctx, 32, 8})->Unit(benchmark::kMicrosecond)->UseRealTime();
+    }
+  }
+  for (Index ctx : {512, 2048, 8192}) {
+    benchmark::RegisterBenchmark(("decode_attention_mha/f32/" + std::to_string(ctx)).c_str(),
+                                 BM_decode_attention<float>)
+        ->Args({ctx, 32, 32})->Unit(benchmark::kMicrosecond)->UseRealTime();
+  }
+  for (Index ctx : {512, 1024, 2048, 4096}) {
+    benchmark::RegisterBenchmark(("prefill_attention/" + std::to_string(ctx)).c_str(),
+                                 BM_prefill_attention)
+        ->Arg(ctx)->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  g_triad_bytes_per_s = measure_triad();
+  benchmark::AddCustomContext("triad_bytes_per_second", std::to_string(g_triad_bytes_per_s));
+  benchmark::AddCustomContext("threads", std::to_string(pool().size()));
+  std::fprintf(stderr, "triad bandwidth: %.2f GB/s on %td threads\n", g_triad_bytes_per_s / 1e9,
+               pool().size());
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
