@@ -1,0 +1,822 @@
+// SPDX-License-Identifier: Apache-2.0
+// The kv_memory calculator: model presets, command-line parsing, the cache arithmetic, reports.
+#pragma once
+
+#include <kvcache/memory.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace kv_memory {
+
+/// Bad command-line input. The message names the flag and the value that came.
+class usage_error : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// What one token costs in a model's cache. Standard attention (MHA, GQA, MQA) caches a key and
+/// a value of `head_dim` per kv head per layer; multi-head latent attention (MLA,
+/// `latent_dim > 0`) caches one compressed latent of `latent_dim` plus `rope_dim` decoupled
+/// RoPE key dims per layer, with no heads and no separate K and V.
+struct model_shape {
+  const char* name;
+  std::int64_t layers;
+  std::int64_t query_heads;  // informative only; 0 when not known (custom shapes)
+  std::int64_t kv_heads;     // 0 for MLA
+  std::int64_t head_dim;     // 0 for MLA
+  std::int64_t window;       // sliding window: at most this many tokens cached; 0 for none
+  std::int64_t latent_dim;   // MLA: the compressed KV latent (kv_lora_rank); 0 otherwise
+  std::int64_t rope_dim;     // MLA: decoupled RoPE key dims (qk_rope_head_dim); 0 otherwise
+
+  constexpr bool mla() const noexcept { return latent_dim > 0; }
+  /// "MHA", "GQA", "MQA", "MLA", or "" when the query heads of a custom shape are unknown.
+  constexpr const char* attention() const noexcept {
+    if (mla()) return "MLA";
+    if (kv_heads == 1) return "MQA";
+    if (query_heads == 0) return "";
+    return query_heads == kv_heads ? "MHA" : "GQA";
+  }
+};
+
+// The published shapes, from each model's Hugging Face config.json:
+//   layers      = num_hidden_layers (Falcon: n_layer)
+//   query_heads = num_attention_heads (Falcon: n_head)
+//   kv_heads    = num_key_value_heads (absent in Llama-2-7B: equal to num_attention_heads;
+//                 Falcon-7B: multi_query = true, one kv head)
+//   head_dim    = hidden_size / num_attention_heads (4096/32, 8192/64, Falcon 4544/71 = 64)
+//   window      = sliding_window (Mistral-7B-v0.1)
+//   latent_dim  = kv_lora_rank, rope_dim = qk_rope_head_dim (DeepSeek-V2)
+// clang-format off
+inline constexpr std::array<model_shape, 6> presets = {{
+    //  name          layers  q_heads  kv_heads  head_dim  window  latent  rope
+    {"llama-2-7b",       32,      32,       32,      128,      0,      0,    0},
+    {"llama-3-8b",       32,      32,        8,      128,      0,      0,    0},
+    {"llama-3-70b",      80,      64,        8,      128,      0,      0,    0},
+    {"mistral-7b",       32,      32,        8,      128,   4096,      0,    0},
+    {"falcon-7b",        32,      71,        1,       64,      0,      0,    0},
+    {"deepseek-v2",      60,     128,        0,        0,      0,    512,   64},
+}};
+// clang-format on
+
+/// A byte count read from the command line, with the text it came from and its unit.
+struct byte_size {
+  std::int64_t bytes = 0;
+  std::string text;  // as given, e.g. "24GB"
+  std::string unit;  // what the unit means, e.g. "GB = 10^9 bytes"; empty for plain bytes
+};
+
+/// The parsed command line. Unset optionals were not given.
+struct options {
+  std::optional<std::string> model;
+  std::optional<std::int64_t> layers, kv_heads, head_dim, window, latent_dim, rope_dim;
+  std::optional<std::int64_t> seq_len;
+  std::int64_t batch = 1;
+  std::string dtype = "f16";
+  std::optional<std::int64_t> group;
+  std::optional<byte_size> device_mem, weights;
+  bool json = false;
+  bool list = false;
+  bool help = false;
+};
+
+/// What fits in `device - weights` bytes.
+struct fit_result {
+  byte_size device;
+  std::optional<byte_size> weights;
+  std::int64_t budget_bytes;
+  /// Longest context per sequence at the report's batch; empty when any length fits because a
+  /// sliding window caps the cache.
+  std::optional<std::int64_t> max_seq_len;
+  /// Bytes the max_seq_len context takes (or the window's, when unbounded).
+  std::int64_t max_seq_len_bytes;
+  /// Most sequences of the report's seq_len at once.
+  std::int64_t max_batch;
+};
+
+/// Everything the calculator prints.
+struct report {
+  model_shape model;
+  kvcache::kv_dtype dtype;
+  std::int64_t seq_len;
+  std::int64_t batch;
+  std::int64_t cached_tokens;  // per sequence: min(seq_len, window)
+  std::int64_t elements_per_token;
+  std::int64_t bytes_per_token;
+  std::int64_t total_bytes;
+  std::optional<fit_result> fit;
+};
+
+inline constexpr std::string_view usage_text =
+    R"(kv_memory computes what a transformer's KV cache costs and what fits in a device.
+
+usage: kv_memory --model NAME --seq-len N [options]
+       kv_memory --layers N --kv-heads N --head-dim N --seq-len N [options]
+       kv_memory --layers N --latent-dim N [--rope-dim N] --seq-len N [options]
+       kv_memory --list
+
+model:
+  --model NAME      a preset (see --list)
+  --layers N        custom shape: layers
+  --kv-heads N      custom shape: key/value heads per layer (1 = MQA)
+  --head-dim N      custom shape: dims per head
+  --latent-dim N    custom MLA shape: compressed latent cached per layer (no heads, no K/V pair)
+  --rope-dim N      custom MLA shape: decoupled RoPE key dims cached beside the latent (0)
+  --window N        custom shape: sliding window, at most N tokens cached per sequence
+cache:
+  --seq-len N       tokens per sequence (required)
+  --batch N         sequences (1)
+  --dtype D         f32, f16, bf16, int8, int4 (f16); int8/int4 store an fp16 scale and
+                    an fp16 zero point per group
+  --group N         elements per quantization group for int8/int4 (32); must divide head_dim
+memory:
+  --device-mem SIZE device memory, e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), 14e9, 512MiB
+  --weights SIZE    memory the weights take (0); the cache gets device-mem minus weights
+output:
+  --json            one JSON object instead of text
+  --list            the presets and their bytes per token
+  --help, -h        this text
+
+Exit status: 0 on success, 2 on bad input.
+)";
+
+namespace detail {
+
+inline std::string quoted(std::string_view text) { return "'" + std::string(text) + "'"; }
+
+inline std::int64_t multiply(std::int64_t a, std::int64_t b) {
+  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) {
+    throw std::overflow_error("element count overflows 64 bits");
+  }
+  return a * b;
+}
+
+inline char lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; }
+
+inline bool equal_ignoring_case(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (lower(a[i]) != lower(b[i])) return false;
+  }
+  return true;
+}
+
+inline bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+/// Value of "%.2f" unless the number is whole: "9.31", "20".
+inline std::string two_decimals(double value) {
+  char text[64];
+  if (value == static_cast<double>(static_cast<std::int64_t>(value))) {
+    std::snprintf(text, sizeof text, "%.0f", value);
+  } else {
+    std::snprintf(text, sizeof text, "%.2f", value);
+  }
+  return text;
+}
+
+/// Shortest exact decimal of a double, for JSON and for fractional bits ("9", "8.5").
+inline std::string shortest(double value) {
+  char text[64];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(text, sizeof text, "%.*g", digits, value);
+    if (std::stod(text) == value) break;
+  }
+  return text;
+}
+
+}  // namespace detail
+
+/// Bytes in the largest binary unit not above them: "512 KiB", "9.31 GiB", "20 GiB".
+inline std::string binary_size(std::int64_t bytes) {
+  static constexpr std::array<const char*, 7> units = {"B",   "KiB", "MiB", "GiB",
+                                                       "TiB", "PiB", "EiB"};
+  std::size_t unit = 0;
+  std::int64_t divisor = 1;
+  while (unit + 1 < units.size() && bytes / divisor >= 1024) {
+    divisor *= 1024;
+    ++unit;
+  }
+  return detail::two_decimals(static_cast<double>(bytes) / static_cast<double>(divisor)) + " " +
+         units[unit];
+}
+
+/// Bytes in the largest decimal unit not above them: "524.29 kB", "10 GB", "21.47 GB".
+inline std::string decimal_size(std::int64_t bytes) {
+  static constexpr std::array<const char*, 7> units = {"B", "kB", "MB", "GB", "TB", "PB", "EB"};
+  std::size_t unit = 0;
+  std::int64_t divisor = 1;
+  while (unit + 1 < units.size() && bytes / divisor >= 1000) {
+    divisor *= 1000;
+    ++unit;
+  }
+  return detail::two_decimals(static_cast<double>(bytes) / static_cast<double>(divisor)) + " " +
+         units[unit];
+}
+
+/// Reads a positive integer (digits only) given to `flag`. Throws usage_error naming the flag
+/// and the value when it is empty, not a number, negative, zero or too large.
+inline std::int64_t parse_count(std::string_view flag, std::string_view text,
+                                std::int64_t minimum = 1) {
+  const auto bad = [&](const char* expected) {
+    return usage_error(std::string(flag) + ": expected " + expected + ", got " +
+                       detail::quoted(text));
+  };
+  const char* expected = minimum == 0 ? "a non-negative integer" : "a positive integer";
+  if (text.empty()) throw bad(expected);
+  std::int64_t value = 0;
+  for (const char c : text) {
+    if (!detail::is_digit(c)) throw bad(expected);
+    const int digit = c - '0';
+    if (value > (std::numeric_limits<std::int64_t>::max() - digit) / 10) {
+      throw bad("an integer below 2^63");
+    }
+    value = value * 10 + digit;
+  }
+  if (value < minimum) throw bad(expected);
+  return value;
+}
+
+/// Reads a memory size given to `flag`: a decimal number (fraction and exponent allowed) and a
+/// unit, case-insensitive: none or B for bytes, kB MB GB TB PB (powers of 1000) or KiB MiB GiB
+/// TiB PiB (powers of 1024). "24GB" is 24 x 10^9 bytes, "24GiB" 24 x 2^30, "14e9" 14 x 10^9.
+/// Fractions of a byte are dropped. Throws usage_error naming the flag and the value.
+inline byte_size parse_size(std::string_view flag, std::string_view text) {
+  const auto bad = [&](const std::string& why) {
+    return usage_error(std::string(flag) + ": " + why + ", got " + detail::quoted(text));
+  };
+  const char* format = "expected a size such as 24GB, 24GiB, 14e9 or 512MiB";
+  if (!text.empty() && text.front() == '-') throw bad("a size must not be negative");
+
+  // mantissa x 10^exponent, read exactly into integers.
+  std::size_t at = 0;
+  std::int64_t mantissa = 0;
+  std::int64_t exponent = 0;
+  int digits = 0;
+  const auto read_digit = [&](char c) {
+    const int digit = c - '0';
+    if (mantissa > (std::numeric_limits<std::int64_t>::max() - digit) / 10) {
+      throw bad("too many digits");
+    }
+    mantissa = mantissa * 10 + digit;
+    ++digits;
+  };
+  if (at < text.size() && text[at] == '+') ++at;
+  for (; at < text.size() && detail::is_digit(text[at]); ++at) read_digit(text[at]);
+  if (at < text.size() && text[at] == '.') {
+    for (++at; at < text.size() && detail::is_digit(text[at]); ++at) {
+      read_digit(text[at]);
+      --exponent;
+    }
+  }
+  if (digits == 0) throw bad(format);
+  if (at < text.size() && (text[at] == 'e' || text[at] == 'E')) {
+    ++at;
+    const bool negative = at < text.size() && text[at] == '-';
+    if (at < text.size() && (text[at] == '-' || text[at] == '+')) ++at;
+    const std::size_t start = at;
+    std::int64_t value = 0;
+    for (; at < text.size() && detail::is_digit(text[at]) && at - start < 4; ++at) {
+      value = value * 10 + (text[at] - '0');
+    }
+    if (at == start || (at < text.size() && detail::is_digit(text[at]))) throw bad(format);
+    exponent += negative ? -value : value;
+  }
+
+  struct unit {
+    const char* name;
+    std::int64_t bytes;
+    const char* meaning;
+  };
+  static constexpr std::array<unit, 12> units = {{
+      {"", 1, ""},
+      {"B", 1, ""},
+      {"kB", 1'000, "kB = 10^3 bytes"},
+      {"MB", 1'000'000, "MB = 10^6 bytes"},
+      {"GB", 1'000'000'000, "GB = 10^9 bytes"},
+      {"TB", 1'000'000'000'000, "TB = 10^12 bytes"},
+      {"PB", 1'000'000'000'000'000, "PB = 10^15 bytes"},
+      {"KiB", std::int64_t{1} << 10, "KiB = 2^10 bytes"},
+      {"MiB", std::int64_t{1} << 20, "MiB = 2^20 bytes"},
+      {"GiB", std::int64_t{1} << 30, "GiB = 2^30 bytes"},
+      {"TiB", std::int64_t{1} << 40, "TiB = 2^40 bytes"},
+      {"PiB", std::int64_t{1} << 50, "PiB = 2^50 bytes"},
+  }};
+  const std::string_view suffix = text.substr(at);
+  const unit* found = nullptr;
+  for (const unit& u : units) {
+    if (detail::equal_ignoring_case(suffix, u.name)) found = &u;
+  }
+  if (found == nullptr) {
+    throw bad("unknown unit " + detail::quoted(suffix) +
+              " (expected B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB or PiB)");
+  }
+
+  // Drop trailing zeros of the fraction first so "1.50GB" needs no wider integer than "1.5GB".
+  while (exponent < 0 && mantissa % 10 == 0 && mantissa != 0) {
+    mantissa /= 10;
+    ++exponent;
+  }
+  std::int64_t bytes = 0;
+  try {
+    bytes = detail::multiply(mantissa, found->bytes);
+    for (; exponent > 0 && bytes != 0; --exponent) bytes = detail::multiply(bytes, 10);
+    for (; exponent < 0; ++exponent) bytes /= 10;
+  } catch (const std::overflow_error&) {
+    throw bad("more bytes than 64 bits hold");
+  }
+  return {bytes, std::string(text), found->meaning};
+}
+
+/// Reads the command line (without the program name). Checks each flag's value on its own;
+/// how they combine is checked by make_report. Throws usage_error.
+inline options parse_args(const std::vector<std::string>& args) {
+  options opts;
+  std::vector<std::string> seen;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    std::string flag = args[i];
+    std::optional<std::string> inline_value;
+    if (const std::size_t eq = flag.find('=');
+        flag.rfind("--", 0) == 0 && eq != std::string::npos) {
+      inline_value = flag.substr(eq + 1);
+      flag.resize(eq);
+    }
+    if (flag.rfind("-", 0) != 0) {
+      throw usage_error("unexpected argument " + detail::quoted(flag) +
+                        " (flags start with --; see --help)");
+    }
+    for (const std::string& earlier : seen) {
+      if (earlier == flag) throw usage_error(flag + " given twice");
+    }
+    seen.push_back(flag);
+
+    if (flag == "--json" || flag == "--list" || flag == "--help" || flag == "-h") {
+      if (inline_value) {
+        throw usage_error(flag + " takes no value, got " + detail::quoted(*inline_value));
+      }
+      if (flag == "--json") opts.json = true;
+      if (flag == "--list") opts.list = true;
+      if (flag == "--help" || flag == "-h") opts.help = true;
+      continue;
+    }
+
+    static constexpr std::array<const char*, 13> valued = {
+        "--model",      "--layers",     "--kv-heads", "--head-dim", "--window",
+        "--latent-dim", "--rope-dim",   "--seq-len",  "--batch",    "--dtype",
+        "--group",      "--device-mem", "--weights"};
+    bool known = false;
+    for (const char* name : valued) known = known || flag == name;
+    if (!known) throw usage_error("unknown flag " + detail::quoted(flag) + " (see --help)");
+
+    std::string value;
+    if (inline_value) {
+      value = *inline_value;
+    } else if (i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0) {
+      value = args[++i];
+    } else {
+      throw usage_error(flag + " is missing its value");
+    }
+
+    if (flag == "--model") opts.model = value;
+    if (flag == "--layers") opts.layers = parse_count(flag, value);
+    if (flag == "--kv-heads") opts.kv_heads = parse_count(flag, value);
+    if (flag == "--head-dim") opts.head_dim = parse_count(flag, value);
+    if (flag == "--window") opts.window = parse_count(flag, value);
+    if (flag == "--latent-dim") opts.latent_dim = parse_count(flag, value);
+    if (flag == "--rope-dim") opts.rope_dim = parse_count(flag, value, 0);
+    if (flag == "--seq-len") opts.seq_len = parse_count(flag, value);
+    if (flag == "--batch") opts.batch = parse_count(flag, value);
+    if (flag == "--dtype") opts.dtype = value;
+    if (flag == "--group") opts.group = parse_count(flag, value);
+    if (flag == "--device-mem") opts.device_mem = parse_size(flag, value);
+    if (flag == "--weights") opts.weights = parse_size(flag, value);
+  }
+  return opts;
+}
+
+/// The preset called `name`. Throws usage_error listing the presets when there is none.
+inline model_shape find_preset(std::string_view name) {
+  std::string known;
+  for (const model_shape& preset : presets) {
+    if (name == preset.name) return preset;
+    known += known.empty() ? preset.name : std::string(", ") + preset.name;
+  }
+  throw usage_error("--model: unknown model " + detail::quoted(name) + " (known: " + known + ")");
+}
+
+/// The model the options describe: a preset or a custom shape. Throws usage_error.
+inline model_shape select_model(const options& opts) {
+  const bool custom = opts.layers || opts.kv_heads || opts.head_dim || opts.window ||
+                      opts.latent_dim || opts.rope_dim;
+  if (opts.model) {
+    if (custom) {
+      throw usage_error("--model " + *opts.model +
+                        " cannot be combined with --layers, --kv-heads, --head-dim, --window, "
+                        "--latent-dim or --rope-dim (those describe a custom model)");
+    }
+    return find_preset(*opts.model);
+  }
+  if (!custom) {
+    throw usage_error(
+        "no model: give --model NAME (see --list) or a custom shape: --layers N with --kv-heads "
+        "N --head-dim N, or with --latent-dim N for MLA");
+  }
+  if (!opts.layers) throw usage_error("a custom model needs --layers");
+  model_shape model{"custom", *opts.layers, 0, 0, 0, opts.window.value_or(0), 0, 0};
+  if (opts.latent_dim) {
+    if (opts.kv_heads || opts.head_dim) {
+      throw usage_error(
+          "--latent-dim (MLA: one latent per layer) cannot be combined with --kv-heads or "
+          "--head-dim");
+    }
+    model.latent_dim = *opts.latent_dim;
+    model.rope_dim = opts.rope_dim.value_or(0);
+    return model;
+  }
+  if (opts.rope_dim) throw usage_error("--rope-dim needs --latent-dim");
+  if (!opts.kv_heads || !opts.head_dim) {
+    throw usage_error("a custom model needs --kv-heads and --head-dim (or --latent-dim for MLA)");
+  }
+  model.kv_heads = *opts.kv_heads;
+  model.head_dim = *opts.head_dim;
+  return model;
+}
+
+/// The element format named by --dtype and --group. Throws usage_error.
+inline kvcache::kv_dtype select_dtype(const std::string& name, std::optional<std::int64_t> group) {
+  const bool quantized = name == "int8" || name == "int4";
+  if (group && !quantized) {
+    throw usage_error("--group " + std::to_string(*group) +
+                      " applies to --dtype int8 and int4 only, not to " + detail::quoted(name));
+  }
+  if (group && *group > std::numeric_limits<int>::max() / 64) {
+    throw usage_error("--group: " + std::to_string(*group) + " is too large");
+  }
+  const int group_size = static_cast<int>(group.value_or(32));
+  if (name == "f32") return kvcache::kv_dtype::f32();
+  if (name == "f16") return kvcache::kv_dtype::f16();
+  if (name == "bf16") return kvcache::kv_dtype::bf16();
+  if (name == "int8") return kvcache::kv_dtype::int8(group_size);
+  if (name == "int4") return kvcache::kv_dtype::int4(group_size);
+  throw usage_error("--dtype: unknown dtype " + detail::quoted(name) +
+                    " (expected f32, f16, bf16, int8 or int4)");
+}
+
+/// Elements one token adds to one sequence's cache: 2 x layers x kv_heads x head_dim, or
+/// layers x (latent_dim + rope_dim) for MLA.
+inline std::int64_t elements_per_token(const model_shape& model) {
+  if (model.mla()) return detail::multiply(model.layers, model.latent_dim + model.rope_dim);
+  return detail::multiply(detail::multiply(detail::multiply(2, model.layers), model.kv_heads),
+                          model.head_dim);
+}
+
+/// Throws usage_error when a quantized dtype's groups do not tile the cached vectors exactly.
+inline void check_groups(const model_shape& model, const kvcache::kv_dtype& dtype) {
+  if (!dtype.quantized()) return;
+  const std::int64_t group = dtype.group_size;
+  const auto fail = [&](const char* what, std::int64_t dims) {
+    throw usage_error("--group " + std::to_string(group) + " does not divide " + what + " " +
+                      std::to_string(dims) + " of " + model.name +
+                      " (quantization groups must tile each cached vector)");
+  };
+  if (model.mla()) {
+    if (model.latent_dim % group != 0) fail("latent_dim", model.latent_dim);
+    if (model.rope_dim % group != 0) fail("rope_dim", model.rope_dim);
+  } else if (model.head_dim % group != 0) {
+    fail("head_dim", model.head_dim);
+  }
+}
+
+/// Bytes of `batch` sequences of `tokens` cached tokens each (the window already applied).
+inline std::int64_t cache_bytes(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                std::int64_t batch, std::int64_t tokens) {
+  if (model.mla()) {
+    return kvcache::kv_element_bytes(
+        detail::multiply(detail::multiply(batch, tokens), elements_per_token(model)), dtype);
+  }
+  return kvcache::kv_cache_bytes(batch, tokens, model.layers, model.kv_heads, model.head_dim,
+                                 dtype);
+}
+
+/// Bytes one token adds to one sequence's cache.
+inline std::int64_t bytes_per_token(const model_shape& model, const kvcache::kv_dtype& dtype) {
+  if (model.mla()) return kvcache::kv_element_bytes(elements_per_token(model), dtype);
+  return kvcache::kv_bytes_per_token(model.layers, model.kv_heads, model.head_dim, dtype);
+}
+
+/// The most cached tokens per sequence that fit `budget` at `batch` sequences.
+inline std::int64_t tokens_that_fit(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                    std::int64_t budget, std::int64_t batch) {
+  if (model.mla()) {
+    return kvcache::kv_elements_that_fit(budget, dtype) / elements_per_token(model) / batch;
+  }
+  return kvcache::kv_tokens_that_fit(budget, batch, model.layers, model.kv_heads, model.head_dim,
+                                     dtype);
+}
+
+/// The most sequences of `tokens` cached tokens that fit `budget`.
+inline std::int64_t batch_that_fits(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                    std::int64_t budget, std::int64_t tokens) {
+  if (model.mla()) {
+    return kvcache::kv_elements_that_fit(budget, dtype) / elements_per_token(model) / tokens;
+  }
+  return kvcache::kv_batch_that_fits(budget, tokens, model.layers, model.kv_heads, model.head_dim,
+                                     dtype);
+}
+
+/// Tokens one sequence keeps cached: all of them, or the last `window`.
+inline std::int64_t cached_tokens(const model_shape& model, std::int64_t seq_len) {
+  return model.window > 0 && seq_len > model.window ? model.window : seq_len;
+}
+
+/// Checks how the options combine and computes the report. Throws usage_error.
+inline report make_report(const options& opts) {
+  report r{};
+  r.model = select_model(opts);
+  r.dtype = select_dtype(opts.dtype, opts.group);
+  check_groups(r.model, r.dtype);
+  if (!opts.seq_len) throw usage_error("--seq-len N is required (tokens per sequence)");
+  if (opts.weights && !opts.device_mem) {
+    throw usage_error("--weights " + opts.weights->text + " needs --device-mem");
+  }
+  r.seq_len = *opts.seq_len;
+  r.batch = opts.batch;
+  r.cached_tokens = cached_tokens(r.model, r.seq_len);
+  r.elements_per_token = elements_per_token(r.model);
+  r.bytes_per_token = bytes_per_token(r.model, r.dtype);
+  r.total_bytes = cache_bytes(r.model, r.dtype, r.batch, r.cached_tokens);
+  if (!opts.device_mem) return r;
+
+  const std::int64_t weights = opts.weights ? opts.weights->bytes : 0;
+  if (weights > opts.device_mem->bytes) {
+    throw usage_error("--weights " + opts.weights->text + " (" + std::to_string(weights) +
+                      " bytes) is more than --device-mem " + opts.device_mem->text + " (" +
+                      std::to_string(opts.device_mem->bytes) + " bytes)");
+  }
+  fit_result fit{};
+  fit.device = *opts.device_mem;
+  fit.weights = opts.weights;
+  fit.budget_bytes = opts.device_mem->bytes - weights;
+  const std::int64_t tokens = tokens_that_fit(r.model, r.dtype, fit.budget_bytes, r.batch);
+  if (r.model.window > 0 && tokens >= r.model.window) {
+    fit.max_seq_len_bytes = cache_bytes(r.model, r.dtype, r.batch, r.model.window);
+  } else {
+    fit.max_seq_len = tokens;
+    fit.max_seq_len_bytes = cache_bytes(r.model, r.dtype, r.batch, tokens);
+  }
+  fit.max_batch = batch_that_fits(r.model, r.dtype, fit.budget_bytes, r.cached_tokens);
+  r.fit = fit;
+  return r;
+}
+
+/// `text` as a JSON string literal: quotes, backslashes and control characters escaped.
+inline std::string json_string(std::string_view text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char escaped[8];
+          std::snprintf(escaped, sizeof escaped, "\\u%04x",
+                        static_cast<unsigned>(static_cast<unsigned char>(c)));
+          out += escaped;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+namespace detail {
+/// Writes `"key": value` pairs of one JSON object, one a line.
+class json_object {
+ public:
+  explicit json_object(std::ostream& out) : out_(out) { out_ << "{"; }
+  void raw(std::string_view key, std::string_view value) {
+    out_ << (first_ ? "\n  " : ",\n  ") << json_string(key) << ": " << value;
+    first_ = false;
+  }
+  void number(std::string_view key, std::int64_t value) { raw(key, std::to_string(value)); }
+  void number_or_null(std::string_view key, std::int64_t value) {
+    raw(key, value != 0 ? std::to_string(value) : "null");
+  }
+  void string(std::string_view key, std::string_view value) { raw(key, json_string(value)); }
+  void close() { out_ << "\n}\n"; }
+
+ private:
+  std::ostream& out_;
+  bool first_ = true;
+};
+}  // namespace detail
+
+/// The report as one JSON object. Sizes are exact integers of bytes; shape fields that do not
+/// apply (kv_heads for MLA, window without one) are null.
+inline void write_json(std::ostream& out, const report& r) {
+  detail::json_object json(out);
+  json.string("model", r.model.name);
+  json.raw("attention", r.model.attention()[0] != '\0' ? json_string(r.model.attention()) : "null");
+  json.number("layers", r.model.layers);
+  json.number_or_null("query_heads", r.model.query_heads);
+  json.number_or_null("kv_heads", r.model.kv_heads);
+  json.number_or_null("head_dim", r.model.head_dim);
+  json.number_or_null("latent_dim", r.model.latent_dim);
+  json.raw("rope_dim", r.model.mla() ? std::to_string(r.model.rope_dim) : "null");
+  json.number_or_null("window", r.model.window);
+  json.string("dtype", r.dtype.name);
+  json.number_or_null("group_size", r.dtype.group_size);
+  json.raw("bits_per_element", detail::shortest(r.dtype.bits_per_element()));
+  json.number("seq_len", r.seq_len);
+  json.number("batch", r.batch);
+  json.number("cached_tokens", r.cached_tokens);
+  json.number("elements_per_token", r.elements_per_token);
+  json.number("bytes_per_token", r.bytes_per_token);
+  json.number("total_bytes", r.total_bytes);
+  if (r.fit) {
+    json.number("device_mem_bytes", r.fit->device.bytes);
+    json.number("weights_bytes", r.fit->weights ? r.fit->weights->bytes : 0);
+    json.number("budget_bytes", r.fit->budget_bytes);
+    json.raw("max_seq_len", r.fit->max_seq_len ? std::to_string(*r.fit->max_seq_len) : "null");
+    json.raw("max_seq_len_unbounded", r.fit->max_seq_len ? "false" : "true");
+    json.number("max_batch", r.fit->max_batch);
+  }
+  json.close();
+}
+
+namespace detail {
+/// "2 (K and V) x 32 layers x 8 kv heads x 128 dims" or "60 layers x (512 latent + 64 rope) dims".
+inline std::string per_token_formula(const model_shape& m) {
+  std::ostringstream s;
+  if (m.mla()) {
+    s << m.layers << " layers x (" << m.latent_dim << " latent + " << m.rope_dim << " rope) dims";
+  } else {
+    s << "2 (K and V) x " << m.layers << " layers x " << m.kv_heads << " kv heads x " << m.head_dim
+      << " dims";
+  }
+  return s.str();
+}
+
+inline std::string describe_model(const model_shape& m) {
+  std::ostringstream s;
+  s << m.name << ": " << m.layers << " layers, ";
+  if (m.mla()) {
+    s << "one latent of " << m.latent_dim << " + " << m.rope_dim << " rope dims per layer (MLA";
+    if (m.query_heads > 0) s << ", " << m.query_heads << " query heads";
+    s << ")";
+  } else {
+    s << m.kv_heads << (m.kv_heads == 1 ? " kv head" : " kv heads") << " x " << m.head_dim
+      << " dims";
+    if (m.attention()[0] != '\0') {
+      s << " (" << m.attention();
+      if (m.query_heads > 0) s << ", " << m.query_heads << " query heads";
+      s << ")";
+    }
+  }
+  if (m.window > 0) s << ", sliding window " << m.window;
+  return s.str();
+}
+
+inline std::string describe_dtype(const kvcache::kv_dtype& d) {
+  std::string s = std::string(d.name) + ": " + shortest(d.bits_per_element()) + " bits per element";
+  if (d.quantized()) {
+    s += " (" + std::to_string(d.bits) + "-bit codes + fp16 scale and zero point per group of " +
+         std::to_string(d.group_size) + ")";
+  }
+  return s;
+}
+
+inline std::string describe_size(const byte_size& size) {
+  std::string s = size.text + " = " + std::to_string(size.bytes) + " bytes";
+  if (!size.unit.empty()) s += " (" + size.unit + ")";
+  return s;
+}
+
+inline std::string both_units(std::int64_t bytes) {
+  return "(" + binary_size(bytes) + ", " + decimal_size(bytes) + ")";
+}
+}  // namespace detail
+
+/// The report as text, one labelled line per figure.
+inline void write_text(std::ostream& out, const report& r) {
+  const auto line = [&](const char* label, const std::string& text) {
+    char padded[16];
+    std::snprintf(padded, sizeof padded, "%-11s", label);
+    out << padded << text << "\n";
+  };
+  line("model", detail::describe_model(r.model));
+  line("dtype", detail::describe_dtype(r.dtype));
+  line("per token", std::to_string(r.bytes_per_token) + " bytes " +
+                        detail::both_units(r.bytes_per_token) + " = " +
+                        detail::per_token_formula(r.model) + " x " +
+                        detail::shortest(r.dtype.bits_per_element()) + " bits / 8");
+  std::string tokens = std::to_string(r.cached_tokens) + " tokens";
+  if (r.cached_tokens != r.seq_len) {
+    tokens = std::to_string(r.cached_tokens) + " cached tokens (the window of seq-len " +
+             std::to_string(r.seq_len) + ")";
+  }
+  line("cache", std::to_string(r.total_bytes) + " bytes " + detail::both_units(r.total_bytes) +
+                    " = batch " + std::to_string(r.batch) + " x " + tokens + " x " +
+                    std::to_string(r.bytes_per_token) + " bytes");
+  if (!r.fit) return;
+  const fit_result& fit = *r.fit;
+  line("device", detail::describe_size(fit.device));
+  if (fit.weights) line("weights", detail::describe_size(*fit.weights));
+  line("budget", std::to_string(fit.budget_bytes) + " bytes " +
+                     detail::both_units(fit.budget_bytes) + " for the cache" +
+                     (fit.weights ? ": device - weights" : ""));
+  if (fit.max_seq_len) {
+    line("fits", std::to_string(*fit.max_seq_len) + " tokens per sequence at batch " +
+                     std::to_string(r.batch) + " (" + std::to_string(fit.max_seq_len_bytes) +
+                     " bytes)");
+  } else {
+    line("fits", "any seq-len at batch " + std::to_string(r.batch) +
+                     ": the window caps the cache at " + std::to_string(r.model.window) +
+                     " tokens per sequence (" + std::to_string(fit.max_seq_len_bytes) + " bytes)");
+  }
+  line("", "batch " + std::to_string(fit.max_batch) + " at seq-len " + std::to_string(r.seq_len) +
+               " (" +
+               std::to_string(cache_bytes(r.model, r.dtype, fit.max_batch, r.cached_tokens)) +
+               " bytes)");
+}
+
+/// The presets as a Markdown table: shape and bytes per token in f16, int8 and int4 (at `group`).
+inline void write_presets(std::ostream& out, int group) {
+  const kvcache::kv_dtype int8 = kvcache::kv_dtype::int8(group);
+  const kvcache::kv_dtype int4 = kvcache::kv_dtype::int4(group);
+  const std::string int8_head = "int8/g" + std::to_string(group);
+  const std::string int4_head = "int4/g" + std::to_string(group);
+  char row[256];
+  std::snprintf(row, sizeof row, "| %-11s | %-4s | %6s | %-22s | %6s | %9s | %9s | %9s |\n",
+                "model", "attn", "layers", "cached per layer/token", "window", "f16 B/tok",
+                int8_head.c_str(), int4_head.c_str());
+  out << row;
+  out << "|-------------|------|-------:|------------------------|-------:|----------:|----------:|"
+         "----------:|\n";
+  for (const model_shape& m : presets) {
+    check_groups(m, int8);
+    const std::string cached =
+        m.mla() ? std::to_string(m.latent_dim) + " + " + std::to_string(m.rope_dim) + " latent"
+                : "2 x " + std::to_string(m.kv_heads) + " x " + std::to_string(m.head_dim);
+    const std::string window = m.window > 0 ? std::to_string(m.window) : "-";
+    std::snprintf(row, sizeof row,
+                  "| %-11s | %-4s | %6lld | %-22s | %6s | %9lld | %9lld | %9lld |\n", m.name,
+                  m.attention(), static_cast<long long>(m.layers), cached.c_str(), window.c_str(),
+                  static_cast<long long>(bytes_per_token(m, kvcache::kv_dtype::f16())),
+                  static_cast<long long>(bytes_per_token(m, int8)),
+                  static_cast<long long>(bytes_per_token(m, int4)));
+    out << row;
+  }
+}
+
+/// Runs the calculator on `args` (without the program name): the report on `out`, a message
+/// naming the bad flag and value on `err`. Returns the exit status: 0, or 2 on bad input.
+inline int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  try {
+    if (args.empty()) {
+      err << usage_text;
+      return 2;
+    }
+    const options opts = parse_args(args);
+    if (opts.help) {
+      out << usage_text;
+      return 0;
+    }
+    if (opts.list) {
+      const kvcache::kv_dtype dtype = select_dtype("int8", opts.group);
+      write_presets(out, dtype.group_size);
+      return 0;
+    }
+    const report r = make_report(opts);
+    if (opts.json) {
+      write_json(out, r);
+    } else {
+      write_text(out, r);
+    }
+    return 0;
+  } catch (const std::invalid_argument& e) {  // usage_error, and the library's own checks
+    err << "kv_memory: " << e.what() << "\n";
+    return 2;
+  } catch (const std::overflow_error& e) {  // a shape or batch too large to count in 64 bits
+    err << "kv_memory: the cache is too large to count (" << e.what()
+        << "): reduce --batch, --seq-len or the shape\n";
+    return 2;
+  }
+}
+
+}  // namespace kv_memory

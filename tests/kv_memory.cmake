@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+# The kv_memory calculator: its logic under GoogleTest, and the program run from the command line.
+add_executable(test_kv_memory ${CMAKE_CURRENT_LIST_DIR}/test_kv_memory.cpp)
+target_include_directories(test_kv_memory PRIVATE ${PROJECT_SOURCE_DIR}/examples)
+target_link_libraries(test_kv_memory PRIVATE kvcache::kvcache kvcache_warnings GTest::gtest_main)
+gtest_discover_tests(test_kv_memory DISCOVERY_TIMEOUT 60)
+
+# kv_memory_accepts(<name> <regex> <args>...): the program prints a match of <regex> and no
+# error (every error message starts with "kv_memory: ").
+function(kv_memory_accepts name regex)
+  add_test(NAME kv_memory.${name} COMMAND kv_memory ${ARGN})
+  set_tests_properties(kv_memory.${name} PROPERTIES
+    PASS_REGULAR_EXPRESSION "${regex}" FAIL_REGULAR_EXPRESSION "kv_memory: " LABELS kv_memory)
+endfunction()
+
+# kv_memory_rejects(<name> <regex> <args>...): the program exits non-zero, and its message
+# matches <regex>. CTest checks one or the other per test, hence two tests. That the status is
+# exactly 2 is checked in test_kv_memory, through kv_memory::run.
+function(kv_memory_rejects name regex)
+  add_test(NAME kv_memory.rejects.${name} COMMAND kv_memory ${ARGN})
+  set_tests_properties(kv_memory.rejects.${name} PROPERTIES WILL_FAIL TRUE LABELS kv_memory)
+  add_test(NAME kv_memory.rejects.${name}.message COMMAND kv_memory ${ARGN})
+  set_tests_properties(kv_memory.rejects.${name}.message PROPERTIES
+    PASS_REGULAR_EXPRESSION "${regex}" LABELS kv_memory)
+endfunction()
+
+kv_memory_accepts(help "usage: kv_memory --model NAME" --help)
+kv_memory_accepts(list "\\| llama-2-7b +\\| MHA +\\| +32 \\|.*\\| +524288 \\| +294912 \\| +163840 \\|"
+  --list)
+# Llama-3-70B, 64k tokens, fp16: 2 x 65536 x 80 x 8 x 128 x 2 bytes = 20 GiB exactly.
+kv_memory_accepts(llama_3_70b_json "\"total_bytes\": 21474836480"
+  --model llama-3-70b --seq-len 65536 --dtype f16 --json)
+# A 7B MHA model on a 24 GB card with 14 GB of weights: 1e10 bytes / 512 KiB a token.
+kv_memory_accepts(llama_2_7b_fits_batch_1 "19073 tokens per sequence at batch 1"
+  --model llama-2-7b --seq-len 4096 --device-mem 24GB --weights 14GB)
+kv_memory_accepts(llama_2_7b_fits_batch_100 "190 tokens per sequence at batch 100"
+  --model llama-2-7b --seq-len 4096 --batch 100 --device-mem 24GB --weights 14GB)
+kv_memory_accepts(llama_2_7b_fits_gib "20480 tokens per sequence at batch 1"
+  --model llama-2-7b --seq-len 4096 --device-mem 24GiB --weights 14GiB)
+kv_memory_accepts(mistral_window "4096 cached tokens \\(the window of seq-len 32768\\)"
+  --model mistral-7b --seq-len 32768)
+kv_memory_accepts(deepseek_mla_int4 "per token  21600 bytes"
+  --model deepseek-v2 --seq-len 4096 --dtype int4)
+kv_memory_accepts(equals_syntax "\"bytes_per_token\": 73728"
+  --model=llama-3-8b --seq-len=1 --dtype=int8 --group=32 --json)
+
+kv_memory_rejects(no_arguments "usage: kv_memory")
+kv_memory_rejects(unknown_model "--model: unknown model 'llama-4'" --model llama-4 --seq-len 8)
+kv_memory_rejects(unknown_flag "unknown flag '--frob'" --model llama-3-8b --seq-len 8 --frob)
+kv_memory_rejects(unknown_dtype "--dtype: unknown dtype 'fp8'"
+  --model llama-3-8b --seq-len 8 --dtype fp8)
+kv_memory_rejects(non_numeric "--seq-len: expected a positive integer, got 'abc'"
+  --model llama-3-8b --seq-len abc)
+kv_memory_rejects(negative "--batch: expected a positive integer, got '-2'"
+  --model llama-3-8b --seq-len 8 --batch -2)
+kv_memory_rejects(missing_value "--seq-len is missing its value" --model llama-3-8b --seq-len)
+kv_memory_rejects(bad_size "--device-mem: unknown unit 'XB'"
+  --model llama-3-8b --seq-len 8 --device-mem 24XB)
+kv_memory_rejects(weights_exceed_device "--weights 30GB .* is more than --device-mem 24GB"
+  --model llama-3-8b --seq-len 8 --device-mem 24GB --weights 30GB)
+kv_memory_rejects(group_not_dividing "--group 48 does not divide head_dim 128"
+  --model llama-3-8b --seq-len 8 --dtype int4 --group 48)

@@ -1,0 +1,420 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tests of the element formats in memory.hpp and of the kv_memory calculator built on them.
+#include "kv_memory/calculator.hpp"
+
+#include <kvcache/memory.hpp>
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <iterator>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+using kvcache::kv_dtype;
+using args = std::vector<std::string>;
+constexpr std::int64_t max64 = std::numeric_limits<std::int64_t>::max();
+
+// The formulas are constexpr: Llama-3-70B in fp16 at 65536 tokens is 20 GiB at compile time.
+static_assert(kvcache::kv_bytes_per_token(80, 8, 128, kv_dtype::f16()) == 2 * 80 * 8 * 128 * 2);
+static_assert(kvcache::kv_cache_bytes(1, 65536, 80, 8, 128, kv_dtype::f16()) ==
+              2LL * 65536 * 80 * 8 * 128 * 2);
+static_assert(kv_dtype::int8(32).bits_per_group() == 8 * 32 + 32);  // 9 bits an element
+static_assert(kv_dtype::int4(32).bits_per_group() == 4 * 32 + 32);  // 5 bits an element
+
+kv_memory::report report_for(const args& command_line) {
+  return kv_memory::make_report(kv_memory::parse_args(command_line));
+}
+
+struct run_result {
+  int status;
+  std::string out;
+  std::string err;
+};
+
+run_result run(const args& command_line) {
+  std::ostringstream out;
+  std::ostringstream err;
+  const int status = kv_memory::run(command_line, out, err);
+  return {status, out.str(), err.str()};
+}
+
+TEST(KvDtype, UnquantizedMatchesBytesPerElement) {
+  EXPECT_EQ(kvcache::kv_cache_bytes(3, 10, 2, 4, 8, kv_dtype::f32()),
+            kvcache::kv_cache_bytes(3, 10, 2, 4, 8, 4));
+  EXPECT_EQ(kvcache::kv_cache_bytes(3, 10, 2, 4, 8, kv_dtype::f16()),
+            kvcache::kv_cache_bytes(3, 10, 2, 4, 8, 2));
+  EXPECT_EQ(kvcache::kv_cache_bytes(3, 10, 2, 4, 8, kv_dtype::bf16()),
+            kvcache::kv_cache_bytes(3, 10, 2, 4, 8, 2));
+  EXPECT_EQ(kvcache::kv_bytes_per_token(32, 32, 128, kv_dtype::f16()),
+            kvcache::kv_bytes_per_token(32, 32, 128, 2));
+  EXPECT_EQ(kvcache::kv_cache_bytes(0, 10, 2, 4, 8, kv_dtype::f16()), 0);
+}
+
+TEST(KvDtype, QuantizedRatiosAtGroup32) {
+  // A group of 32 int8 codes is 32 bytes plus a 2-byte scale and a 2-byte zero point: 36 bytes,
+  // 9 bits an element; int4: 16 + 4 = 20 bytes, 5 bits an element.
+  EXPECT_EQ(kvcache::kv_element_bytes(32, kv_dtype::int8(32)), 36);
+  EXPECT_EQ(kvcache::kv_element_bytes(32, kv_dtype::int4(32)), 20);
+  EXPECT_DOUBLE_EQ(kv_dtype::int8(32).bits_per_element(), 9.0);
+  EXPECT_DOUBLE_EQ(kv_dtype::int4(32).bits_per_element(), 5.0);
+  EXPECT_DOUBLE_EQ(kv_dtype::int8(64).bits_per_element(), 8.5);
+  const std::int64_t shapes[][3] = {{32, 32, 128}, {80, 8, 128}, {32, 1, 64}};
+  for (const auto& s : shapes) {
+    const auto f32 = kvcache::kv_bytes_per_token(s[0], s[1], s[2], kv_dtype::f32());
+    const auto int8 = kvcache::kv_bytes_per_token(s[0], s[1], s[2], kv_dtype::int8(32));
+    const auto int4 = kvcache::kv_bytes_per_token(s[0], s[1], s[2], kv_dtype::int4(32));
+    EXPECT_EQ(int8 * 32, f32 * 9);  // 9/32 = 0.28125 of f32
+    EXPECT_EQ(int4 * 32, f32 * 5);  // 5/32 = 0.15625 of f32
+    EXPECT_DOUBLE_EQ(static_cast<double>(int8) / static_cast<double>(f32), 0.28125);
+    EXPECT_DOUBLE_EQ(static_cast<double>(int4) / static_cast<double>(f32), 0.15625);
+  }
+  // Llama-3-8B: 2*32*8*128 elements x 9/8 bytes.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(32)), 2 * 32 * 8 * 128 * 9 / 8);
+}
+
+TEST(KvDtype, ElementBytesRoundUp) {
+  EXPECT_EQ(kvcache::kv_element_bytes(0, kv_dtype::int4(32)), 0);
+  EXPECT_EQ(kvcache::kv_element_bytes(1, kv_dtype::int4(32)), 1);  // 5 bits
+  EXPECT_EQ(kvcache::kv_element_bytes(8, kv_dtype::int4(32)), 5);  // 40 bits
+  EXPECT_EQ(kvcache::kv_element_bytes(9, kv_dtype::int4(32)), 6);  // 45 bits
+  EXPECT_EQ(kvcache::kv_element_bytes(3, kv_dtype::f16()), 6);
+  EXPECT_EQ(kvcache::kv_elements_that_fit(5, kv_dtype::int4(32)), 8);
+  EXPECT_EQ(kvcache::kv_elements_that_fit(6, kv_dtype::int4(32)), 9);
+  EXPECT_EQ(kvcache::kv_elements_that_fit(7, kv_dtype::f16()), 3);
+}
+
+TEST(KvDtype, Inverses) {
+  const kv_dtype dtypes[] = {kv_dtype::f32(),    kv_dtype::f16(),    kv_dtype::bf16(),
+                             kv_dtype::int8(32), kv_dtype::int4(32), kv_dtype::int8(64),
+                             kv_dtype::int4(128)};
+  for (const kv_dtype& dtype : dtypes) {
+    for (const std::int64_t batch : {1, 3}) {
+      for (const std::int64_t n : {1, 17, 4096, 100000}) {
+        const auto bytes = kvcache::kv_cache_bytes(batch, n, 32, 8, 128, dtype);
+        EXPECT_EQ(kvcache::kv_tokens_that_fit(bytes, batch, 32, 8, 128, dtype), n) << dtype.name;
+        EXPECT_EQ(kvcache::kv_tokens_that_fit(bytes - 1, batch, 32, 8, 128, dtype), n - 1);
+        EXPECT_EQ(kvcache::kv_batch_that_fits(bytes, n, 32, 8, 128, dtype), batch);
+        EXPECT_EQ(kvcache::kv_batch_that_fits(bytes - 1, n, 32, 8, 128, dtype), batch - 1);
+      }
+    }
+  }
+  // 24 GB card, 14 GB of weights, Llama-2-7B in fp16: 1e10 / 524288 tokens.
+  EXPECT_EQ(kvcache::kv_tokens_that_fit(10'000'000'000LL, 1, 32, 32, 128, kv_dtype::f16()), 19073);
+}
+
+TEST(KvDtype, BadInput) {
+  try {
+    kvcache::kv_bytes_per_token(32, 8, 100, kv_dtype::int4(32));
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("head_dim = 100"), std::string::npos) << what;
+    EXPECT_NE(what.find("int4 group size 32"), std::string::npos) << what;
+  }
+  EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(0)), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(-32)), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype{"none", 0, 0, 0}),
+               std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_bytes_per_token(0, 8, 128, kv_dtype::f16()), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_cache_bytes(-1, 8, 2, 2, 2, kv_dtype::f16()), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_tokens_that_fit(-1, 1, 2, 2, 2, kv_dtype::f16()), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_tokens_that_fit(10, 0, 2, 2, 2, kv_dtype::f16()), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_batch_that_fits(10, 0, 2, 2, 2, kv_dtype::f16()), std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_element_bytes(-1, kv_dtype::f16()), std::invalid_argument);
+}
+
+TEST(KvDtype, Overflow) {
+  EXPECT_THROW(kvcache::kv_cache_bytes(1LL << 40, 1LL << 40, 2, 2, 2, kv_dtype::f16()),
+               std::overflow_error);
+  EXPECT_THROW(kvcache::kv_element_bytes(max64, kv_dtype::f32()), std::overflow_error);
+  // A sub-byte format holds more elements than bytes: 8/5 x 2^63 does not fit.
+  EXPECT_THROW(kvcache::kv_elements_that_fit(max64, kv_dtype::int4(32)), std::overflow_error);
+  // Counts near the limit that do fit come out exactly, without a wider integer.
+  EXPECT_EQ(kvcache::kv_element_bytes(max64 / 8 * 8, kv_dtype::int4(32)), max64 / 8 * 5);
+  EXPECT_EQ(kvcache::kv_elements_that_fit(max64, kv_dtype::f16()), max64 / 2);
+}
+
+TEST(KvDtype, MulDivIsExact) {
+  using kvcache::detail::mul_div;
+  // 2^63 - 1 = 7 x 1317624576693539401.
+  EXPECT_EQ(mul_div(max64, 3, 7).quotient, 3 * 1317624576693539401LL);
+  EXPECT_EQ(mul_div(max64, 3, 7).remainder, 0);
+  EXPECT_EQ(mul_div(max64, max64 - 1, max64).quotient, max64 - 1);
+  // (m-1)^2 = m(m-2) + 1.
+  EXPECT_EQ(mul_div(max64 - 1, max64 - 1, max64).quotient, max64 - 2);
+  EXPECT_EQ(mul_div(max64 - 1, max64 - 1, max64).remainder, 1);
+  for (std::int64_t a : {0, 1, 7, 1000, 123456789}) {
+    for (std::int64_t b : {0, 1, 5, 288, 99991}) {
+      for (std::int64_t c : {1, 3, 256, 1000003}) {
+        EXPECT_EQ(mul_div(a, b, c).quotient, a * b / c);
+        EXPECT_EQ(mul_div(a, b, c).remainder, a * b % c);
+      }
+    }
+  }
+  EXPECT_THROW(mul_div(max64, 2, 1), std::overflow_error);
+}
+
+TEST(KvMemoryPresets, BytesPerTokenByHand) {
+  struct expected {
+    const char* model;
+    std::int64_t f16, int8, int4;  // int8/int4 at group 32: 9 and 5 bits an element
+  };
+  const expected table[] = {
+      {"llama-2-7b", 2 * 32 * 32 * 128 * 2, 2 * 32 * 32 * 128 * 9 / 8, 2 * 32 * 32 * 128 * 5 / 8},
+      {"llama-3-8b", 2 * 32 * 8 * 128 * 2, 2 * 32 * 8 * 128 * 9 / 8, 2 * 32 * 8 * 128 * 5 / 8},
+      {"llama-3-70b", 2 * 80 * 8 * 128 * 2, 2 * 80 * 8 * 128 * 9 / 8, 2 * 80 * 8 * 128 * 5 / 8},
+      {"mistral-7b", 2 * 32 * 8 * 128 * 2, 2 * 32 * 8 * 128 * 9 / 8, 2 * 32 * 8 * 128 * 5 / 8},
+      {"falcon-7b", 2 * 32 * 1 * 64 * 2, 2 * 32 * 1 * 64 * 9 / 8, 2 * 32 * 1 * 64 * 5 / 8},
+      // MLA: one latent of 512 + 64 RoPE dims a layer, no K/V pair, no heads.
+      {"deepseek-v2", 60 * (512 + 64) * 2, 60 * (512 + 64) * 9 / 8, 60 * (512 + 64) * 5 / 8},
+  };
+  for (const expected& e : table) {
+    SCOPED_TRACE(e.model);
+    EXPECT_EQ(report_for({"--model", e.model, "--seq-len", "1"}).bytes_per_token, e.f16);
+    EXPECT_EQ(report_for({"--model", e.model, "--seq-len", "1", "--dtype", "int8"}).bytes_per_token,
+              e.int8);
+    EXPECT_EQ(report_for({"--model", e.model, "--seq-len", "1", "--dtype", "int4"}).bytes_per_token,
+              e.int4);
+  }
+  EXPECT_EQ(kv_memory::presets.size(), std::size(table));
+  EXPECT_STREQ(kv_memory::find_preset("llama-2-7b").attention(), "MHA");
+  EXPECT_STREQ(kv_memory::find_preset("llama-3-8b").attention(), "GQA");
+  EXPECT_STREQ(kv_memory::find_preset("falcon-7b").attention(), "MQA");
+  EXPECT_STREQ(kv_memory::find_preset("deepseek-v2").attention(), "MLA");
+}
+
+TEST(KvMemory, Llama3_70bAt64kIs20GiB) {
+  const auto r = report_for({"--model", "llama-3-70b", "--seq-len", "65536", "--dtype", "f16"});
+  EXPECT_EQ(r.bytes_per_token, 320 * 1024);  // 2 x 80 x 8 x 128 x 2
+  EXPECT_EQ(r.total_bytes, 2LL * 65536 * 80 * 8 * 128 * 2);
+  EXPECT_EQ(r.total_bytes, 20LL << 30);
+  EXPECT_EQ(r.total_bytes, 21474836480LL);
+}
+
+TEST(KvMemory, SlidingWindowCapsTheCache) {
+  const auto long_context = report_for({"--model", "mistral-7b", "--seq-len", "32768"});
+  EXPECT_EQ(long_context.cached_tokens, 4096);
+  EXPECT_EQ(long_context.total_bytes, 4096LL * 2 * 32 * 8 * 128 * 2);
+  const auto short_context = report_for({"--model", "mistral-7b", "--seq-len", "1000"});
+  EXPECT_EQ(short_context.cached_tokens, 1000);
+  EXPECT_EQ(short_context.total_bytes, 1000LL * 2 * 32 * 8 * 128 * 2);
+  // The same shape without a window keeps every token.
+  EXPECT_EQ(report_for({"--model", "llama-3-8b", "--seq-len", "32768"}).total_bytes,
+            32768LL * 2 * 32 * 8 * 128 * 2);
+  EXPECT_EQ(report_for({"--layers", "32", "--kv-heads", "8", "--head-dim", "128", "--window",
+                        "1024", "--seq-len", "5000"})
+                .total_bytes,
+            1024LL * 2 * 32 * 8 * 128 * 2);
+
+  // 10 GB holds the 512 MiB window many times over: any length fits one sequence, and
+  // 1e10 / (4096 x 131072) = 18 windows fit side by side.
+  const auto roomy = report_for(
+      {"--model", "mistral-7b", "--seq-len", "32768", "--device-mem", "24GB", "--weights", "14GB"});
+  ASSERT_TRUE(roomy.fit);
+  EXPECT_FALSE(roomy.fit->max_seq_len);
+  EXPECT_EQ(roomy.fit->max_batch, 18);
+  // 100 MiB holds 800 tokens, less than the window: the cap does not apply.
+  const auto tight =
+      report_for({"--model", "mistral-7b", "--seq-len", "32768", "--device-mem", "100MiB"});
+  ASSERT_TRUE(tight.fit);
+  ASSERT_TRUE(tight.fit->max_seq_len);
+  EXPECT_EQ(*tight.fit->max_seq_len, 100 * 1024 * 1024 / (2 * 32 * 8 * 128 * 2));
+  EXPECT_EQ(tight.fit->max_batch, 0);
+}
+
+TEST(KvMemory, MultiHeadLatentAttention) {
+  const auto r = report_for({"--model", "deepseek-v2", "--seq-len", "65536", "--batch", "2"});
+  EXPECT_EQ(r.elements_per_token, 60 * (512 + 64));
+  EXPECT_EQ(r.total_bytes, 2LL * 65536 * 60 * (512 + 64) * 2);
+  const auto custom = report_for({"--layers", "60", "--latent-dim", "512", "--rope-dim", "64",
+                                  "--seq-len", "65536", "--batch", "2"});
+  EXPECT_EQ(custom.total_bytes, r.total_bytes);
+  EXPECT_STREQ(custom.model.attention(), "MLA");
+  // Against full MHA of 128 heads of 128 dims over 60 layers: 2*128*128 / 576 = 56.9x smaller.
+  EXPECT_EQ(
+      report_for({"--layers", "60", "--kv-heads", "128", "--head-dim", "128", "--seq-len", "1"})
+          .bytes_per_token,
+      2 * 60 * 128 * 128 * 2);
+}
+
+TEST(KvMemory, FitInversesForEveryPreset) {
+  for (const kv_memory::model_shape& model : kv_memory::presets) {
+    for (const kv_dtype& dtype : {kv_dtype::f16(), kv_dtype::int8(32), kv_dtype::int4(32)}) {
+      for (const std::int64_t n : {1, 777, 4096}) {
+        SCOPED_TRACE(std::string(model.name) + " " + dtype.name + " " + std::to_string(n));
+        const std::int64_t bytes = kv_memory::cache_bytes(model, dtype, 2, n);
+        EXPECT_EQ(kv_memory::tokens_that_fit(model, dtype, bytes, 2), n);
+        EXPECT_EQ(kv_memory::tokens_that_fit(model, dtype, bytes - 1, 2), n - 1);
+        EXPECT_EQ(kv_memory::batch_that_fits(model, dtype, bytes, n), 2);
+        EXPECT_EQ(kv_memory::batch_that_fits(model, dtype, bytes - 1, n), 1);
+      }
+    }
+  }
+}
+
+TEST(KvMemory, SevenBillionOn24GbCard) {
+  // 24 GB - 14 GB = 1e10 bytes for the cache; a token of Llama-2-7B in fp16 takes 2^19.
+  const auto one = report_for(
+      {"--model", "llama-2-7b", "--seq-len", "4096", "--device-mem", "24GB", "--weights", "14GB"});
+  ASSERT_TRUE(one.fit && one.fit->max_seq_len);
+  EXPECT_EQ(one.fit->budget_bytes, 10'000'000'000LL);
+  EXPECT_EQ(*one.fit->max_seq_len, 10'000'000'000LL / 524288);          // 19073
+  EXPECT_EQ(one.fit->max_batch, 10'000'000'000LL / (4096LL * 524288));  // 4
+  const auto hundred = report_for({"--model", "llama-2-7b", "--seq-len", "4096", "--batch", "100",
+                                   "--device-mem", "24GB", "--weights", "14GB"});
+  EXPECT_EQ(*hundred.fit->max_seq_len, 10'000'000'000LL / (100 * 524288));  // 190
+  // In binary units the budget is 10 GiB: 20480 tokens, 204 at batch 100.
+  const auto binary = report_for({"--model", "llama-2-7b", "--seq-len", "4096", "--batch", "100",
+                                  "--device-mem", "24GiB", "--weights", "14GiB"});
+  EXPECT_EQ(binary.fit->budget_bytes, 10LL << 30);
+  EXPECT_EQ(*binary.fit->max_seq_len, (10LL << 30) / (100 * 524288));
+
+  const auto text = run(
+      {"--model", "llama-2-7b", "--seq-len", "4096", "--device-mem", "24GB", "--weights", "14GB"});
+  EXPECT_EQ(text.status, 0);
+  EXPECT_NE(text.out.find("19073 tokens per sequence at batch 1"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("24000000000 bytes (GB = 10^9 bytes)"), std::string::npos);
+}
+
+TEST(KvMemory, SizeParsing) {
+  using kv_memory::parse_size;
+  EXPECT_EQ(parse_size("--device-mem", "24GB").bytes, 24'000'000'000LL);
+  EXPECT_EQ(parse_size("--device-mem", "24GiB").bytes, 24LL << 30);
+  EXPECT_EQ(parse_size("--device-mem", "24gib").bytes, 24LL << 30);
+  EXPECT_EQ(parse_size("--device-mem", "14e9").bytes, 14'000'000'000LL);
+  EXPECT_EQ(parse_size("--device-mem", "512MiB").bytes, 512LL << 20);
+  EXPECT_EQ(parse_size("--device-mem", "1.5GiB").bytes, 3LL << 29);
+  EXPECT_EQ(parse_size("--device-mem", "1.3GiB").bytes, 1395864371);  // 1.3 x 2^30, floored
+  EXPECT_EQ(parse_size("--device-mem", "0.5kB").bytes, 500);
+  EXPECT_EQ(parse_size("--device-mem", "2.5e-3GB").bytes, 2'500'000);
+  EXPECT_EQ(parse_size("--device-mem", "80").bytes, 80);
+  EXPECT_EQ(parse_size("--device-mem", "80B").bytes, 80);
+  EXPECT_EQ(parse_size("--device-mem", "24GB").unit, "GB = 10^9 bytes");
+  EXPECT_EQ(parse_size("--device-mem", "24GiB").unit, "GiB = 2^30 bytes");
+  EXPECT_EQ(parse_size("--device-mem", "24GiB").text, "24GiB");
+  for (const char* bad : {"", "GB", "-1GB", "12XB", "1..2GB", "1e", "1e99999", "1e30GB", "24 GB",
+                          "99999999999999999999"}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_size("--weights", bad);
+      FAIL() << "expected usage_error";
+    } catch (const kv_memory::usage_error& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(what.rfind("--weights: ", 0), 0u) << what;
+      EXPECT_NE(what.find(std::string("'") + bad + "'"), std::string::npos) << what;
+    }
+  }
+}
+
+TEST(KvMemory, CountParsing) {
+  EXPECT_EQ(kv_memory::parse_count("--seq-len", "65536"), 65536);
+  EXPECT_EQ(kv_memory::parse_count("--rope-dim", "0", 0), 0);
+  for (const char* bad : {"", "0", "-5", "1e3", "12k", "abc", "99999999999999999999"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THROW(kv_memory::parse_count("--seq-len", bad), kv_memory::usage_error);
+  }
+}
+
+TEST(KvMemory, JsonHasTheExactTotal) {
+  const auto r = run({"--model", "llama-3-70b", "--seq-len", "65536", "--dtype", "f16", "--json"});
+  EXPECT_EQ(r.status, 0);
+  EXPECT_EQ(r.err, "");
+  ASSERT_FALSE(r.out.empty());
+  EXPECT_EQ(r.out.front(), '{');
+  EXPECT_EQ(r.out.substr(r.out.size() - 2), "}\n");
+  for (const char* field :
+       {"\"model\": \"llama-3-70b\"", "\"dtype\": \"f16\"", "\"seq_len\": 65536", "\"batch\": 1",
+        "\"bytes_per_token\": 327680", "\"total_bytes\": 21474836480"}) {
+    EXPECT_NE(r.out.find(field), std::string::npos) << field << " in\n" << r.out;
+  }
+  EXPECT_EQ(r.out.find("max_seq_len"), std::string::npos);
+
+  const auto fit = run({"--model", "mistral-7b", "--seq-len", "32768", "--dtype", "int4",
+                        "--device-mem", "24GB", "--weights", "14GB", "--json"});
+  EXPECT_EQ(fit.status, 0);
+  for (const char* field : {"\"group_size\": 32", "\"bits_per_element\": 5", "\"window\": 4096",
+                            "\"budget_bytes\": 10000000000", "\"max_seq_len\": null",
+                            "\"max_seq_len_unbounded\": true", "\"max_batch\": 59"}) {
+    EXPECT_NE(fit.out.find(field), std::string::npos) << field << " in\n" << fit.out;
+  }
+  // 1e10 bytes / (4096 tokens x 2*32*8*128*5/8 bytes) = 59.6 windows.
+  EXPECT_EQ(10'000'000'000LL / (4096LL * (2 * 32 * 8 * 128 * 5 / 8)), 59);
+}
+
+TEST(KvMemory, JsonStringsAreEscaped) {
+  EXPECT_EQ(kv_memory::json_string("llama-3-8b"), "\"llama-3-8b\"");
+  EXPECT_EQ(kv_memory::json_string("a\"b\\c\nd\te\x01"), R"("a\"b\\c\nd\te\u0001")");
+}
+
+TEST(KvMemory, BadInputExitsWith2AndNamesTheFlag) {
+  struct bad_case {
+    args command_line;
+    std::vector<std::string> message;
+  };
+  const bad_case cases[] = {
+      {{"--model", "llama-4", "--seq-len", "5"}, {"--model", "'llama-4'", "llama-3-8b"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--frob"}, {"unknown flag", "'--frob'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "fp8"}, {"--dtype", "'fp8'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "abc"}, {"--seq-len", "'abc'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "-5"}, {"--seq-len", "'-5'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "4", "--batch", "-2"}, {"--batch", "'-2'"}},
+      {{"--model", "llama-3-8b", "--seq-len"}, {"--seq-len is missing its value"}},
+      {{"--model", "llama-3-8b", "--seq-len", "--json"}, {"--seq-len is missing its value"}},
+      {{"--model", "llama-3-8b"}, {"--seq-len"}},
+      {{"--seq-len", "5"}, {"--model"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "24GB", "--weights", "30GB"},
+       {"--weights 30GB", "--device-mem 24GB"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--weights", "3GB"}, {"--device-mem"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "24XB"},
+       {"--device-mem", "'24XB'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--group", "64"}, {"--group 64", "'f16'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int4", "--group", "48"},
+       {"--group 48", "head_dim 128"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--layers", "3"}, {"--model", "--layers"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--seq-len", "6"}, {"--seq-len given twice"}},
+      {{"--layers", "3", "--seq-len", "5"}, {"--kv-heads", "--head-dim"}},
+      {{"stray"}, {"'stray'"}},
+      {{"--layers", "4000000000", "--kv-heads", "4000000000", "--head-dim", "4000000", "--seq-len",
+        "1"},
+       {"too large"}},
+  };
+  for (const bad_case& c : cases) {
+    std::string joined;
+    for (const std::string& a : c.command_line) joined += a + " ";
+    SCOPED_TRACE(joined);
+    const auto r = run(c.command_line);
+    EXPECT_EQ(r.status, 2);
+    EXPECT_EQ(r.out, "");
+    EXPECT_EQ(r.err.rfind("kv_memory: ", 0), 0u) << r.err;
+    for (const std::string& part : c.message) {
+      EXPECT_NE(r.err.find(part), std::string::npos) << "'" << part << "' not in: " << r.err;
+    }
+  }
+  EXPECT_THROW(report_for({"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "1GB",
+                           "--weights", "2GB"}),
+               kv_memory::usage_error);
+}
+
+TEST(KvMemory, HelpListAndNoArguments) {
+  const auto help = run({"--help"});
+  EXPECT_EQ(help.status, 0);
+  EXPECT_NE(help.out.find("usage: kv_memory"), std::string::npos);
+  const auto none = run({});
+  EXPECT_EQ(none.status, 2);
+  EXPECT_NE(none.err.find("usage: kv_memory"), std::string::npos);
+
+  const auto list = run({"--list"});
+  EXPECT_EQ(list.status, 0);
+  for (const kv_memory::model_shape& model : kv_memory::presets) {
+    EXPECT_NE(list.out.find(model.name), std::string::npos) << model.name;
+  }
+  // Llama-2-7B: f16, int8 and int4 bytes a token.
+  EXPECT_NE(list.out.find("524288 |    294912 |    163840 |"), std::string::npos) << list.out;
+}
+
+}  // namespace
