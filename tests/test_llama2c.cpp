@@ -115,10 +115,17 @@ config small_config() {
   return c;
 }
 
+// Random weights whose classifier is the token embedding, as in most llama2.c checkpoints.
+weights shared_classifier_weights(const config& c) {
+  weights w = random_weights(c, 7);
+  w.classifier = w.token_embedding;
+  w.shared_classifier = true;
+  return w;
+}
+
 weights separate_classifier_weights(const config& c) {
   weights w = random_weights(c, 7);
-  w.classifier = random_weights(c, 8).token_embedding;
-  w.shared_classifier = false;
+  EXPECT_FALSE(w.shared_classifier) << "random weights have an untied classifier";
   return w;
 }
 
@@ -177,7 +184,7 @@ void expect_same_sizes(const config& a, const config& b) {
 
 TEST_F(Checkpoint, SharedClassifierRoundTripsBitIdentically) {
   const config c = small_config();
-  const weights w = random_weights(c, 7);
+  const weights w = shared_classifier_weights(c);
   const std::string file = path("shared.bin");
   save_checkpoint(file, c, w);
 
@@ -346,7 +353,7 @@ TEST_F(Checkpoint, SaveChecksWeightsBeforeWriting) {
   w.layers.pop_back();
   EXPECT_THROW(save_checkpoint(file, c, w), std::invalid_argument);
 
-  w = random_weights(c, 7);
+  w = shared_classifier_weights(c);
   w.classifier(0, 0) += 1.0f;  // claims to be shared but is not
   EXPECT_THROW(save_checkpoint(file, c, w), std::invalid_argument);
 

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // The tiny decoder generates the same tokens with and without the cache.
 #include "tiny_decoder/generate.hpp"
+#include "tiny_decoder/llama2c.hpp"
+
+#include <cstdio>
+#include <fstream>
 
 #include <gtest/gtest.h>
 
@@ -110,6 +114,43 @@ TEST(Decoder, BadInput) {
   EXPECT_THROW(bad.validate(), std::invalid_argument);
   EXPECT_THROW(sampler(-1.0f), std::invalid_argument);
   EXPECT_THROW(sampler(1.0f, 0.0f), std::invalid_argument);
+}
+
+// A model written in llama2.c's format and read back computes exactly what the original does.
+TEST(Decoder, CheckpointReproducesTheModel) {
+  config cfg;
+  cfg.dim = 48;
+  cfg.hidden_dim = 80;
+  cfg.n_layers = 2;
+  cfg.n_heads = 6;
+  cfg.n_kv_heads = 2;
+  cfg.vocab_size = 60;
+  cfg.seq_len = 40;
+  const weights w = random_weights(cfg, 11);
+  const std::string file = ::testing::TempDir() + "kvcache_reproduce_" +
+                           std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + ".bin";
+  save_checkpoint(file, cfg, w);
+  const model loaded = load_checkpoint(file);
+  decoder<float> original(cfg, w), reloaded(loaded.cfg, loaded.w);
+  const std::vector<int> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
+  const auto a = generate(original, prompt, 16, mode::cached, sampler());
+  const auto b = generate(reloaded, prompt, 16, mode::cached, sampler());
+  EXPECT_EQ(a.tokens, b.tokens);
+  for (std::size_t s = 0; s < a.logits.size(); ++s) EXPECT_EQ(a.logits[s], b.logits[s]) << s;
+
+  // Cut short by one float, the same file is refused, naming itself.
+  {
+    std::ifstream in(file, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ofstream(file, std::ios::binary | std::ios::trunc).write(bytes.data(), std::streamsize(bytes.size() - 4));
+  }
+  try {
+    (void)load_checkpoint(file);
+    ADD_FAILURE() << "a truncated checkpoint loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find(file), std::string::npos) << e.what();
+  }
+  std::remove(file.c_str());
 }
 
 TEST(Sampler, GreedyAndNucleus) {
