@@ -3,6 +3,7 @@
 // online softmax. Decode and prefill are two ways of cutting its work into items.
 #pragma once
 
+#include "kvcache/attention/micro_kernel.hpp"
 #include "kvcache/attention/online_softmax.hpp"
 #include "kvcache/cache/block.hpp"
 #include "kvcache/detail/assert.hpp"
@@ -25,7 +26,7 @@ struct attention_options {
   /// Scale of the scores; 0 means 1/sqrt(head_dim).
   double scale = 0.0;
   /// Keys per inner tile: scores are never materialized for more keys than this at once.
-  Index tile_tokens = 64;
+  Index tile_tokens = 128;
   /// Decode only: split each kv head's keys into runs of about this many tokens that are
   /// attended separately (in parallel when a pool is given) and merged. 0 chooses: one run
   /// per kv head, or shorter runs when there are more threads than kv heads.
@@ -86,24 +87,9 @@ class attention_workspace {
 
 namespace detail {
 
-template <class T>
-using tile_map = Eigen::Map<const row_matrix<T>, 0, Eigen::OuterStride<>>;
-
-// Rows [t0, t0+n) of a block's keys or values, as T: mapped in place when stored as T,
-// otherwise converted into `scratch` (one tile, in cache, never the whole cache).
-template <class T, class Scalar>
-tile_map<T> load_tile(const Scalar* base, Index stride, Index t0, Index n, Index head_dim,
-                      row_matrix<T>& scratch) {
-  if constexpr (std::is_same_v<T, Scalar>) {
-    (void)scratch;
-    return tile_map<T>(base + t0 * stride, n, head_dim, Eigen::OuterStride<>(stride));
-  } else {
-    const Eigen::Map<const row_matrix<Scalar>, 0, Eigen::OuterStride<>> src(
-        base + t0 * stride, n, head_dim, Eigen::OuterStride<>(stride));
-    scratch.topLeftCorner(n, head_dim) = src.template cast<T>();
-    return tile_map<T>(scratch.data(), n, head_dim, Eigen::OuterStride<>(scratch.cols()));
-  }
-}
+// Up to this many query rows an item takes the micro-kernels; more rows (prefill) amortize a
+// general matrix product's packing and take Eigen's.
+inline constexpr Index micro_kernel_rows = 8;
 
 // Folds keys [k0, k1) of kv head `h` into the first `rows` rows of `st` for the first `rows`
 // rows of `ws.q`. When
@@ -113,6 +99,7 @@ template <class View, class T>
 void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
                   Index tile, typename attention_workspace<T>::worker_scratch& ws,
                   softmax_state<T>& st) {
+  using Scalar = typename View::scalar_type;
   const Index d = view.head_dim();
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   Index offset = 0;  // position of the current block's first token
@@ -121,9 +108,24 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + blk.tokens);
     for (Index t0 = lo; t0 < hi; t0 += tile) {
       const Index n = std::min(tile, hi - t0);
-      const auto K = load_tile<T>(blk.keys, blk.stride, t0 - offset, n, d, ws.k);
       auto S = ws.s.topLeftCorner(rows, n);
-      S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
+      const bool micro = rows <= micro_kernel_rows;
+      const Scalar* keys = blk.keys + (t0 - offset) * blk.stride;
+      const Scalar* values = blk.values + (t0 - offset) * blk.stride;
+      // Decode with a common head_dim reads storage directly; otherwise tiles are taken as T.
+      const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
+        fixed_micro_kernel<T, decltype(chunks)::value>::scores(
+            ws.q.data(), ws.q.cols(), rows, keys, blk.stride, n, ws.s.data(), ws.s.cols());
+      });
+      if (!fixed) {
+        const auto K = load_tile<T>(blk.keys, blk.stride, t0 - offset, n, d, ws.k);
+        if (micro) {
+          micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n,
+                                  d, ws.s.data(), ws.s.cols());
+        } else {
+          S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
+        }
+      }
       if (row_pos != nullptr) {
         for (Index r = 0; r < rows; ++r) {
           const Index visible = row_pos[r] - t0 + 1;  // keys of this tile row r may see
@@ -143,8 +145,20 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
         st.o.row(r) *= alpha;
         st.m(r) = m_new;
       }
-      const auto V = load_tile<T>(blk.values, blk.stride, t0 - offset, n, d, ws.v);
-      st.o.topRows(rows).noalias() += S * V;
+      if (fixed) {
+        with_fixed_chunks<T>(d, [&](auto chunks) {
+          fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
+              ws.s.data(), ws.s.cols(), rows, values, blk.stride, n, st.o.data(), st.o.cols());
+        });
+      } else {
+        const auto V = load_tile<T>(blk.values, blk.stride, t0 - offset, n, d, ws.v);
+        if (micro) {
+          micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, V.data(), V.outerStride(),
+                                      n, d, st.o.data(), st.o.cols());
+        } else {
+          st.o.topRows(rows).noalias() += S * V;
+        }
+      }
     }
     offset += blk.tokens;
   }

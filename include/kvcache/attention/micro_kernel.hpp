@@ -1,0 +1,235 @@
+// SPDX-License-Identifier: Apache-2.0
+// SIMD micro-kernels of decode: scores and weighted sums of a tile of cached rows for the few
+// query rows of one GQA group, reading keys and values straight from storage.
+#pragma once
+
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <type_traits>
+
+#if defined(__F16C__) && (defined(__AVX512F__) || defined(__AVX__))
+#include <immintrin.h>
+#define KVCACHE_F16C 1
+#endif
+
+namespace kvcache::detail {
+
+// Loads `width` consecutive stored scalars as one packet of T, converting in registers:
+// half and bfloat16 through Eigen's vectorized casts where the target has them.
+template <class T, class Scalar>
+struct widen {
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+  using source = typename Eigen::internal::packet_traits<Scalar>::type;
+  static constexpr bool vectorized =
+      std::is_same_v<T, Scalar> ||
+      (Index(Eigen::internal::unpacket_traits<source>::size) == width &&
+       Eigen::internal::type_casting_traits<Scalar, T>::VectorizedCast &&
+       Eigen::internal::type_casting_traits<Scalar, T>::SrcCoeffRatio == 1 &&
+       Eigen::internal::type_casting_traits<Scalar, T>::TgtCoeffRatio == 1);
+
+  // Eigen 3.4.0 enables its F16C half conversions for clang only; on other compilers its
+  // vectorized half cast is a scalar loop, so half to float uses the instruction directly.
+  static constexpr bool f16c =
+#ifdef KVCACHE_F16C
+      std::is_same_v<Scalar, Eigen::half> && std::is_same_v<T, float> &&
+      std::is_same_v<packet, Eigen::internal::packet_traits<float>::type>;
+#else
+      false;
+#endif
+
+  static packet load(const Scalar* p) {
+    using namespace Eigen::internal;
+    if constexpr (std::is_same_v<T, Scalar>) {
+      return ploadu<packet>(p);
+#ifdef KVCACHE_F16C
+    } else if constexpr (f16c && width == 16) {
+#ifdef __AVX512F__
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#endif
+    } else if constexpr (f16c && width == 8) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+    } else if constexpr (vectorized) {
+      return pcast<source, packet>(ploadu<source>(p));
+    } else {
+      alignas(64) T buf[width];
+      for (Index i = 0; i < width; ++i) buf[i] = T(p[i]);
+      return pload<packet>(buf);
+    }
+  }
+};
+
+// For a head_dim of exactly C packets: the queries (in scores) or the outputs (in
+// accumulate) of a few rows stay in registers across a whole tile, so a cached row costs C
+// loads and rows x C fused multiply-adds, and nothing is stored per token. General matrix
+// products would repack every tile for so few rows and spend longer packing than reading.
+template <class T, int C>
+struct fixed_micro_kernel {
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+  // Rows per pass: their C packets each fill half the vector registers.
+  static constexpr int rows_per_pass = std::max(1, int(EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS) / 2 / C);
+
+  // s[r][t] = q_r . k_t for R rows and n tokens; rows `*_stride` elements apart.
+  template <int R, class Scalar>
+  static void scores_pass(const T* q, Index q_stride, const Scalar* k, Index k_stride, Index n,
+                          T* s, Index s_stride) {
+    using namespace Eigen::internal;
+    packet qr[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) qr[r][c] = ploadu<packet>(q + r * q_stride + c * width);
+    }
+    for (Index t = 0; t < n; ++t) {
+      const Scalar* kt = k + t * k_stride;
+      packet acc[R];
+      const packet k0 = widen<T, Scalar>::load(kt);
+      for (int r = 0; r < R; ++r) acc[r] = pmul(qr[r][0], k0);
+      for (int c = 1; c < C; ++c) {
+        const packet kc = widen<T, Scalar>::load(kt + c * width);
+        for (int r = 0; r < R; ++r) acc[r] = pmadd(qr[r][c], kc, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) s[r * s_stride + t] = predux(acc[r]);
+    }
+  }
+
+  // o_r += sum over t of p[r][t] * v_t for R rows.
+  template <int R, class Scalar>
+  static void accumulate_pass(const T* p, Index p_stride, const Scalar* v, Index v_stride,
+                              Index n, T* o, Index o_stride) {
+    using namespace Eigen::internal;
+    packet acc[R][C];
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) acc[r][c] = ploadu<packet>(o + r * o_stride + c * width);
+    }
+    for (Index t = 0; t < n; ++t) {
+      const Scalar* vt = v + t * v_stride;
+      packet w[R];
+      for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
+      for (int c = 0; c < C; ++c) {
+        const packet vc = widen<T, Scalar>::load(vt + c * width);
+        for (int r = 0; r < R; ++r) acc[r][c] = pmadd(w[r], vc, acc[r][c]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int c = 0; c < C; ++c) pstoreu(o + r * o_stride + c * width, acc[r][c]);
+    }
+  }
+
+  template <class Scalar>
+  static void scores(const T* q, Index q_stride, Index rows, const Scalar* k, Index k_stride,
+                     Index n, T* s, Index s_stride) {
+    Index r = 0;
+    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
+      scores_pass<rows_per_pass>(q + r * q_stride, q_stride, k, k_stride, n, s + r * s_stride,
+                                 s_stride);
+    }
+    for (; r < rows; ++r) {
+      scores_pass<1>(q + r * q_stride, q_stride, k, k_stride, n, s + r * s_stride, s_stride);
+    }
+  }
+
+  template <class Scalar>
+  static void accumulate(const T* p, Index p_stride, Index rows, const Scalar* v,
+                         Index v_stride, Index n, T* o, Index o_stride) {
+    Index r = 0;
+    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
+      accumulate_pass<rows_per_pass>(p + r * p_stride, p_stride, v, v_stride, n,
+                                     o + r * o_stride, o_stride);
+    }
+    for (; r < rows; ++r) {
+      accumulate_pass<1>(p + r * p_stride, p_stride, v, v_stride, n, o + r * o_stride, o_stride);
+    }
+  }
+};
+
+// Calls f(std::integral_constant<int, C>) when head_dim is C packets of T for C in
+// {1, 2, 4, 8, 16} and returns true; returns false otherwise (other head dims take the
+// general path).
+template <class T, class F>
+bool with_fixed_chunks(Index head_dim, F&& f) {
+  constexpr Index width = fixed_micro_kernel<T, 1>::width;
+  if (head_dim % width != 0) return false;
+  switch (head_dim / width) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    case 16: f(std::integral_constant<int, 16>{}); return true;
+    default: return false;
+  }
+}
+
+// The same two operations for any head_dim, on rows already in T: packets over the head
+// dimension with a scalar tail.
+template <class T>
+struct micro_kernel {
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+
+  static void scores(const T* q, Index q_stride, Index rows, const T* k, Index k_stride, Index n,
+                     Index d, T* s, Index s_stride) {
+    using namespace Eigen::internal;
+    const Index dv = d - d % width;
+    for (Index t = 0; t < n; ++t) {
+      const T* kt = k + t * k_stride;
+      for (Index r = 0; r < rows; ++r) {
+        const T* qr = q + r * q_stride;
+        T sum = T(0);
+        if (dv > 0) {
+          packet a = pmul(ploadu<packet>(qr), ploadu<packet>(kt));
+          for (Index x = width; x < dv; x += width) a = pmadd(ploadu<packet>(qr + x), ploadu<packet>(kt + x), a);
+          sum = predux(a);
+        }
+        for (Index x = dv; x < d; ++x) sum += qr[x] * kt[x];
+        s[r * s_stride + t] = sum;
+      }
+    }
+  }
+
+  // Token by token, so value rows stream in order; the output rows stay in L1.
+  static void accumulate(const T* p, Index p_stride, Index rows, const T* v, Index v_stride,
+                         Index n, Index d, T* o, Index o_stride) {
+    using namespace Eigen::internal;
+    const Index dv = d - d % width;
+    for (Index t = 0; t < n; ++t) {
+      const T* vt = v + t * v_stride;
+      for (Index r = 0; r < rows; ++r) {
+        T* orow = o + r * o_stride;
+        const T w = p[r * p_stride + t];
+        const packet wp = pset1<packet>(w);
+        for (Index x = 0; x < dv; x += width) {
+          pstoreu(orow + x, pmadd(wp, ploadu<packet>(vt + x), ploadu<packet>(orow + x)));
+        }
+        for (Index x = dv; x < d; ++x) orow[x] += w * vt[x];
+      }
+    }
+  }
+};
+
+// Rows [t0, t0+n) of stored keys or values as a row-major tile of T: mapped in place when
+// stored as T, otherwise converted into `scratch` (one tile, in cache, never the whole cache).
+template <class T>
+using tile_map = Eigen::Map<const row_matrix<T>, 0, Eigen::OuterStride<>>;
+
+template <class T, class Scalar>
+tile_map<T> load_tile(const Scalar* base, Index stride, Index t0, Index n, Index head_dim,
+                      row_matrix<T>& scratch) {
+  if constexpr (std::is_same_v<T, Scalar>) {
+    (void)scratch;
+    return tile_map<T>(base + t0 * stride, n, head_dim, Eigen::OuterStride<>(stride));
+  } else {
+    using w = widen<T, Scalar>;
+    const Index dv = head_dim - head_dim % w::width;
+    for (Index t = 0; t < n; ++t) {
+      const Scalar* src = base + (t0 + t) * stride;
+      T* dst = scratch.data() + t * scratch.cols();
+      for (Index x = 0; x < dv; x += w::width) Eigen::internal::pstoreu(dst + x, w::load(src + x));
+      for (Index x = dv; x < head_dim; ++x) dst[x] = T(src[x]);
+    }
+    return tile_map<T>(scratch.data(), n, head_dim, Eigen::OuterStride<>(scratch.cols()));
+  }
+}
+
+}  // namespace kvcache::detail
