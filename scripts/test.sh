@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Builds and runs every test: the dev build (assertions, warnings as errors), the
-# AddressSanitizer + UndefinedBehaviorSanitizer build, and the release build (-DNDEBUG).
+# AddressSanitizer + UndefinedBehaviorSanitizer build, and the release build (-DNDEBUG), whose
+# benchmarks then run once each.
 # Installs missing Debian packages first. Usage: scripts/test.sh [preset...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,9 @@ for preset in "${presets[@]}"; do
   cmake --build --preset "$preset"
   echo "==> kvcache: ${preset} tests"
   ctest --preset "$preset"
+  if [ "$preset" = release ]; then
+    echo "==> kvcache: every benchmark once, briefly, so they keep building and running"
+    build/release/bench/kvcache_bench --benchmark_min_time=0.001 >/dev/null
+  fi
 done
 echo "==> kvcache: all tests passed (${presets[*]})"

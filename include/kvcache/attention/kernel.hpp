@@ -91,74 +91,100 @@ namespace detail {
 // general matrix product's packing and take Eigen's.
 inline constexpr Index micro_kernel_rows = 8;
 
-// Folds keys [k0, k1) of kv head `h` into the first `rows` rows of `st` for the first `rows`
-// rows of `ws.q`. When
-// `row_pos` is given, row r sees only keys at positions <= row_pos[r] (a key's position is
-// its index in the view). Rows that see no key in a tile are left untouched.
+// Sets to -inf the scores of keys after each row's position; the tile's first key sits at
+// position `first`.
+template <class Scores>
+void mask_causal(Scores& S, const Index* row_pos, Index first) {
+  using T = typename Scores::Scalar;
+  for (Index r = 0; r < S.rows(); ++r) {
+    const Index visible = row_pos[r] - first + 1;  // keys of this tile row r may see
+    if (visible < S.cols()) {
+      S.row(r).tail(S.cols() - std::max<Index>(visible, 0)).setConstant(-std::numeric_limits<T>::infinity());
+    }
+  }
+}
+
+// The online softmax step for one tile: scores S (rows x n) become probabilities relative to
+// each row's new running max, and the state's sum and output are rescaled to that max.
+// Rows that see no key in the tile get zero probabilities and keep their state.
+template <class Scores, class T>
+void online_softmax_update(Scores& S, softmax_state<T>& st) {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  for (Index r = 0; r < S.rows(); ++r) {
+    const T tile_max = S.row(r).maxCoeff();
+    if (tile_max == neg_inf) {
+      S.row(r).setZero();
+      continue;
+    }
+    const T m_new = std::max(st.m(r), tile_max);
+    const T alpha = std::exp(st.m(r) - m_new);
+    S.row(r) = (S.row(r).array() - m_new).exp().matrix();
+    st.l(r) = alpha * st.l(r) + S.row(r).sum();
+    st.o.row(r) *= alpha;
+    st.m(r) = m_new;
+  }
+}
+
+// Folds rows [lo, hi) of one block (rows counted from the block's start, the first at
+// position `offset`) into the first `rows` rows of `st`, for the first `rows` rows of `ws.q`.
+// With `row_pos`, row r sees only keys at positions <= row_pos[r]. This is the overload for
+// blocks of plain storage; other block kinds (quantized) overload it.
+template <class T, class Scalar>
+void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index offset, Index d,
+                  Index rows, const Index* row_pos, Index tile,
+                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
+  for (Index t0 = lo; t0 < hi; t0 += tile) {
+    const Index n = std::min(tile, hi - t0);
+    auto S = ws.s.topLeftCorner(rows, n);
+    const bool micro = rows <= micro_kernel_rows;
+    const Scalar* keys = blk.keys + t0 * blk.stride;
+    const Scalar* values = blk.values + t0 * blk.stride;
+    // Decode with a common head_dim reads storage directly; otherwise tiles are taken as T.
+    const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
+      fixed_micro_kernel<T, decltype(chunks)::value>::scores(ws.q.data(), ws.q.cols(), rows, keys,
+                                                             blk.stride, n, ws.s.data(),
+                                                             ws.s.cols());
+    });
+    if (!fixed) {
+      const auto K = load_tile<T>(blk.keys, blk.stride, t0, n, d, ws.k);
+      if (micro) {
+        micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
+                                ws.s.data(), ws.s.cols());
+      } else {
+        S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
+      }
+    }
+    if (row_pos != nullptr) mask_causal(S, row_pos, offset + t0);
+    online_softmax_update(S, st);
+    if (fixed) {
+      with_fixed_chunks<T>(d, [&](auto chunks) {
+        fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
+            ws.s.data(), ws.s.cols(), rows, values, blk.stride, n, st.o.data(), st.o.cols());
+      });
+    } else {
+      const auto V = load_tile<T>(blk.values, blk.stride, t0, n, d, ws.v);
+      if (micro) {
+        micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, V.data(), V.outerStride(), n,
+                                    d, st.o.data(), st.o.cols());
+      } else {
+        st.o.topRows(rows).noalias() += S * V;
+      }
+    }
+  }
+}
+
+// Folds keys [k0, k1) of kv head `h` (positions in the view, oldest first) into `st`.
 template <class View, class T>
 void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
                   Index tile, typename attention_workspace<T>::worker_scratch& ws,
                   softmax_state<T>& st) {
-  using Scalar = typename View::scalar_type;
-  const Index d = view.head_dim();
-  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   Index offset = 0;  // position of the current block's first token
   for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + blk.tokens);
-    for (Index t0 = lo; t0 < hi; t0 += tile) {
-      const Index n = std::min(tile, hi - t0);
-      auto S = ws.s.topLeftCorner(rows, n);
-      const bool micro = rows <= micro_kernel_rows;
-      const Scalar* keys = blk.keys + (t0 - offset) * blk.stride;
-      const Scalar* values = blk.values + (t0 - offset) * blk.stride;
-      // Decode with a common head_dim reads storage directly; otherwise tiles are taken as T.
-      const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
-        fixed_micro_kernel<T, decltype(chunks)::value>::scores(
-            ws.q.data(), ws.q.cols(), rows, keys, blk.stride, n, ws.s.data(), ws.s.cols());
-      });
-      if (!fixed) {
-        const auto K = load_tile<T>(blk.keys, blk.stride, t0 - offset, n, d, ws.k);
-        if (micro) {
-          micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n,
-                                  d, ws.s.data(), ws.s.cols());
-        } else {
-          S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
-        }
-      }
-      if (row_pos != nullptr) {
-        for (Index r = 0; r < rows; ++r) {
-          const Index visible = row_pos[r] - t0 + 1;  // keys of this tile row r may see
-          if (visible < n) S.row(r).tail(n - std::max<Index>(visible, 0)).setConstant(neg_inf);
-        }
-      }
-      for (Index r = 0; r < rows; ++r) {
-        const T tile_max = S.row(r).maxCoeff();
-        if (tile_max == neg_inf) {
-          S.row(r).setZero();
-          continue;
-        }
-        const T m_new = std::max(st.m(r), tile_max);
-        const T alpha = std::exp(st.m(r) - m_new);
-        S.row(r) = (S.row(r).array() - m_new).exp().matrix();
-        st.l(r) = alpha * st.l(r) + S.row(r).sum();
-        st.o.row(r) *= alpha;
-        st.m(r) = m_new;
-      }
-      if (fixed) {
-        with_fixed_chunks<T>(d, [&](auto chunks) {
-          fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
-              ws.s.data(), ws.s.cols(), rows, values, blk.stride, n, st.o.data(), st.o.cols());
-        });
-      } else {
-        const auto V = load_tile<T>(blk.values, blk.stride, t0 - offset, n, d, ws.v);
-        if (micro) {
-          micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, V.data(), V.outerStride(),
-                                      n, d, st.o.data(), st.o.cols());
-        } else {
-          st.o.topRows(rows).noalias() += S * V;
-        }
-      }
+    if (lo < hi) {
+      attend_block<T>(blk, lo - offset, hi - offset, offset, view.head_dim(), rows, row_pos, tile,
+                      ws, st);
     }
     offset += blk.tokens;
   }
