@@ -106,8 +106,7 @@ std::string decoder_label(Index threads) {
          " attention thread" + (threads == 1 ? "" : "s");
 }
 
-void BM_decode_step_cached(benchmark::State& state) {
-  const Index ctx = state.range(0);
+void BM_decode_step_cached(benchmark::State& state, Index ctx) {
   tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
   dec.forward_cached(some_tokens(ctx));
   for (auto _ : state) {
@@ -120,8 +119,7 @@ void BM_decode_step_cached(benchmark::State& state) {
   state.SetLabel(decoder_label(1));
 }
 
-void BM_decode_step_uncached(benchmark::State& state) {
-  const Index ctx = state.range(0);
+void BM_decode_step_uncached(benchmark::State& state, Index ctx) {
   tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
   auto seq = some_tokens(ctx + 1);
   for (auto _ : state) benchmark::DoNotOptimize(dec.forward_uncached(seq).data());
@@ -130,8 +128,8 @@ void BM_decode_step_uncached(benchmark::State& state) {
 }
 
 template <tiny::mode Mode>
-void BM_generate(benchmark::State& state) {
-  const Index n = state.range(0), prompt_len = 16;
+void BM_generate(benchmark::State& state, Index n) {
+  const Index prompt_len = 16;
   tiny::decoder<float> dec(decoder_config(prompt_len + n), decoder_weights(), 1);
   const auto prompt = some_tokens(prompt_len);
   for (auto _ : state) {
@@ -146,8 +144,7 @@ void BM_generate(benchmark::State& state) {
 // One layer's cache of 8 kv heads x 128 holding ctx tokens, and one more token added to it.
 constexpr Index append_heads = 8, append_dim = 128;
 
-void BM_append(benchmark::State& state) {
-  const Index ctx = state.range(0);
+void BM_append(benchmark::State& state, Index ctx) {
   kvcache::kv_layer<float> layer(append_heads, append_dim);
   layer.reserve(ctx + 1);
   layer.append(row_matrix<float>::Random(ctx, append_heads * append_dim),
@@ -162,8 +159,7 @@ void BM_append(benchmark::State& state) {
   state.SetLabel("in place, 8 kv heads x 128, f32");
 }
 
-void BM_concat(benchmark::State& state) {
-  const Index ctx = state.range(0);
+void BM_concat(benchmark::State& state, Index ctx) {
   kvcache::kv_layer<float> layer(append_heads, append_dim);
   layer.append(row_matrix<float>::Random(ctx, append_heads * append_dim),
                row_matrix<float>::Random(ctx, append_heads * append_dim));
@@ -179,8 +175,8 @@ void BM_concat(benchmark::State& state) {
 // ---------------------------------------------------------------------------------------------
 // One layer's decode attention: a token's query heads over ctx cached tokens.
 template <class Scalar>
-void BM_decode_attention(benchmark::State& state) {
-  const Index ctx = state.range(0), n_heads = state.range(1), n_kv = state.range(2), d = 128;
+void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Index n_kv) {
+  const Index d = 128;
   const kvcache::attention_shape shape(n_heads, n_kv, d);
   kvcache::kv_layer<Scalar> layer(n_kv, d);
   layer.reserve(ctx);
@@ -193,22 +189,25 @@ void BM_decode_attention(benchmark::State& state) {
   opt.pool = &pool();
   const kvcache::row_vector<float> q = kvcache::row_vector<float>::Random(shape.q_width());
   kvcache::row_vector<float> out(shape.q_width());
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     kvcache::decode_attention(shape, q, layer, out, ws, opt);
     benchmark::DoNotOptimize(out.data());
   }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(layer.bytes()));
   state.counters["threads"] = double(pool().size());
-  state.counters["of_triad"] = benchmark::Counter(
-      double(layer.bytes()) / g_triad_bytes_per_s, benchmark::Counter::kIsIterationInvariantRate);
+  // K and V bytes read per second as a fraction of the triad bandwidth measured at start-up.
+  state.counters["of_triad"] =
+      double(state.iterations()) * double(layer.bytes()) / seconds / g_triad_bytes_per_s;
   state.SetLabel(std::to_string(n_heads) + " q / " + std::to_string(n_kv) + " kv heads x 128, " +
                  kvcache::scalar_traits<Scalar>::name + ", " + std::to_string(pool().size()) +
                  " threads");
 }
 
 // Causal attention over a whole prompt of ctx tokens, written to an empty layer.
-void BM_prefill_attention(benchmark::State& state) {
-  const Index ctx = state.range(0);
+void BM_prefill_attention(benchmark::State& state, Index ctx) {
   const kvcache::attention_shape shape(32, 8, 128);
   const row_matrix<float> q = row_matrix<float>::Random(ctx, shape.q_width());
   const row_matrix<float> k = row_matrix<float>::Random(ctx, shape.kv_width());
@@ -228,54 +227,50 @@ void BM_prefill_attention(benchmark::State& state) {
                  " threads");
 }
 
+// Registers `fn(state, args...)` under `name`, exactly: a name a person reads in a table.
+template <class Fn, class... Args>
+benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args) {
+  return benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, args...); });
+}
+
 void register_all() {
-  benchmark::RegisterBenchmark("triad", BM_triad)->Unit(benchmark::kMillisecond)->UseRealTime();
+  using std::to_string;
+  // Multi-threaded benchmarks are timed by the wall clock (Google Benchmark then appends
+  // "/real_time" to their names); the others run on the calling thread alone.
+  add("triad", BM_triad)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (Index ctx : {64, 128, 256, 512, 1024, 2048, 4096}) {
-    benchmark::RegisterBenchmark(("decode_step/cached/" + std::to_string(ctx)).c_str(),
-                                 BM_decode_step_cached)
-        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+    add("decode_step/cached/" + to_string(ctx), BM_decode_step_cached, ctx)->Unit(benchmark::kMicrosecond);
   }
   for (Index ctx : {64, 128, 256, 512, 1024, 2048, 4096}) {
-    benchmark::RegisterBenchmark(("decode_step/uncached/" + std::to_string(ctx)).c_str(),
-                                 BM_decode_step_uncached)
-        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+    add("decode_step/uncached/" + to_string(ctx), BM_decode_step_uncached, ctx)->Unit(benchmark::kMicrosecond);
   }
   for (Index n : {32, 128, 512}) {
-    benchmark::RegisterBenchmark(("generate/cached/" + std::to_string(n)).c_str(),
-                                 BM_generate<tiny::mode::cached>)
-        ->Arg(n)->Unit(benchmark::kMillisecond)->UseRealTime();
-    benchmark::RegisterBenchmark(("generate/uncached/" + std::to_string(n)).c_str(),
-                                 BM_generate<tiny::mode::uncached>)
-        ->Arg(n)->Unit(benchmark::kMillisecond)->UseRealTime();
+    add("generate/cached/" + to_string(n), BM_generate<tiny::mode::cached>, n)->Unit(benchmark::kMillisecond);
+    add("generate/uncached/" + to_string(n), BM_generate<tiny::mode::uncached>, n)->Unit(benchmark::kMillisecond);
   }
   for (Index ctx : {256, 1024, 4096, 16384}) {
-    benchmark::RegisterBenchmark(("append/" + std::to_string(ctx)).c_str(), BM_append)
-        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+    add("append/" + to_string(ctx), BM_append, ctx)->Unit(benchmark::kMicrosecond);
   }
   for (Index ctx : {256, 1024, 4096, 16384}) {
-    benchmark::RegisterBenchmark(("concat/" + std::to_string(ctx)).c_str(), BM_concat)
-        ->Arg(ctx)->Unit(benchmark::kMicrosecond)->UseRealTime();
+    add("concat/" + to_string(ctx), BM_concat, ctx)->Unit(benchmark::kMicrosecond);
   }
-  const std::pair<const char*, void (*)(benchmark::State&)> dtypes[] = {
+  const std::pair<const char*, void (*)(benchmark::State&, Index, Index, Index)> dtypes[] = {
       {"f32", BM_decode_attention<float>},
       {"f16", BM_decode_attention<Eigen::half>},
       {"bf16", BM_decode_attention<Eigen::bfloat16>}};
   for (const auto& [name, fn] : dtypes) {
     for (Index ctx : {512, 2048, 8192, 32768}) {
-      benchmark::RegisterBenchmark(
-          ("decode_attention/" + std::string(name) + "/" + std::to_string(ctx)).c_str(), fn)
-          ->Args({ctx, 32, 8})->Unit(benchmark::kMicrosecond)->UseRealTime();
+      add("decode_attention/" + std::string(name) + "/" + to_string(ctx), fn, ctx, Index(32), Index(8))
+          ->Unit(benchmark::kMicrosecond)->UseRealTime();
     }
   }
   for (Index ctx : {512, 2048, 8192}) {
-    benchmark::RegisterBenchmark(("decode_attention_mha/f32/" + std::to_string(ctx)).c_str(),
-                                 BM_decode_attention<float>)
-        ->Args({ctx, 32, 32})->Unit(benchmark::kMicrosecond)->UseRealTime();
+    add("decode_attention_mha/f32/" + to_string(ctx), BM_decode_attention<float>, ctx, Index(32),
+        Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
   }
   for (Index ctx : {512, 1024, 2048, 4096}) {
-    benchmark::RegisterBenchmark(("prefill_attention/" + std::to_string(ctx)).c_str(),
-                                 BM_prefill_attention)
-        ->Arg(ctx)->Unit(benchmark::kMillisecond)->UseRealTime();
+    add("prefill_attention/" + to_string(ctx), BM_prefill_attention, ctx)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
 }
 

@@ -41,7 +41,7 @@ def series(runs, prefix):
     """{ctx: benchmark} for names prefix/<ctx>, sorted by ctx."""
     out = {}
     for name, b in runs.items():
-        m = re.fullmatch(re.escape(prefix) + r"/(\d+)", name)
+        m = re.fullmatch(re.escape(prefix) + r"/(\d+)(?:/real_time)?", name)
         if m:
             out[int(m.group(1))] = b
     return dict(sorted(out.items()))
@@ -83,7 +83,8 @@ def plot_append(runs, out_dir):
 
 def plot_attention(context, runs, out_dir):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    names = sorted({m.group(1) for n in runs for m in [re.fullmatch(r"decode_attention/(\w+)/\d+", n)] if m})
+    names = sorted({m.group(1) for n in runs
+                    for m in [re.fullmatch(r"decode_attention/(\w+)/\d+(?:/real_time)?", n)] if m})
     for dtype in names:
         s = series(runs, "decode_attention/" + dtype)
         ax.plot(list(s), [b["bytes_per_second"] / 1e9 for b in s.values()], "o-", label=dtype)
@@ -126,6 +127,7 @@ def table(context, runs):
 
 
 def ratio(runs, a, b):
+    a, b = (x if x in runs else x + "/real_time" for x in (a, b))
     if a in runs and b in runs:
         return seconds(runs[a]) / seconds(runs[b])
     return float("nan")
@@ -146,7 +148,7 @@ def main():
         ratio(runs, "append/16384", "append/256"), ratio(runs, "concat/16384", "concat/256")))
     triad = float(context.get("triad_bytes_per_second", 0))
     for dtype in ("f32", "f16", "bf16", "int8", "int4"):
-        b = runs.get("decode_attention/%s/32768" % dtype)
+        b = runs.get("decode_attention/%s/32768/real_time" % dtype)
         if b and triad:
             print("decode_attention/%s/32768: %.2f GB/s = %.0f%% of triad %.2f GB/s; %.3g ms" % (
                 dtype, b["bytes_per_second"] / 1e9, 100 * b["bytes_per_second"] / triad, triad / 1e9,
