@@ -107,7 +107,7 @@ std::string decoder_label(Index threads) {
 }
 
 void BM_decode_step_cached(benchmark::State& state, Index ctx) {
-  tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
+  tiny::decoder<> dec(decoder_config(ctx + 1), decoder_weights(), 1);
   dec.forward_cached(some_tokens(ctx));
   for (auto _ : state) {
     benchmark::DoNotOptimize(dec.forward_cached(5).data());
@@ -120,7 +120,7 @@ void BM_decode_step_cached(benchmark::State& state, Index ctx) {
 }
 
 void BM_decode_step_uncached(benchmark::State& state, Index ctx) {
-  tiny::decoder<float> dec(decoder_config(ctx + 1), decoder_weights(), 1);
+  tiny::decoder<> dec(decoder_config(ctx + 1), decoder_weights(), 1);
   auto seq = some_tokens(ctx + 1);
   for (auto _ : state) benchmark::DoNotOptimize(dec.forward_uncached(seq).data());
   state.SetItemsProcessed(state.iterations());
@@ -130,7 +130,7 @@ void BM_decode_step_uncached(benchmark::State& state, Index ctx) {
 template <tiny::mode Mode>
 void BM_generate(benchmark::State& state, Index n) {
   const Index prompt_len = 16;
-  tiny::decoder<float> dec(decoder_config(prompt_len + n), decoder_weights(), 1);
+  tiny::decoder<> dec(decoder_config(prompt_len + n), decoder_weights(), 1);
   const auto prompt = some_tokens(prompt_len);
   for (auto _ : state) {
     auto r = tiny::generate(dec, prompt, n, Mode, tiny::sampler());

@@ -67,7 +67,7 @@ TEST(NoAllocation, DecodeStepsAfterWarmUp) {
     cfg.vocab_size = 50;
     cfg.seq_len = 300;
     const tiny::weights w = tiny::random_weights(cfg, 3);
-    tiny::decoder<float> dec(cfg, w, threads);
+    tiny::decoder<> dec(cfg, w, threads);
     dec.forward_cached(std::vector<int>{1, 2, 3, 4, 5});
     dec.forward_cached(6);  // warm-up: the workspace takes its size
     const long before = allocations.load();

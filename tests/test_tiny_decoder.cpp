@@ -41,7 +41,7 @@ TEST_P(CachedEqualsUncached, SameTokensAndLogits) {
   for (Index i = 0; i < prompt_len; ++i) prompt.push_back(int((i * 37 + 11) % cfg.vocab_size));
 
   for (Index threads : {1, 2}) {
-    decoder<float> dec(cfg, w, threads);
+    decoder<> dec(cfg, w, threads);
     const auto cached = generate(dec, prompt, gen, mode::cached, sampler());
     const auto uncached = generate(dec, prompt, gen, mode::uncached, sampler());
     EXPECT_EQ(cached.tokens, uncached.tokens);
@@ -83,7 +83,7 @@ TEST(Decoder, TheCacheChangesTheWork) {
   cfg.vocab_size = 50;
   cfg.seq_len = 16;
   const weights w = random_weights(cfg, 1);
-  decoder<float> dec(cfg, w);
+  decoder<> dec(cfg, w);
   dec.forward_cached(std::vector<int>{1, 2, 3});
   const vector step = dec.forward_cached(4);
   const vector full = dec.forward_uncached({1, 2, 3, 4});
@@ -102,7 +102,7 @@ TEST(Decoder, BadInput) {
   cfg.vocab_size = 10;
   cfg.seq_len = 4;
   const weights w = random_weights(cfg, 1);
-  decoder<float> dec(cfg, w);
+  decoder<> dec(cfg, w);
   EXPECT_THROW(dec.forward_cached(10), std::out_of_range);
   EXPECT_THROW(dec.forward_cached(std::vector<int>{1, 2, 3, 4, 5}), std::length_error);
   EXPECT_EQ(dec.cache().size(), 0);
@@ -131,7 +131,7 @@ TEST(Decoder, CheckpointReproducesTheModel) {
                            std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + ".bin";
   save_checkpoint(file, cfg, w);
   const model loaded = load_checkpoint(file);
-  decoder<float> original(cfg, w), reloaded(loaded.cfg, loaded.w);
+  decoder<> original(cfg, w), reloaded(loaded.cfg, loaded.w);
   const std::vector<int> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
   const auto a = generate(original, prompt, 16, mode::cached, sampler());
   const auto b = generate(reloaded, prompt, 16, mode::cached, sampler());

@@ -18,16 +18,33 @@ namespace tiny {
 
 enum class mode { cached, uncached };
 
-/// Runs a model over token sequences. Buffers are sized once for `seq_len` tokens, so no step
-/// allocates (the uncached path's reference attention aside, which materializes its scores as
-/// generation without a cache does).
-template <class CacheScalar = float>
+namespace detail {
+template <class Cache>
+inline constexpr bool is_contiguous = false;
+template <class Scalar>
+inline constexpr bool is_contiguous<kvcache::contiguous_cache<Scalar>> = true;
+}  // namespace detail
+
+/// Runs a model over token sequences, keeping keys and values in a `Cache`: a
+/// contiguous_cache (the default), a sliding_window_cache or a quantized_cache. Buffers are
+/// sized once for `seq_len` tokens, so no decode step allocates (the uncached path's reference
+/// attention aside, which materializes its scores as generation without a cache does).
+template <class Cache = kvcache::contiguous_cache<float>>
 class decoder {
  public:
+  /// A decoder over a contiguous cache with room for seq_len tokens.
   decoder(const config& c, const weights& w, Index threads = 1)
-      : cfg_(c), w_(w), shape_(c.attention()), rope_(c.head_dim(), c.rope_theta,
-                                                      kvcache::rope_style::interleaved, c.seq_len),
-        cache_(c.cache(), c.seq_len) {
+      : decoder(c, w, Cache(c.cache(), c.seq_len), threads) {
+    cache_.reserve(c.seq_len);
+  }
+
+  /// A decoder over `cache`. `uncached_mask` is what generation without a cache attends with:
+  /// give a sliding window cache's window and sinks here, so both modes compute the same model.
+  decoder(const config& c, const weights& w, Cache cache, Index threads,
+          kvcache::attention_mask uncached_mask = {})
+      : cfg_(c), w_(w), shape_(c.attention()),
+        rope_(c.head_dim(), c.rope_theta, kvcache::rope_style::interleaved, c.seq_len),
+        cache_(std::move(cache)), mask_(uncached_mask) {
     c.validate();
     if (threads > 1) pool_ = std::make_unique<kvcache::thread_pool>(threads);
     opt_.pool = pool_.get();
@@ -42,24 +59,31 @@ class decoder {
     hb2_.resize(n, c.hidden_dim);
     xn_.resize(c.dim);
     logits_.resize(c.vocab_size);
-    cache_.reserve(n);
   }
 
   const config& cfg() const { return cfg_; }
-  const kvcache::contiguous_cache<CacheScalar>& cache() const { return cache_; }
+  const Cache& cache() const { return cache_; }
+  /// Tokens run through the cached path since the last reset: the next token's position.
+  Index position() const { return pos_; }
 
   /// Forgets every cached token.
-  void reset() { cache_.clear(); }
+  void reset() {
+    cache_.clear();
+    pos_ = 0;
+  }
   /// Keeps the oldest n cached tokens (rollback, e.g. of rejected speculative tokens).
-  void crop(Index n) { cache_.crop(n); }
+  void crop(Index n) {
+    cache_.crop(n);
+    pos_ = n;
+  }
 
-  /// With the cache: runs `tokens` (the prompt, or one new token) at positions
-  /// cache().size().., appending their keys and values, and returns the last token's logits.
+  /// With the cache: runs `tokens` (the prompt, or one new token) at positions position()..,
+  /// appending their keys and values, and returns the last token's logits.
   const vector& forward_cached(const std::vector<int>& tokens) {
-    return forward(tokens.data(), Index(tokens.size()), cache_.size(), mode::cached);
+    return forward(tokens.data(), Index(tokens.size()), pos_, mode::cached);
   }
   /// forward_cached of one token: a decode step.
-  const vector& forward_cached(int token) { return forward(&token, 1, cache_.size(), mode::cached); }
+  const vector& forward_cached(int token) { return forward(&token, 1, pos_, mode::cached); }
 
   /// Without a cache: runs the whole sequence `tokens` from position 0, as generation without a
   /// cache must at every step, and returns the last token's logits.
@@ -88,6 +112,7 @@ class decoder {
       mlp(lw, n);  // SwiGLU, residual
     }
     head(n - 1);
+    if (m == mode::cached) pos_ += n;
     return logits_;
   }
 
@@ -119,14 +144,21 @@ class decoder {
   // Writes att_ rows [0, n): the attention of the n queries over every earlier token.
   void attention(Index l, Index n, mode m) {
     if (m == mode::uncached) {
-      att_.topRows(n) =
-          kvcache::reference_attention<float>(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n));
+      att_.topRows(n) = kvcache::reference_attention<float>(shape_, q_.topRows(n), k_.topRows(n),
+                                                            v_.topRows(n), mask_);
     } else if (n == 1) {
       cache_.append(l, k_.topRows(1), v_.topRows(1));
-      kvcache::decode_attention(shape_, q_.row(0), cache_.layer(l), att_.row(0), ws_, opt_);
-    } else {
+      if constexpr (detail::is_contiguous<Cache>) {
+        kvcache::decode_attention(shape_, q_.row(0), cache_.layer(l), att_.row(0), ws_, opt_);
+      } else {
+        kvcache::decode_attention(shape_, q_.row(0), cache_.view(l), att_.row(0), ws_, opt_);
+      }
+    } else if constexpr (detail::is_contiguous<Cache>) {
       kvcache::prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n),
                                  cache_.layer(l), att_.topRows(n), ws_, opt_);
+    } else {
+      prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n), cache_, l,
+                        att_.topRows(n), ws_, opt_);
     }
   }
 
@@ -148,7 +180,9 @@ class decoder {
   const weights& w_;
   kvcache::attention_shape shape_;
   kvcache::rope rope_;
-  kvcache::contiguous_cache<CacheScalar> cache_;
+  Cache cache_;
+  kvcache::attention_mask mask_;
+  Index pos_ = 0;
   std::unique_ptr<kvcache::thread_pool> pool_;
   kvcache::attention_options opt_;
   kvcache::attention_workspace<float> ws_;

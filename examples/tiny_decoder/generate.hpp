@@ -68,19 +68,25 @@ struct run_result {
   double prefill_ms = 0;             // the prompt's forward pass
   std::vector<double> decode_ms;     // [step] each later forward pass
   Index kv_bytes = 0;                // bytes the cache holds at the end (0 without a cache)
-  Index tokens_cached = 0;
+  Index tokens_cached = 0;           // tokens that went through the cache (some may be evicted)
 };
 
 /// Generates `n_gen` tokens after `prompt`: one forward pass over the prompt gives the first
 /// token, then each of n_gen - 1 steps runs one more forward pass (one token with the cache,
-/// the whole sequence so far without it). `on_step(done)` is called after each token.
-template <class CacheScalar>
-run_result generate(decoder<CacheScalar>& dec, const std::vector<int>& prompt, Index n_gen,
-                    mode m, sampler pick, const std::function<void(Index)>& on_step = {}) {
+/// the whole sequence so far without it). `on_step(done)` is called after each token. With
+/// `forced`, the tokens fed back are forced[0], forced[1], ... instead of the sampled ones
+/// (teacher forcing, to compare two caches' distributions on the same sequence).
+template <class Cache>
+run_result generate(decoder<Cache>& dec, const std::vector<int>& prompt, Index n_gen, mode m,
+                    sampler pick, const std::function<void(Index)>& on_step = {},
+                    const std::vector<int>* forced = nullptr) {
   using clock = std::chrono::steady_clock;
   const auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
   if (prompt.empty()) throw std::invalid_argument("generate: the prompt is empty");
   if (n_gen < 1) throw std::invalid_argument("generate: n_gen must be >= 1");
+  if (forced != nullptr && Index(forced->size()) < n_gen) {
+    throw std::invalid_argument("generate: fewer forced tokens than n_gen");
+  }
   run_result r;
   dec.reset();
   std::vector<int> seq = prompt;
@@ -89,7 +95,8 @@ run_result generate(decoder<CacheScalar>& dec, const std::vector<int>& prompt, I
   r.prefill_ms = ms(clock::now() - t0);
   for (Index step = 0;; ++step) {
     r.logits.push_back(*logits);
-    r.tokens.push_back(pick(*logits));
+    const int picked = pick(*logits);
+    r.tokens.push_back(forced != nullptr ? (*forced)[std::size_t(step)] : picked);
     seq.push_back(r.tokens.back());
     if (on_step) on_step(step + 1);
     if (step + 1 == n_gen) break;
@@ -99,7 +106,7 @@ run_result generate(decoder<CacheScalar>& dec, const std::vector<int>& prompt, I
   }
   if (m == mode::cached) {
     r.kv_bytes = dec.cache().bytes();
-    r.tokens_cached = dec.cache().size();
+    r.tokens_cached = dec.position();
   }
   return r;
 }

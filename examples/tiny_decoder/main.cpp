@@ -210,7 +210,7 @@ int main(int argc, char** argv) {
     cfg.validate();
     if (!o.checkpoint) w = tiny::random_weights(cfg, o.seed);
 
-    tiny::decoder<float> dec(cfg, w, o.threads);
+    tiny::decoder<> dec(cfg, w, o.threads);
     // Warm-up: first-touch page faults and the attention workspace's first sizing are paid
     // here, not by whichever mode runs first.
     for (const auto m : {tiny::mode::cached, tiny::mode::uncached}) {
