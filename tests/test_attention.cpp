@@ -48,12 +48,12 @@ TEST(Reference, MatchesTheDefinition) {
     const auto v = random_matrix<double>(12, s.kv_width(), 3);
     attention_mask causal;  // the 9 queries are the last 9 of 12 tokens
     EXPECT_LT((reference_attention<double>(s, q, k, v, causal) - naive_attention(s, q, k, v, 3))
-                  .cwiseAbs().maxCoeff(), 1e-12);
+                  .cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(), 1e-12);
     attention_mask windowed;
     windowed.window = 4;
     windowed.sinks = 2;
     EXPECT_LT((reference_attention<double>(s, q, k, v, windowed) -
-               naive_attention(s, q, k, v, 3, 4, 2)).cwiseAbs().maxCoeff(), 1e-12);
+               naive_attention(s, q, k, v, 3, 4, 2)).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(), 1e-12);
   }
 }
 
@@ -89,9 +89,9 @@ class AttentionTest : public ::testing::Test {
     row_vector<T> out(s.q_width());
     decode_attention(s, q.row(0).template cast<T>(), layer, out, ws_, opt);
     const auto want = reference_attention<double>(s, q, stored<Scalar>(k), stored<Scalar>(v));
-    EXPECT_LT((out.template cast<double>() - want).cwiseAbs().maxCoeff(), kernel_tolerance<Scalar>());
+    EXPECT_LT((out.template cast<double>() - want).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(), kernel_tolerance<Scalar>());
     const auto exact = reference_attention<double>(s, q, k, v);
-    EXPECT_LT((out.template cast<double>() - exact).cwiseAbs().maxCoeff(),
+    EXPECT_LT((out.template cast<double>() - exact).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
               storage_tolerance<Scalar>());
   }
 
@@ -148,7 +148,7 @@ TYPED_TEST(AttentionTest, PrefillMatchesReference) {
       EXPECT_EQ(layer.size(), n);
       const auto want = reference_attention<double>(s, q, stored<TypeParam>(k),
                                                     stored<TypeParam>(v));
-      EXPECT_LT((out.template cast<double>() - want).cwiseAbs().maxCoeff(),
+      EXPECT_LT((out.template cast<double>() - want).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
                 kernel_tolerance<TypeParam>());
     }
   }
@@ -178,12 +178,12 @@ TYPED_TEST(AttentionTest, ChunkedPrefillThenDecode) {
     out.middleRows(a, len) = chunk_out;
   }
   const auto want = reference_attention<double>(s, q, stored<TypeParam>(k), stored<TypeParam>(v));
-  EXPECT_LT((out.template cast<double>() - want).cwiseAbs().maxCoeff(),
+  EXPECT_LT((out.template cast<double>() - want).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
             kernel_tolerance<TypeParam>());
   // The last row again, through decode over the same cache.
   row_vector<T> last(s.q_width());
   decode_attention(s, q.row(n - 1).template cast<T>(), layer, last, this->ws_, opt);
-  EXPECT_LT((last.template cast<double>() - want.row(n - 1)).cwiseAbs().maxCoeff(),
+  EXPECT_LT((last.template cast<double>() - want.row(n - 1)).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
             kernel_tolerance<TypeParam>());
 }
 
@@ -260,9 +260,9 @@ TEST(OnlineSoftmax, MergeIsExactAndEmptyIsIdentity) {
   empty.merge(whole);  // identity on the left too
   for (Index r = 0; r < rows; ++r) {
     EXPECT_NEAR(left.m(r), whole.m(r), 1e-12);
-    EXPECT_LT(((left.o.row(r) / left.l(r)) - (whole.o.row(r) / whole.l(r))).cwiseAbs().maxCoeff(),
+    EXPECT_LT(((left.o.row(r) / left.l(r)) - (whole.o.row(r) / whole.l(r))).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
               1e-12);
-    EXPECT_LT(((empty.o.row(r) / empty.l(r)) - (whole.o.row(r) / whole.l(r))).cwiseAbs().maxCoeff(),
+    EXPECT_LT(((empty.o.row(r) / empty.l(r)) - (whole.o.row(r) / whole.l(r))).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
               1e-12);
   }
 }

@@ -9,6 +9,8 @@
 #include "kvcache/attention/reference.hpp"
 #include "kvcache/cache/block.hpp"
 #include "kvcache/cache/contiguous.hpp"
+#include "kvcache/cache/fixed.hpp"
+#include "kvcache/cache/sliding_window.hpp"
 #include "kvcache/memory.hpp"
 #include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
