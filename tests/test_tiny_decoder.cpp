@@ -71,6 +71,70 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(std::get<1>(info.param));
     });
 
+config small_gqa(Index seq_len) {
+  config cfg;
+  cfg.dim = 64;
+  cfg.hidden_dim = 128;
+  cfg.n_layers = 2;
+  cfg.n_heads = 8;
+  cfg.n_kv_heads = 2;
+  cfg.vocab_size = 97;
+  cfg.seq_len = seq_len;
+  return cfg;
+}
+
+// A sliding window cache computes the windowed model: the same tokens as recomputing the whole
+// sequence with the window and sinks mask, past the point where the ring wraps.
+TEST(Decoder, SlidingWindowCacheEqualsMaskedRecomputation) {
+  const config cfg = small_gqa(120);
+  const weights w = random_weights(cfg, 5);
+  const std::vector<int> prompt = {5, 17, 33, 2, 90, 41, 7, 7, 64, 11};
+  for (const auto& [window, sinks] : {std::pair<Index, Index>{16, 0}, {16, 4}, {1, 0}}) {
+    kvcache::attention_mask mask;
+    mask.window = window;
+    mask.sinks = sinks;
+    decoder<kvcache::sliding_window_cache<float>> dec(
+        cfg, w, kvcache::sliding_window_cache<float>(cfg.cache(), window, sinks), 2, mask);
+    const auto cached = generate(dec, prompt, 100, mode::cached, sampler());
+    const auto uncached = generate(dec, prompt, 100, mode::uncached, sampler());
+    EXPECT_EQ(cached.tokens, uncached.tokens) << "window " << window << " sinks " << sinks;
+    for (std::size_t s = 0; s < cached.logits.size(); ++s) {
+      ASSERT_LT((cached.logits[s] - uncached.logits[s]).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
+                logit_tolerance)
+          << "step " << s;
+    }
+    // Memory stays constant once the window is full.
+    EXPECT_EQ(cached.kv_bytes, kvcache::kv_cache_bytes(1, window + sinks, cfg.n_layers,
+                                                       cfg.n_kv_heads, cfg.head_dim(), 4));
+  }
+}
+
+// 16-bit caches are the f32 model up to storage rounding.
+TEST(Decoder, HalfPrecisionCachesStayClose) {
+  const config cfg = small_gqa(80);
+  const weights w = random_weights(cfg, 6);
+  const std::vector<int> prompt = {1, 2, 3, 4, 5, 6, 7, 8};
+  decoder<> f32(cfg, w);
+  const auto reference = generate(f32, prompt, 60, mode::cached, sampler());
+  auto check = [&](auto scalar, double tolerance) {
+    using S = decltype(scalar);
+    kvcache::contiguous_cache<S> cache(cfg.cache(), cfg.seq_len);
+    decoder<kvcache::contiguous_cache<S>> dec(cfg, w, std::move(cache), 1);
+    const auto r = generate(dec, prompt, 60, mode::cached, sampler(), {}, &reference.tokens);
+    double worst = 0;
+    for (std::size_t s = 0; s < r.logits.size(); ++s) {
+      worst = std::max(worst, double((r.logits[s] - reference.logits[s]).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>()));
+    }
+    EXPECT_LT(worst, tolerance) << kvcache::scalar_traits<S>::name;
+    EXPECT_GT(worst, 0.0) << "a 16-bit cache that matches f32 exactly is not storing 16 bits";
+    EXPECT_EQ(r.kv_bytes, reference.kv_bytes / 2);
+  };
+  // Logits are O(1); storage rounding of 2^-11 (f16) and 2^-8 (bf16) relative moves them by
+  // about that much times a few layers of amplification.
+  check(Eigen::half(), 0.02);
+  check(Eigen::bfloat16(), 0.15);
+}
+
 TEST(Decoder, TheCacheChangesTheWork) {
   // A decode step that ignored the cache would give the logits of the lone token; check the
   // cached step's logits differ from those and equal the full recomputation.
