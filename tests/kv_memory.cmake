@@ -2,7 +2,7 @@
 # The kv_memory calculator: its logic under GoogleTest, and the program run from the command line.
 add_executable(test_kv_memory ${CMAKE_CURRENT_LIST_DIR}/test_kv_memory.cpp)
 target_include_directories(test_kv_memory PRIVATE ${PROJECT_SOURCE_DIR}/examples)
-target_link_libraries(test_kv_memory PRIVATE kvcache::kvcache kvcache_warnings GTest::gtest_main)
+target_link_libraries(test_kv_memory PRIVATE kvcache::kvcache kvcache_warnings kvcache_native GTest::gtest_main)
 gtest_discover_tests(test_kv_memory DISCOVERY_TIMEOUT 60)
 
 # kv_memory_accepts(<name> <regex> <args>...): the program prints a match of <regex> and no
