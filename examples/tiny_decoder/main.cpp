@@ -4,8 +4,11 @@
 #include "generate.hpp"
 #include "llama2c.hpp"
 
+#include <kvcache/cache/quantized.hpp>
+
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -30,6 +33,12 @@ compares them.
   --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T)
   --top-p P           nucleus sampling: keep the most likely tokens up to mass P (default 0.9)
   --threads N         threads for attention (default 1)
+  --kv-type T         cache storage: f32 (default), f16, bf16, int8, int4; other than f32,
+                      also reports the logit difference and KL divergence against an f32 cache
+  --group N           int8/int4: elements per scale and zero point (default 32)
+  --residual N        int8/int4: newest tokens kept unquantized, a multiple of --group (default 0)
+  --window W          sliding-window cache of the last W tokens (f32, f16, bf16)
+  --sinks S           with --window: the first S tokens are kept too (attention sinks)
   --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
@@ -56,6 +65,9 @@ struct options {
   tiny::config cfg;
   bool seq_len_given = false;
   bool json = false;
+  std::string kv_type = "f32";
+  Index window = 0, sinks = 0;
+  Index group = 32, residual = 0;
 };
 
 Index parse_int(const std::string& flag, const std::string& value, Index min) {
@@ -118,6 +130,19 @@ options parse(int argc, char** argv) {
       if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) die("--top-p must be in (0, 1], got " + value);
     } else if (flag == "--threads") {
       o.threads = parse_int(flag, value, 1);
+    } else if (flag == "--kv-type") {
+      if (value != "f32" && value != "f16" && value != "bf16" && value != "int8" && value != "int4") {
+        die("--kv-type must be f32, f16, bf16, int8 or int4, got '" + value + "'");
+      }
+      o.kv_type = value;
+    } else if (flag == "--group") {
+      o.group = parse_int(flag, value, 1);
+    } else if (flag == "--residual") {
+      o.residual = parse_int(flag, value, 0);
+    } else if (flag == "--window") {
+      o.window = parse_int(flag, value, 1);
+    } else if (flag == "--sinks") {
+      o.sinks = parse_int(flag, value, 0);
     } else if (flag == "--checkpoint") {
       o.checkpoint = value;
     } else if (flag == "--tokenizer") {
@@ -142,6 +167,13 @@ options parse(int argc, char** argv) {
     }
   }
   if (o.prompt_text && !o.tokenizer_path) die("--prompt needs --tokenizer to turn text into tokens");
+  if (o.sinks > 0 && o.window == 0) die("--sinks needs --window");
+  if (o.window > 0 && o.sinks >= o.window) {
+    die("--sinks " + std::to_string(o.sinks) + " must be smaller than --window " + std::to_string(o.window));
+  }
+  if (o.window > 0 && (o.kv_type == "int8" || o.kv_type == "int4")) {
+    die("--window works with --kv-type f32, f16 or bf16, not " + o.kv_type);
+  }
   return o;
 }
 
@@ -177,6 +209,55 @@ mode_report summarize(tiny::run_result run) {
   return r;
 }
 
+// Generates through a decoder over `cache`, after a short warm-up run that pays first-touch
+// page faults and the workspace's first sizing.
+template <class Cache>
+tiny::run_result run_cached(const tiny::config& cfg, const tiny::weights& w, Cache cache,
+                            const options& o, const kvcache::attention_mask& mask,
+                            const std::vector<int>& prompt, const std::function<void(Index)>& progress,
+                            const std::vector<int>* forced) {
+  tiny::decoder<Cache> dec(cfg, w, std::move(cache), o.threads, mask);
+  tiny::generate(dec, prompt, std::min<Index>(o.gen, 2), tiny::mode::cached, tiny::sampler());
+  return tiny::generate(dec, prompt, o.gen, tiny::mode::cached,
+                        tiny::sampler(o.temperature, o.top_p, o.seed), progress, forced);
+}
+
+// The cached run with storage `kv_type`: a sliding window cache with --window, a contiguous
+// or quantized cache otherwise.
+tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg,
+                             const tiny::weights& w, const options& o,
+                             const kvcache::attention_mask& mask, const std::vector<int>& prompt,
+                             const std::function<void(Index)>& progress,
+                             const std::vector<int>* forced = nullptr) {
+  auto go = [&](auto cache) { return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced); };
+  if (o.window > 0) {
+    if (kv_type == "f16") return go(kvcache::sliding_window_cache<Eigen::half>(cfg.cache(), o.window, o.sinks));
+    if (kv_type == "bf16") return go(kvcache::sliding_window_cache<Eigen::bfloat16>(cfg.cache(), o.window, o.sinks));
+    return go(kvcache::sliding_window_cache<float>(cfg.cache(), o.window, o.sinks));
+  }
+  auto contiguous = [&](auto scalar) {
+    kvcache::contiguous_cache<decltype(scalar)> cache(cfg.cache(), cfg.seq_len);
+    cache.reserve(cfg.seq_len);
+    return go(std::move(cache));
+  };
+  if (kv_type == "f16") return contiguous(Eigen::half());
+  if (kv_type == "bf16") return contiguous(Eigen::bfloat16());
+  if (kv_type == "int8") return go(kvcache::quantized_cache<8>(cfg.cache(), o.group, o.residual));
+  if (kv_type == "int4") return go(kvcache::quantized_cache<4>(cfg.cache(), o.group, o.residual));
+  return contiguous(float());
+}
+
+// KL(p || q) of the softmax distributions of two logit vectors, in nats.
+double kl_divergence(const tiny::vector& p_logits, const tiny::vector& q_logits) {
+  const Eigen::ArrayXd p = p_logits.cast<double>().array(), q = q_logits.cast<double>().array();
+  const Eigen::ArrayXd lp = p - (p.maxCoeff() + std::log((p - p.maxCoeff()).exp().sum()));
+  const Eigen::ArrayXd lq = q - (q.maxCoeff() + std::log((q - q.maxCoeff()).exp().sum()));
+  return (lp.exp() * (lp - lq)).sum();
+}
+
+// Bytes per element of a full-precision kv type.
+Index element_bytes(const std::string& kv_type) { return kv_type == "f32" ? 4 : 2; }
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -210,35 +291,66 @@ int main(int argc, char** argv) {
     cfg.validate();
     if (!o.checkpoint) w = tiny::random_weights(cfg, o.seed);
 
-    tiny::decoder<> dec(cfg, w, o.threads);
-    // Warm-up: first-touch page faults and the attention workspace's first sizing are paid
-    // here, not by whichever mode runs first.
-    for (const auto m : {tiny::mode::cached, tiny::mode::uncached}) {
-      tiny::generate(dec, prompt, std::min<Index>(o.gen, 2), m, tiny::sampler());
-    }
+    kvcache::attention_mask mask;  // what the uncached run attends with: the same model
+    mask.window = o.window;
+    mask.sinks = o.sinks;
     const bool tty = isatty(2) != 0 && !o.json;
-    std::optional<mode_report> cached, uncached;
-    for (const auto m : {tiny::mode::cached, tiny::mode::uncached}) {
-      const bool want = o.mode == "compare" || (o.mode == "cached") == (m == tiny::mode::cached);
-      if (!want) continue;
-      const char* name = m == tiny::mode::cached ? "cached" : "uncached";
+    auto progress_for = [&](const char* name) {
       const auto start = std::chrono::steady_clock::now();
-      auto progress = [&](Index done) {
+      return [=, &o](Index done) {
         if (!tty || (done % 16 != 0 && done != o.gen)) return;
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         std::fprintf(stderr, "\r[%s] %td/%td tokens, %.1f tokens/s   ", name, done, o.gen,
                      double(done) / std::max(s, 1e-9));
         if (done == o.gen) std::fprintf(stderr, "\r%60s\r", "");
       };
-      auto report = summarize(tiny::generate(dec, prompt, o.gen, m,
-                                             tiny::sampler(o.temperature, o.top_p, o.seed), progress));
-      (m == tiny::mode::cached ? cached : uncached) = std::move(report);
+    };
+    std::optional<mode_report> cached, uncached;
+    if (o.mode != "uncached") {
+      cached = summarize(run_kv_type(o.kv_type, cfg, w, o, mask, prompt, progress_for("cached")));
+    }
+    if (o.mode != "cached") {
+      // The uncached run keeps no cache; the decoder's own is never written.
+      tiny::decoder<> dec(cfg, w, kvcache::contiguous_cache<float>(cfg.cache()), o.threads, mask);
+      tiny::generate(dec, prompt, std::min<Index>(o.gen, 2), tiny::mode::uncached, tiny::sampler());
+      uncached = summarize(tiny::generate(dec, prompt, o.gen, tiny::mode::uncached,
+                                          tiny::sampler(o.temperature, o.top_p, o.seed),
+                                          progress_for("uncached"), nullptr));
+    }
+    // Against an f32 cache of the same kind: the f32 run's own tokens are fed to both, so the
+    // distributions are compared step by step on one sequence.
+    struct versus_f32 {
+      double max_abs_logit_diff = 0, mean_kl = 0;
+      bool greedy_tokens_same = true;
+    } vs;
+    if (cached && o.kv_type != "f32") {
+      const auto reference = run_kv_type("f32", cfg, w, o, mask, prompt, {});
+      const auto forced = run_kv_type(o.kv_type, cfg, w, o, mask, prompt, {}, &reference.tokens);
+      for (std::size_t s = 0; s < reference.logits.size(); ++s) {
+        vs.max_abs_logit_diff = std::max(
+            vs.max_abs_logit_diff, double((forced.logits[s] - reference.logits[s]).cwiseAbs().maxCoeff()));
+        vs.mean_kl += kl_divergence(reference.logits[s], forced.logits[s]);
+      }
+      vs.mean_kl /= double(reference.logits.size());
+      vs.greedy_tokens_same = cached->run.tokens == reference.tokens;
     }
 
-    const Index formula_bytes =
-        cached ? Index(kvcache::kv_cache_bytes(1, cached->run.tokens_cached, cfg.n_layers, cfg.n_kv_heads,
-                                               cfg.head_dim(), sizeof(float)))
-               : 0;
+    // What the formula says the cache holds: every token that went through it (at most
+    // window + sinks with a window), at the storage's bytes per element, scales included.
+    Index formula_bytes = 0;
+    if (cached) {
+      const Index held = o.window > 0 ? std::min(cached->run.tokens_cached, o.window + o.sinks)
+                                      : cached->run.tokens_cached;
+      if (o.kv_type == "int8" || o.kv_type == "int4") {
+        const auto dtype = o.kv_type == "int8" ? kvcache::kv_dtype::int8(int(o.group))
+                                               : kvcache::kv_dtype::int4(int(o.group));
+        formula_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
+                                                      cfg.head_dim(), dtype));
+      } else {
+        formula_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
+                                                      cfg.head_dim(), element_bytes(o.kv_type)));
+      }
+    }
     bool identical = false;
     double max_diff = 0;
     double speedup = 0;
@@ -267,7 +379,9 @@ int main(int argc, char** argv) {
          << ",\"vocab_size\":" << cfg.vocab_size << ",\"seq_len\":" << cfg.seq_len
          << ",\"weights\":\"" << (o.checkpoint ? json_escape(*o.checkpoint) : "random") << "\"}"
          << ",\"prompt_len\":" << prompt.size() << ",\"gen\":" << o.gen << ",\"threads\":" << o.threads
-         << ",\"kv_type\":\"f32\",\"modes\":{";
+         << ",\"kv_type\":\"" << o.kv_type << "\",\"window\":" << o.window
+         << ",\"sinks\":" << o.sinks << ",\"kv_bytes\":" << (cached ? cached->run.kv_bytes : 0)
+         << ",\"modes\":{";
       bool first = true;
       for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
         if (r == nullptr) continue;
@@ -284,6 +398,11 @@ int main(int argc, char** argv) {
         first = false;
       }
       js << "},\"kv_bytes_formula\":" << formula_bytes;
+      if (cached) {
+        js << ",\"vs_f32_cache\":{\"max_abs_logit_diff\":" << vs.max_abs_logit_diff
+           << ",\"mean_kl\":" << vs.mean_kl
+           << ",\"greedy_tokens_same\":" << (vs.greedy_tokens_same ? "true" : "false") << "}";
+      }
       if (cached && uncached) {
         js << ",\"identical_tokens\":" << (identical ? "true" : "false")
            << ",\"max_abs_logit_diff\":" << max_diff << ",\"speedup\":" << speedup;
@@ -306,9 +425,12 @@ int main(int argc, char** argv) {
                   is_cached ? "cached" : "uncached", r->run.prefill_ms, r->decode_median_ms,
                   r->decode_p90_ms, r->tokens_per_s);
       if (is_cached) {
-        std::printf("          KV cache: %td bytes for %td tokens (formula 2 x %td x %td layers x %td kv heads x %td x 4 B = %td)\n",
-                    r->run.kv_bytes, r->run.tokens_cached, r->run.tokens_cached, cfg.n_layers,
-                    cfg.n_kv_heads, cfg.head_dim(), formula_bytes);
+        std::printf("          KV cache (%s%s): %td bytes after %td tokens; the formula says %td\n",
+                    o.kv_type.c_str(),
+                    o.window > 0 ? (", window " + std::to_string(o.window) + " + " +
+                                    std::to_string(o.sinks) + " sinks").c_str()
+                                 : "",
+                    r->run.kv_bytes, r->run.tokens_cached, formula_bytes);
       } else {
         std::printf("          no cache: every step recomputes K and V of all earlier tokens\n");
       }
@@ -323,7 +445,14 @@ int main(int argc, char** argv) {
                   identical ? "yes" : "NO", cached->run.logits.size(), max_diff);
       std::printf("speedup (uncached / cached decode time per token, medians): %.1fx\n", speedup);
     }
-    return cached && uncached && !identical ? 1 : 0;
+    if (cached && o.kv_type != "f32") {
+      std::printf("against an f32 cache: largest |logit difference| %.3g, mean KL divergence %.3g "
+                  "nats, greedy tokens %s\n",
+                  vs.max_abs_logit_diff, vs.mean_kl, vs.greedy_tokens_same ? "the same" : "differ");
+    }
+    // With a full-precision f32 cache both modes compute the same thing: different tokens
+    // are a failure. Lower precision may legitimately change them.
+    return cached && uncached && o.kv_type == "f32" && !identical ? 1 : 0;
   } catch (const std::exception& e) {
     std::cerr << "tiny_decoder: error: " << e.what() << "\n";
     return 1;

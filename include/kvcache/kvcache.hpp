@@ -10,6 +10,7 @@
 #include "kvcache/cache/block.hpp"
 #include "kvcache/cache/contiguous.hpp"
 #include "kvcache/cache/fixed.hpp"
+#include "kvcache/cache/quantized.hpp"
 #include "kvcache/cache/sliding_window.hpp"
 #include "kvcache/memory.hpp"
 #include "kvcache/rope.hpp"

@@ -1,0 +1,644 @@
+// SPDX-License-Identifier: Apache-2.0
+// Attention over blocks of int8/int4 codes with group scales: dequantized in registers.
+#pragma once
+
+#include "kvcache/attention/kernel.hpp"
+#include "kvcache/attention/micro_kernel.hpp"
+#include "kvcache/cache/block.hpp"
+#include "kvcache/detail/assert.hpp"
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#if defined(__SSE2__) || defined(__AVX__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace kvcache {
+
+/// The storage scalar of a quantized cache's view: `Bits`-bit codes (8 or 4) with an fp16
+/// scale and zero point per group. Never stored as such; it names the format to the attention
+/// drivers, which run its arithmetic in float.
+template <int Bits>
+struct quantized_code {
+  static_assert(Bits == 8 || Bits == 4, "kvcache: quantized codes have 8 or 4 bits");
+};
+
+template <>
+struct scalar_traits<quantized_code<8>> {
+  using compute = float;
+  static constexpr const char* name = "int8";
+};
+
+template <>
+struct scalar_traits<quantized_code<4>> {
+  using compute = float;
+  static constexpr const char* name = "int4";
+};
+
+namespace detail {
+
+/// A block of a quantized cache's view for one kv head: either a run of quantized tokens
+/// (`quantized`) or a run of full-precision tokens (`residual`). Quantized keys have a scale
+/// and zero point per channel and group of `group` tokens, values per token and group of
+/// `group` channels; a key or value element is `scale * code + zero`. The quantized run
+/// starts at a group boundary of the keys. Non-owning, trivially copyable.
+template <int Bits>
+struct quantized_block {
+  Index tokens = 0;
+  bool quantized = false;
+  Index group = 0;
+  const std::uint8_t* key_codes = nullptr;    // [token][head_dim * Bits / 8]
+  const std::uint8_t* value_codes = nullptr;  // [token][head_dim * Bits / 8]
+  const Eigen::half* key_scales = nullptr;    // [token / group][head_dim]
+  const Eigen::half* key_zeros = nullptr;     // [token / group][head_dim]
+  const Eigen::half* value_scales = nullptr;  // [token][head_dim / group]
+  const Eigen::half* value_zeros = nullptr;   // [token][head_dim / group]
+  kv_block<float> residual;                   // when !quantized
+};
+
+/// Bytes of one token's codes for one kv head.
+template <int Bits>
+constexpr Index code_row_bytes(Index head_dim) noexcept {
+  return head_dim * Bits / 8;
+}
+
+/// The code of channel `x` of a row of codes; int4 holds two per byte, the even channel in
+/// the low nibble.
+template <int Bits>
+inline int code_at(const std::uint8_t* row, Index x) noexcept {
+  if constexpr (Bits == 8) {
+    return row[x];
+  } else {
+    return (row[x / 2] >> (4 * (x & 1))) & 0x0F;
+  }
+}
+
+// Loads the codes of channels [x, x + width) of a row as one float packet, converting in
+// registers: int8 bytes zero-extended to int32 lanes, then converted to float; int4 nibbles
+// moved one per lane, then looked up in a 16-entry table (AVX-512) or split, interleaved and
+// converted like bytes. Scalar where the target has no such instructions.
+template <class T, int Bits>
+struct code_loader {
+  static_assert(std::is_same_v<T, float>, "kvcache: codes load as float");
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+
+  static packet load(const std::uint8_t* row, Index x) {
+#if defined(__AVX512F__)
+    if constexpr (width == 16) {
+      if constexpr (Bits == 8) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + x));
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+      } else {
+        return lookup(row, x, _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+      }
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (width == 8) {
+      if constexpr (Bits == 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + x));
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+      } else {
+        std::int32_t bits = 0;
+        std::memcpy(&bits, row + x / 2, 4);
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(split_nibbles(_mm_cvtsi32_si128(bits))));
+      }
+    }
+#endif
+#if defined(__SSE2__)
+    if constexpr (width == 4) {
+      __m128i b;
+      if constexpr (Bits == 8) {
+        std::int32_t bits = 0;
+        std::memcpy(&bits, row + x, 4);
+        b = _mm_cvtsi32_si128(bits);
+      } else {
+        std::uint16_t bits = 0;
+        std::memcpy(&bits, row + x / 2, 2);
+        b = split_nibbles(_mm_cvtsi32_si128(bits));
+      }
+      const __m128i zero = _mm_setzero_si128();
+      return _mm_cvtepi32_ps(_mm_unpacklo_epi16(_mm_unpacklo_epi8(b, zero), zero));
+    }
+#endif
+    alignas(64) T buf[width];
+    for (Index i = 0; i < width; ++i) buf[i] = T(code_at<Bits>(row, x + i));
+    return Eigen::internal::pload<packet>(buf);
+  }
+
+  // Whether int4 codes dequantize by table: lookup(row, x, table(scale, zero)) is
+  // scale * load(row, x) + zero, one 16-entry permute per packet instead of a conversion and
+  // a multiply-add; the table is built once per group.
+  static constexpr bool by_table =
+#if defined(__AVX512F__)
+      Bits == 4 && width == 16;
+#else
+      false;
+#endif
+
+  // The 16 values scale * c + zero, c = 0..15, as one packet.
+  static packet table(T scale, T zero) {
+    using namespace Eigen::internal;
+    return pmadd(pset1<packet>(scale), plset<packet>(T(0)), pset1<packet>(zero));
+  }
+
+#if defined(__AVX512F__)
+  // table[code] for the int4 codes of channels [x, x + 16) of a row.
+  static packet lookup(const std::uint8_t* row, Index x, const packet& table) {
+    static_assert(Bits == 4 && width == 16, "kvcache: table lookup is for int4 packets of 16");
+#if defined(__AVX512VBMI__)
+    std::int64_t bits = 0;
+    std::memcpy(&bits, row + x / 2, 8);
+    // Lane i takes the byte at bit 4i of the 8 bytes: code i in its low 4 bits.
+    const __m512i at_bit = _mm512_setr_epi64(
+        0ll | (4ll << 32), 8ll | (12ll << 32), 16ll | (20ll << 32), 24ll | (28ll << 32),
+        32ll | (36ll << 32), 40ll | (44ll << 32), 48ll | (52ll << 32), 56ll | (60ll << 32));
+    const __m512i lanes = _mm512_multishift_epi64_epi8(at_bit, _mm512_set1_epi64(bits));
+#else
+    // Byte 2j takes byte j, byte 2j+1 byte j shifted down a nibble; then one per lane.
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + x / 2));
+    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4)));
+#endif
+    // vpermps reads only the low 4 bits of each lane: the code.
+    return _mm512_permutexvar_ps(lanes, table);
+  }
+#endif
+
+#if defined(__SSE2__)
+  // Bytes b0 b1 ... (two codes each) to bytes lo(b0) hi(b0) lo(b1) hi(b1) ...: codes in
+  // channel order, from the low half of `b`.
+  static __m128i split_nibbles(__m128i b) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(b, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    return _mm_unpacklo_epi8(lo, hi);
+  }
+#endif
+};
+
+// Whether the register-resident kernels below take a head_dim of `d` and a group of `g`: d is
+// 1, 2, 4, 8 or 16 float packets, and g a whole number of packets.
+template <class T>
+bool quantized_fixed_fits(Index d, Index g) {
+  constexpr Index width = code_loader<T, 8>::width;
+  if (d % width != 0 || g % width != 0) return false;
+  const Index c = d / width;
+  return (c == 1 || c == 2 || c == 4 || c == 8 || c == 16) && c % (g / width) == 0;
+}
+
+// Calls f(std::integral_constant<int, P>{}) for P = `packets` when P divides C.
+template <int C, int P, class F>
+bool call_with_packets(F& f) {
+  if constexpr (C % P == 0) {
+    f(std::integral_constant<int, P>{});
+    return true;
+  } else {
+    return false;
+  }
+}
+
+template <int C, class F>
+bool with_group_packets(Index packets, F&& f) {
+  switch (packets) {
+    case 1: return call_with_packets<C, 1>(f);
+    case 2: return call_with_packets<C, 2>(f);
+    case 4: return call_with_packets<C, 4>(f);
+    case 8: return call_with_packets<C, 8>(f);
+    case 16: return call_with_packets<C, 16>(f);
+    default: return false;
+  }
+}
+
+// Asks for the cache line `bytes` past `p` ahead of use: a hint, which never faults, so it
+// may point past the end of a buffer (the address is formed as an integer for that reason).
+inline void prefetch_ahead(const void* p, Index bytes) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(
+      reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes)));
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// How far ahead the kernels below prefetch codes: 4 KiB per stream (32 tokens of int8 codes
+// at head_dim 128, 64 of int4), which measured best for both at 32k tokens from DRAM.
+inline constexpr Index code_prefetch_bytes = 4096;
+
+// The sums of the lanes of four packets, plus `bias`: out[i] = bias + sum of the lanes of the
+// i-th packet.
+template <class Packet>
+EIGEN_ALWAYS_INLINE void lane_sums4(const Packet& a, const Packet& b, const Packet& c,
+                                 const Packet& d, float bias, float* out) {
+  using namespace Eigen::internal;
+  [[maybe_unused]] constexpr Index width = unpacket_traits<Packet>::size;
+#if defined(__AVX512F__)
+  if constexpr (width == 16) {
+    // Halve the width twice, pairing packets so that each step is one add of two shuffles:
+    // [a | b] by 256-bit halves, then [a | b | c | d] by 128-bit quarters.
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    // Transpose the four quarters' 4 x 4 partial sums and add the rows.
+    const __m512 t = _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), x);
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    _mm_storeu_ps(out, _mm_add_ps(sums, _mm_set1_ps(bias)));
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (width == 8) {
+    const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    _mm_storeu_ps(out, _mm_add_ps(sums, _mm_set1_ps(bias)));
+    return;
+  }
+#endif
+  out[0] = bias + predux(a);
+  out[1] = bias + predux(b);
+  out[2] = bias + predux(c);
+  out[3] = bias + predux(d);
+}
+
+#if defined(__AVX512F__)
+// For 4 rows x 4 tokens of packets of 16: s[r][u] = bias[r] + sum of the lanes of acc[r][u]
+// (rows of s `s_stride` apart). A tree of 45 shuffles and adds instead of 16 separate
+// reductions: each level adds pairs of packets after shuffling halves of their partial sums
+// against each other, halving the lanes per sum.
+EIGEN_ALWAYS_INLINE void lane_sums16(const __m512 (&acc)[4][4], const float* bias, float* s,
+                                     Index s_stride) {
+  // Level 1 of acc[r][u], input i = 4u + r: 16 lanes per sum to 8.
+  __m512 z[8];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = acc[(2 * i) % 4][(2 * i) / 4], b = acc[(2 * i + 1) % 4][(2 * i + 1) / 4];
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  __m512 w[4];  // 8 lanes to 4
+  for (int i = 0; i < 4; ++i) {
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(z[2 * i], z[2 * i + 1], 0xDD));
+  }
+  __m512 v[2];  // 4 lanes to 2
+  for (int i = 0; i < 2; ++i) {
+    v[i] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * i], w[2 * i + 1]),
+                         _mm512_unpackhi_ps(w[2 * i], w[2 * i + 1]));
+  }
+  // 2 lanes to 1: lane 4r + u holds the sum of input 4u + r, that is acc[r][u].
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(v[0]), _mm512_castps_pd(v[1]));
+  const __m512 biases = _mm512_setr_ps(bias[0], bias[0], bias[0], bias[0], bias[1], bias[1],
+                                       bias[1], bias[1], bias[2], bias[2], bias[2], bias[2],
+                                       bias[3], bias[3], bias[3], bias[3]);
+  const __m512 sums =
+      _mm512_add_ps(_mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi)), biases);
+  _mm_storeu_ps(s, _mm512_castps512_ps128(sums));
+  _mm_storeu_ps(s + s_stride, _mm512_extractf32x4_ps(sums, 1));
+  _mm_storeu_ps(s + 2 * s_stride, _mm512_extractf32x4_ps(sums, 2));
+  _mm_storeu_ps(s + 3 * s_stride, _mm512_extractf32x4_ps(sums, 3));
+}
+#endif
+
+// For a head_dim of exactly C float packets: decode's few query rows against quantized codes,
+// read straight from storage and converted in registers. Scales and zero points are folded
+// in per group, not per element:
+//   keys, a group of tokens (scale, zero per channel):   q . k_t = (q o scale) . c_t + q . zero
+//   values, a token (scale, zero per group of channels): v_t = scale_t * c_t + zero_t
+// Keys: rows' q o scale sit in L1 and blocks of 4 tokens accumulate in registers, so a code
+// packet is converted once for up to 4 rows and 4 scores are reduced together. Values: the
+// outputs of every row stay in registers for a run of channels, so a code packet is converted
+// and dequantized once for all rows. Per token and row: C + C fused multiply-adds.
+template <class T, int Bits, int C>
+struct quantized_fixed_kernel {
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  using codes = code_loader<T, Bits>;
+  using halves = widen<T, Eigen::half>;
+  static constexpr Index width = codes::width;
+  static constexpr Index dim = C * width;
+  static constexpr Index row_bytes = code_row_bytes<Bits>(dim);
+  // Rows of a key pass: 4 rows x 4 tokens of accumulators take half the vector registers.
+  static constexpr int key_rows = 4;
+  static constexpr int key_tokens = 4;
+
+  // s[r][t - a] = q_r . k_t for R rows and the tokens [a, b) of one key group.
+  template <int R>
+  static void scores_pass(const T* q, Index q_stride, const quantized_block<Bits>& blk,
+                          Index a, Index b, T* s, Index s_stride) {
+    using namespace Eigen::internal;
+    const Eigen::half* scale = blk.key_scales + (a / blk.group) * dim;
+    const Eigen::half* zero = blk.key_zeros + (a / blk.group) * dim;
+    for (Index i = 0; i < dim; i += 32) {  // the next group's, 32 halves a line
+      prefetch_ahead(scale, 2 * (dim + i));
+      prefetch_ahead(zero, 2 * (dim + i));
+    }
+    alignas(64) T qs[R][dim];  // q o scale
+    packet bias_acc[R];
+    for (int r = 0; r < R; ++r) bias_acc[r] = pset1<packet>(T(0));
+    for (int c = 0; c < C; ++c) {
+      const packet sc = halves::load(scale + c * width);
+      const packet zc = halves::load(zero + c * width);
+      for (int r = 0; r < R; ++r) {
+        const packet qc = ploadu<packet>(q + r * q_stride + c * width);
+        pstore(qs[r] + c * width, pmul(qc, sc));
+        bias_acc[r] = pmadd(qc, zc, bias_acc[r]);
+      }
+    }
+    T bias[R];
+    for (int r = 0; r < R; ++r) bias[r] = predux(bias_acc[r]);
+    Index t = a;
+    for (; t + key_tokens <= b; t += key_tokens) {
+      const std::uint8_t* kt = blk.key_codes + t * row_bytes;
+      for (Index line = 0; line < key_tokens * row_bytes; line += 64) {
+        prefetch_ahead(kt, code_prefetch_bytes + line);
+      }
+      // Packets outer, tokens inner: R x 4 independent sums in flight, and each packet of
+      // q o scale loaded once for the 4 tokens.
+      packet acc[R][key_tokens];
+      for (int u = 0; u < key_tokens; ++u) {
+        const packet k0 = codes::load(kt + u * row_bytes, 0);
+        for (int r = 0; r < R; ++r) acc[r][u] = pmul(pload<packet>(qs[r]), k0);
+      }
+      for (int c = 1; c < C; ++c) {
+        packet qc[R];
+        for (int r = 0; r < R; ++r) qc[r] = pload<packet>(qs[r] + c * width);
+        for (int u = 0; u < key_tokens; ++u) {
+          const packet kc = codes::load(kt + u * row_bytes, c * width);
+          for (int r = 0; r < R; ++r) acc[r][u] = pmadd(qc[r], kc, acc[r][u]);
+        }
+      }
+#if defined(__AVX512F__)
+      if constexpr (R == 4 && width == 16) {
+        lane_sums16(acc, bias, s + (t - a), s_stride);
+        continue;
+      }
+#endif
+      for (int r = 0; r < R; ++r) {
+        lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], bias[r],
+                   s + r * s_stride + (t - a));
+      }
+    }
+    for (; t < b; ++t) {
+      const std::uint8_t* kt = blk.key_codes + t * row_bytes;
+      packet acc[R];
+      const packet k0 = codes::load(kt, 0);
+      for (int r = 0; r < R; ++r) acc[r] = pmul(pload<packet>(qs[r]), k0);
+      for (int c = 1; c < C; ++c) {
+        const packet kc = codes::load(kt, c * width);
+        for (int r = 0; r < R; ++r) acc[r] = pmadd(pload<packet>(qs[r] + c * width), kc, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) s[r * s_stride + (t - a)] = predux(acc[r]) + bias[r];
+    }
+  }
+
+  // Scores of `rows` rows for the tokens [t0, t0 + n), written to columns 0..n-1 of s.
+  static void scores(const T* q, Index q_stride, Index rows, const quantized_block<Bits>& blk,
+                     Index t0, Index n, T* s, Index s_stride) {
+    for (Index a = t0; a < t0 + n;) {
+      const Index b = std::min(t0 + n, (a / blk.group + 1) * blk.group);
+      T* sa = s + (a - t0);
+      Index r = 0;
+      for (; r + key_rows <= rows; r += key_rows) {
+        scores_pass<key_rows>(q + r * q_stride, q_stride, blk, a, b, sa + r * s_stride, s_stride);
+      }
+      const T* qr = q + r * q_stride;
+      T* sr = sa + r * s_stride;
+      switch (rows - r) {
+        case 1: scores_pass<1>(qr, q_stride, blk, a, b, sr, s_stride); break;
+        case 2: scores_pass<2>(qr, q_stride, blk, a, b, sr, s_stride); break;
+        case 3: scores_pass<3>(qr, q_stride, blk, a, b, sr, s_stride); break;
+        default: break;
+      }
+      a = b;
+    }
+  }
+
+  // The packets [C0, C0 + CC) of o_r += sum over t in [0, n) of p[r][t] * v_{t0 + t} for R
+  // rows, value groups of P packets. `scale` and `zero` are the n tokens' scales and zero
+  // points as T, [t][group]. The first run of packets prefetches the codes.
+  template <int R, int P, int C0, int CC>
+  static void accumulate_packets(const T* p, Index p_stride, const quantized_block<Bits>& blk,
+                                 Index t0, Index n, const T* scale, const T* zero, T* o,
+                                 Index o_stride) {
+    using namespace Eigen::internal;
+    constexpr int groups = C / P;
+    packet acc[R][CC];
+    for (int r = 0; r < R; ++r) {
+      for (int cc = 0; cc < CC; ++cc) acc[r][cc] = ploadu<packet>(o + r * o_stride + (C0 + cc) * width);
+    }
+    const std::uint8_t* vt = blk.value_codes + t0 * row_bytes;
+    for (Index t = 0; t < n; ++t, vt += row_bytes) {
+      if constexpr (C0 == 0) {
+        for (Index line = 0; line < row_bytes; line += 64) {
+          prefetch_ahead(vt, code_prefetch_bytes + line);
+        }
+      }
+      packet w[R];
+      for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
+      [[maybe_unused]] packet table;
+      for (int cc = 0; cc < CC; ++cc) {
+        const int c = C0 + cc;
+        const T sc = scale[t * groups + c / P], zc = zero[t * groups + c / P];
+        packet v;
+        if constexpr (codes::by_table) {
+          if (cc == 0 || c % P == 0) table = codes::table(sc, zc);
+          v = codes::lookup(vt, c * width, table);
+        } else {
+          v = pmadd(pset1<packet>(sc), codes::load(vt, c * width), pset1<packet>(zc));
+        }
+        for (int r = 0; r < R; ++r) acc[r][cc] = pmadd(w[r], v, acc[r][cc]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int cc = 0; cc < CC; ++cc) pstoreu(o + r * o_stride + (C0 + cc) * width, acc[r][cc]);
+    }
+  }
+
+  // o_r += sum over t in [0, n) of p[r][t] * v_{t0 + t} for R rows, in runs of packets whose
+  // R x CC accumulators take half the vector registers.
+  template <int R, int P>
+  static void accumulate_rows(const T* p, Index p_stride, const quantized_block<Bits>& blk,
+                              Index t0, Index n, const T* scale, const T* zero, T* o,
+                              Index o_stride) {
+    constexpr int CC = std::min(C, std::max(1, 16 / R));
+    accumulate_runs<R, P, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride,
+                              std::make_integer_sequence<int, C / CC>{});
+  }
+
+  template <int R, int P, int CC, int... Run>
+  static void accumulate_runs(const T* p, Index p_stride, const quantized_block<Bits>& blk,
+                              Index t0, Index n, const T* scale, const T* zero, T* o,
+                              Index o_stride, std::integer_sequence<int, Run...>) {
+    (accumulate_packets<R, P, Run * CC, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride),
+     ...);
+  }
+
+  // o_r += sum over t in [t0, t0 + n) of p[r][t - t0] * v_t for `rows` rows (at most
+  // micro_kernel_rows); `scratch` holds 2 * n * C / P values of T.
+  template <int P>
+  static void accumulate(const T* p, Index p_stride, Index rows,
+                         const quantized_block<Bits>& blk, Index t0, Index n, T* o,
+                         Index o_stride, T* scratch) {
+    constexpr Index groups = C / P;
+    // The next tile's scales and zero points, 32 halves a line: small streams the codes'
+    // prefetch does not cover.
+    for (Index i = 0; i < n * groups; i += 32) {
+      prefetch_ahead(blk.value_scales, 2 * ((t0 + n) * groups + i));
+      prefetch_ahead(blk.value_zeros, 2 * ((t0 + n) * groups + i));
+    }
+    T* scale = scratch;
+    T* zero = scratch + n * groups;
+    convert(blk.value_scales + t0 * groups, n * groups, scale);
+    convert(blk.value_zeros + t0 * groups, n * groups, zero);
+    switch (rows) {
+      case 1: accumulate_rows<1, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 2: accumulate_rows<2, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 3: accumulate_rows<3, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 4: accumulate_rows<4, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 5: accumulate_rows<5, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 6: accumulate_rows<6, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 7: accumulate_rows<7, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      default:
+        KVCACHE_ASSERT(rows == 8);
+        accumulate_rows<8, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride);
+        break;
+    }
+  }
+
+  // dst[i] = src[i] for i < count, fp16 to T.
+  static void convert(const Eigen::half* src, Index count, T* dst) {
+    const Index vectorized = count - count % width;
+    for (Index i = 0; i < vectorized; i += width) {
+      Eigen::internal::pstoreu(dst + i, halves::load(src + i));
+    }
+    for (Index i = vectorized; i < count; ++i) dst[i] = T(src[i]);
+  }
+};
+
+// Keys [t0, t0 + n) of a quantized block, dequantized into the first n rows of `tile` (one
+// tile in cache, for the general paths; never the whole cache).
+template <class T, int Bits>
+void dequantize_key_tile(const quantized_block<Bits>& blk, Index t0, Index n, Index d,
+                         row_matrix<T>& tile) {
+  using namespace Eigen::internal;
+  using codes_of = code_loader<T, Bits>;
+  using halves = widen<T, Eigen::half>;
+  constexpr Index width = codes_of::width;
+  const Index dv = d - d % width, row_bytes = code_row_bytes<Bits>(d);
+  for (Index t = 0; t < n; ++t) {
+    const Index token = t0 + t;
+    const std::uint8_t* codes = blk.key_codes + token * row_bytes;
+    const Eigen::half* scale = blk.key_scales + (token / blk.group) * d;
+    const Eigen::half* zero = blk.key_zeros + (token / blk.group) * d;
+    T* dst = tile.data() + t * tile.cols();
+    for (Index x = 0; x < dv; x += width) {
+      pstoreu(dst + x, pmadd(halves::load(scale + x), codes_of::load(codes, x),
+                             halves::load(zero + x)));
+    }
+    for (Index x = dv; x < d; ++x) {
+      dst[x] = T(scale[x]) * T(code_at<Bits>(codes, x)) + T(zero[x]);
+    }
+  }
+}
+
+// Values [t0, t0 + n) of a quantized block, dequantized into the first n rows of `tile`.
+template <class T, int Bits>
+void dequantize_value_tile(const quantized_block<Bits>& blk, Index t0, Index n, Index d,
+                           row_matrix<T>& tile) {
+  using namespace Eigen::internal;
+  using codes_of = code_loader<T, Bits>;
+  using packet = typename codes_of::packet;
+  constexpr Index width = codes_of::width;
+  const Index g = blk.group, groups = d / g, row_bytes = code_row_bytes<Bits>(d);
+  const Index gv = g - g % width;
+  for (Index t = 0; t < n; ++t) {
+    const Index token = t0 + t;
+    const std::uint8_t* codes = blk.value_codes + token * row_bytes;
+    T* dst = tile.data() + t * tile.cols();
+    for (Index j = 0; j < groups; ++j) {
+      const T sj = T(blk.value_scales[token * groups + j]);
+      const T zj = T(blk.value_zeros[token * groups + j]);
+      const packet sp = pset1<packet>(sj), zp = pset1<packet>(zj);
+      for (Index x = j * g; x < j * g + gv; x += width) {
+        pstoreu(dst + x, pmadd(sp, codes_of::load(codes, x), zp));
+      }
+      for (Index x = j * g + gv; x < (j + 1) * g; ++x) {
+        dst[x] = sj * T(code_at<Bits>(codes, x)) + zj;
+      }
+    }
+  }
+}
+
+// attend_block for the blocks of a quantized cache's view (see kernel.hpp's overload for
+// plain blocks; the arguments mean the same). Residual blocks take the plain kernel. Quantized
+// decode with a common head_dim reads the codes directly (quantized_fixed_kernel); other head
+// dims and prefill's many rows dequantize one tile at a time into the workspace's k and v
+// tiles, which the drivers size because this format is not stored as float.
+template <class T, int Bits>
+void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index offset, Index d,
+                  Index rows, const Index* row_pos, Index tile,
+                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
+  static_assert(std::is_same_v<T, float>, "kvcache: quantized caches compute in float");
+  if (!blk.quantized) {
+    attend_block<T>(blk.residual, lo, hi, offset, d, rows, row_pos, tile, ws, st);
+    return;
+  }
+  KVCACHE_ASSERT(blk.group > 0 && d % blk.group == 0);
+  // The drivers size k and v as tile x head_dim (the format is not float); the fixed
+  // kernels keep the tile's value scales and zero points in v.
+  KVCACHE_ASSERT(ws.k.rows() >= std::min(tile, hi - lo) && ws.k.cols() >= d);
+  KVCACHE_ASSERT(ws.v.rows() >= std::min(tile, hi - lo) && ws.v.cols() >= d);
+  const bool micro = rows <= micro_kernel_rows;
+  static_assert(micro_kernel_rows <= 8, "kvcache: the quantized micro-kernels take <= 8 rows");
+  const bool fixed = micro && quantized_fixed_fits<T>(d, blk.group);
+  const Index packets = blk.group / code_loader<T, Bits>::width;
+  for (Index t0 = lo; t0 < hi; t0 += tile) {
+    const Index n = std::min(tile, hi - t0);
+    auto S = ws.s.topLeftCorner(rows, n);
+    if (fixed) {
+      with_fixed_chunks<T>(d, [&](auto chunks) {
+        quantized_fixed_kernel<T, Bits, decltype(chunks)::value>::scores(
+            ws.q.data(), ws.q.cols(), rows, blk, t0, n, ws.s.data(), ws.s.cols());
+      });
+    } else {
+      dequantize_key_tile<T>(blk, t0, n, d, ws.k);
+      if (micro) {
+        micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, ws.k.data(), ws.k.cols(), n, d,
+                                ws.s.data(), ws.s.cols());
+      } else {
+        S.noalias() = ws.q.topLeftCorner(rows, d) * ws.k.topLeftCorner(n, d).transpose();
+      }
+    }
+    if (row_pos != nullptr) mask_causal(S, row_pos, offset + t0);
+    online_softmax_update(S, st);
+    if (fixed) {
+      with_fixed_chunks<T>(d, [&](auto chunks) {
+        constexpr int C = decltype(chunks)::value;
+        with_group_packets<C>(packets, [&](auto group_packets) {
+          quantized_fixed_kernel<T, Bits, C>::template accumulate<decltype(group_packets)::value>(
+              ws.s.data(), ws.s.cols(), rows, blk, t0, n, st.o.data(), st.o.cols(), ws.v.data());
+        });
+      });
+    } else {
+      dequantize_value_tile<T>(blk, t0, n, d, ws.v);
+      if (micro) {
+        micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, ws.v.data(), ws.v.cols(), n,
+                                    d, st.o.data(), st.o.cols());
+      } else {
+        st.o.topRows(rows).noalias() += S * ws.v.topLeftCorner(n, d);
+      }
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace kvcache
