@@ -12,7 +12,7 @@ scripts/deps.sh g++ cmake ninja-build libeigen3-dev libgtest-dev libgmock-dev li
 cmake --preset release >/dev/null
 cmake --build --preset release --target kvcache_bench
 mkdir -p bench/results
-build/release/bench/kvcache_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+build/release/bench/kvcache_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
   --benchmark_out=bench/results/results.json --benchmark_out_format=json "$@"
 # Debian's python3, which has matplotlib; another python3 may come first on PATH.
 /usr/bin/python3 bench/plot.py bench/results/results.json bench/results | tee bench/results/table.md
