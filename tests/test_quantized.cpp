@@ -65,17 +65,29 @@ Index expected_quantized(Index n, Index group, Index residual) {
   return n >= residual + group ? (n - residual) / group * group : 0;
 }
 
-// Decode of q over layer l of `c`, checked against the double oracle on what the cache holds.
+// The double oracle over what layer l of `c` holds (its dequantized keys and values).
+template <int Bits>
+row_matrix<double> oracle(const attention_shape& s, const quantized_cache<Bits>& c, Index l,
+                          const row_matrix<float>& q) {
+  return reference_attention<double>(s, q, c.dequantized_keys(l).template cast<double>(),
+                                     c.dequantized_values(l).template cast<double>());
+}
+
+// Decode of q over layer l of `c` against `want`: only float arithmetic differs from the
+// oracle, so common.hpp's kernel tolerance applies.
 template <int Bits>
 void check_decode(const attention_shape& s, const quantized_cache<Bits>& c, Index l,
-                  const row_matrix<float>& q, attention_workspace<float>& ws,
-                  const attention_options& opt = {}) {
+                  const row_matrix<float>& q, const row_matrix<double>& want,
+                  attention_workspace<float>& ws, const attention_options& opt = {}) {
   row_vector<float> out(s.q_width());
   decode_attention(s, q.row(0), c.view(l), out, ws, opt);
-  const auto want = reference_attention<double>(s, q, c.dequantized_keys(l).template cast<double>(),
-                                                c.dequantized_values(l).template cast<double>());
-  // Only float arithmetic differs from the oracle (see common.hpp's kernel_tolerance).
   EXPECT_LT((out.cast<double>() - want).cwiseAbs().maxCoeff(), kernel_tolerance<float>());
+}
+
+template <int Bits>
+void check_decode(const attention_shape& s, const quantized_cache<Bits>& c, Index l,
+                  const row_matrix<float>& q, attention_workspace<float>& ws) {
+  check_decode(s, c, l, q, oracle(s, c, l, q), ws);
 }
 
 TYPED_TEST(QuantizedTest, RefusesBadGroupAndResidual) {
@@ -317,6 +329,7 @@ TYPED_TEST(QuantizedTest, DecodeSplitKAndThreads) {
         cache qc(cache_shape(1, s), 32, residual);
         qc.append(0, random_matrix(n, s.kv_width(), seed), random_matrix(n, s.kv_width(), seed + 1));
         const auto q = random_matrix(1, s.q_width(), seed + 2);
+        const auto want = oracle(s, qc, 0, q);
         seed += 3;
         for (Index split : {0, 10, 50}) {
           for (thread_pool* pool : {static_cast<thread_pool*>(nullptr), &two}) {
@@ -328,7 +341,7 @@ TYPED_TEST(QuantizedTest, DecodeSplitKAndThreads) {
               opt.split_tokens = split;
               opt.pool = pool;
               opt.tile_tokens = tile;
-              check_decode(s, qc, 0, q, this->ws_, opt);
+              check_decode(s, qc, 0, q, want, this->ws_, opt);
             }
           }
         }

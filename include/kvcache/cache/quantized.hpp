@@ -134,6 +134,7 @@ class quantized_layer {
   quantized_layer(const quantized_layer& other)
       : n_kv_heads_(other.n_kv_heads_), head_dim_(other.head_dim_), group_(other.group_),
         residual_(other.residual_) {
+    if (other.ring_keys_.data() == nullptr) return;  // nothing allocated yet
     quantized_layer copy = other.regrown(other.capacity_);
     swap(copy);
   }
@@ -236,7 +237,9 @@ class quantized_layer {
   /// token with the heads side by side, of any scalar type convertible to float. Quantizes a
   /// group of keys and values of every kv head whenever the residual fills: amortized
   /// O(n_kv_heads * head_dim) per token. Reallocates (doubling) only when the quantized
-  /// capacity runs out. Throws std::invalid_argument for a wrong shape; nothing changes then.
+  /// capacity runs out. Throws std::invalid_argument for a wrong shape, std::length_error for
+  /// more tokens than memory can address and std::bad_alloc when memory is short; nothing
+  /// changes then.
   template <class DerivedK, class DerivedV>
   void append(const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v) {
     check_input("append", k, v);
@@ -432,13 +435,14 @@ class quantized_layer {
     return c >= float(max_code) ? max_code : c >= 0.5f ? static_cast<int>(c + 0.5f) : 0;
   }
 
-  static void put_code(std::uint8_t* row, Index x, int code) noexcept {
+  // Stores the codes of channels x and x + 1 (x even) of a row: two bytes of int8, or one
+  // byte of int4 with channel x in the low nibble.
+  static void put_codes(std::uint8_t* row, Index x, int even, int odd) noexcept {
     if constexpr (Bits == 8) {
-      row[x] = static_cast<std::uint8_t>(code);
-    } else if (x % 2 == 0) {
-      row[x / 2] = static_cast<std::uint8_t>((row[x / 2] & 0xF0) | code);
+      row[x] = static_cast<std::uint8_t>(even);
+      row[x + 1] = static_cast<std::uint8_t>(odd);
     } else {
-      row[x / 2] = static_cast<std::uint8_t>((row[x / 2] & 0x0F) | (code << 4));
+      row[x / 2] = static_cast<std::uint8_t>(even | (odd << 4));
     }
   }
 
@@ -462,13 +466,18 @@ class quantized_layer {
       std::uint8_t* vcodes = value_codes_.data() + (h * capacity_ + first) * row;
       Eigen::half* vscale = value_scales_.data() + (h * capacity_ + first) * groups;
       Eigen::half* vzero = value_zeros_.data() + (h * capacity_ + first) * groups;
-      // Keys per channel over the group's tokens.
-      for (Index x = 0; x < d; ++x) {
-        const auto [scale, zero] = scale_zero(K.col(x).minCoeff(), K.col(x).maxCoeff());
-        kscale[x] = scale;
-        kzero[x] = zero;
+      // Keys per channel over the group's tokens, two channels at a time (one int4 byte).
+      for (Index x = 0; x < d; x += 2) {
+        const auto [scale0, zero0] = scale_zero(K.col(x).minCoeff(), K.col(x).maxCoeff());
+        const auto [scale1, zero1] =
+            scale_zero(K.col(x + 1).minCoeff(), K.col(x + 1).maxCoeff());
+        kscale[x] = scale0;
+        kzero[x] = zero0;
+        kscale[x + 1] = scale1;
+        kzero[x + 1] = zero1;
         for (Index t = 0; t < g; ++t) {
-          put_code(kcodes + t * row, x, quantize(K(t, x), float(scale), float(zero)));
+          put_codes(kcodes + t * row, x, quantize(K(t, x), float(scale0), float(zero0)),
+                    quantize(K(t, x + 1), float(scale1), float(zero1)));
         }
       }
       // Values per token over groups of channels.
@@ -478,8 +487,10 @@ class quantized_layer {
           const auto [scale, zero] = scale_zero(seg.minCoeff(), seg.maxCoeff());
           vscale[t * groups + j] = scale;
           vzero[t * groups + j] = zero;
-          for (Index x = j * g; x < (j + 1) * g; ++x) {
-            put_code(vcodes + t * row, x, quantize(V(t, x), float(scale), float(zero)));
+          const float sf = float(scale), zf = float(zero);
+          for (Index x = j * g; x < (j + 1) * g; x += 2) {
+            put_codes(vcodes + t * row, x, quantize(V(t, x), sf, zf),
+                      quantize(V(t, x + 1), sf, zf));
           }
         }
       }
@@ -587,7 +598,8 @@ class quantized_cache {
     layers_[checked(l, "append")].append(k, v);
   }
 
-  /// Reserves room for `tokens` tokens in every layer, all or nothing.
+  /// Reserves room for `tokens` tokens in every layer, all or nothing; throws as
+  /// quantized_layer::reserve does. Copies every layer that grows: O(size).
   void reserve(Index tokens) {
     if (std::all_of(layers_.begin(), layers_.end(),
                     [&](const layer_type& layer) { return layer.has_room(tokens); })) {
@@ -605,9 +617,9 @@ class quantized_cache {
   /// group of some layer.
   void crop(Index n) {
     for (Index l = 0; l < n_layers(); ++l) {
-      const Index size = layers_[static_cast<std::size_t>(l)].size();
-      if (n < 0 || n > size) {
-        detail::fail<std::out_of_range>("crop: n = ", n, " out of range [0, ", size,
+      const Index held = layers_[static_cast<std::size_t>(l)].size();
+      if (n < 0 || n > held) {
+        detail::fail<std::out_of_range>("crop: n = ", n, " out of range [0, ", held,
                                         "] of layer ", l);
       }
     }
