@@ -203,40 +203,36 @@ void BM_concat(benchmark::State& state, Index ctx) {
 
 // ---------------------------------------------------------------------------------------------
 // One layer's decode attention: a token's query heads over ctx cached tokens.
-template <class Layer>
-std::string layer_name() {
-  if constexpr (std::is_same_v<Layer, kvcache::quantized_layer<8>>) {
+template <class Format>
+std::string format_label() {
+  if constexpr (std::is_same_v<Format, kvcache::quantized_format<8>>) {
     return "int8 (group 32, fp16 scale + zero)";
-  } else if constexpr (std::is_same_v<Layer, kvcache::quantized_layer<4>>) {
+  } else if constexpr (std::is_same_v<Format, kvcache::quantized_format<4>>) {
     return "int4 (group 32, fp16 scale + zero)";
   } else {
-    return kvcache::scalar_traits<typename Layer::scalar_type>::name;
+    return kvcache::scalar_traits<typename Format::scalar_type>::name;
   }
 }
 
-// A layer of ctx tokens in storage `Layer`: kv_layer<Scalar> or quantized_layer<Bits>.
-template <class Layer>
-Layer make_layer(Index n_kv, Index d, Index ctx) {
-  if constexpr (std::is_same_v<Layer, kvcache::quantized_layer<8>> ||
-                std::is_same_v<Layer, kvcache::quantized_layer<4>>) {
-    Layer layer(n_kv, d, /*group_size=*/32, /*residual=*/0);
-    layer.reserve(ctx);
-    return layer;
-  } else {
-    Layer layer(n_kv, d);
-    layer.reserve(ctx);
-    return layer;
-  }
+// One contiguous layer of ctx tokens in `Format` (plain_format<Scalar> or quantized_format<Bits>).
+template <class Format>
+using bench_layer = kvcache::kv_cache<kvcache::contiguous_layout, Format>;
+
+template <class Format>
+bench_layer<Format> make_layer(Index n_kv, Index d, Index ctx) {
+  bench_layer<Format> layer(kvcache::cache_shape(1, n_kv, n_kv, d));
+  layer.reserve(ctx);
+  return layer;
 }
 
-template <class Layer>
+template <class Format>
 void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Index n_kv) {
   const Index d = 128;
   const kvcache::attention_shape shape(n_heads, n_kv, d);
-  Layer layer = make_layer<Layer>(n_kv, d, ctx);
+  auto layer = make_layer<Format>(n_kv, d, ctx);
   for (Index t = 0; t < ctx; t += 4096) {
     const Index n = std::min<Index>(4096, ctx - t);
-    layer.append(row_matrix<float>::Random(n, n_kv * d), row_matrix<float>::Random(n, n_kv * d));
+    layer.append(0, row_matrix<float>::Random(n, n_kv * d), row_matrix<float>::Random(n, n_kv * d));
   }
   kvcache::attention_workspace<float> ws;
   kvcache::attention_options opt;
@@ -250,7 +246,7 @@ void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Inde
   std::vector<double> call_s, triad_s;
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
-    kvcache::decode_attention(shape, q, layer.view(), out, ws, opt);
+    kvcache::decode_attention(shape, q, layer.view(0), out, ws, opt);
     benchmark::DoNotOptimize(out.data());
     call_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     if (side_by_side) {
@@ -272,7 +268,7 @@ void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Inde
   state.counters["of_triad"] = double(layer.bytes()) / median(call_s) / triad_bw;
   state.counters["triad_GBps"] = triad_bw / 1e9;
   state.SetLabel(std::to_string(n_heads) + " q / " + std::to_string(n_kv) + " kv heads x 128, " +
-                 layer_name<Layer>() + ", " + std::to_string(pool().size()) +
+                 format_label<Format>() + ", " + std::to_string(pool().size()) +
                  " threads");
 }
 
@@ -326,11 +322,11 @@ void register_all() {
     add("concat/" + to_string(ctx), BM_concat, ctx)->Unit(benchmark::kMicrosecond);
   }
   const std::pair<const char*, void (*)(benchmark::State&, Index, Index, Index)> dtypes[] = {
-      {"f32", BM_decode_attention<kvcache::kv_layer<float>>},
-      {"f16", BM_decode_attention<kvcache::kv_layer<Eigen::half>>},
-      {"bf16", BM_decode_attention<kvcache::kv_layer<Eigen::bfloat16>>},
-      {"int8", BM_decode_attention<kvcache::quantized_layer<8>>},
-      {"int4", BM_decode_attention<kvcache::quantized_layer<4>>}};
+      {"f32", BM_decode_attention<kvcache::plain_format<float>>},
+      {"f16", BM_decode_attention<kvcache::plain_format<Eigen::half>>},
+      {"bf16", BM_decode_attention<kvcache::plain_format<Eigen::bfloat16>>},
+      {"int8", BM_decode_attention<kvcache::quantized_format<8>>},
+      {"int4", BM_decode_attention<kvcache::quantized_format<4>>}};
   for (const auto& [name, fn] : dtypes) {
     for (Index ctx : {512, 2048, 8192, 32768}) {
       add("decode_attention/" + std::string(name) + "/" + to_string(ctx), fn, ctx, Index(32), Index(8))
@@ -338,7 +334,7 @@ void register_all() {
     }
   }
   for (Index ctx : {512, 2048, 8192}) {
-    add("decode_attention_mha/f32/" + to_string(ctx), BM_decode_attention<kvcache::kv_layer<float>>, ctx, Index(32),
+    add("decode_attention_mha/f32/" + to_string(ctx), BM_decode_attention<kvcache::plain_format<float>>, ctx, Index(32),
         Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
   }
   for (Index ctx : {512, 1024, 2048, 4096}) {

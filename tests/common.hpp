@@ -72,6 +72,12 @@ row_matrix<double> read_back(const kv_layer<Scalar>& layer, bool keys) {
   return out;
 }
 
+/// Keys (or values) that layer `l` of any cache holds, oldest first, as doubles.
+template <class Layout, class Format>
+row_matrix<double> read_back(const kv_cache<Layout, Format>& cache, Index l, bool keys) {
+  return (keys ? cache.keys(l) : cache.values(l)).template cast<double>();
+}
+
 /// The model shapes the attention tests run over.
 struct shape_case {
   const char* name;

@@ -19,6 +19,9 @@ struct snapshot {
   explicit snapshot(const kv_layer<Scalar>& l)
       : size(l.size()), capacity(l.capacity()), keys(read_back(l, true)),
         values(read_back(l, false)) {}
+  snapshot(const contiguous_cache<Scalar>& c, Index l)
+      : size(c.size(l)), capacity(c.capacity(l)), keys(read_back(c, l, true)),
+        values(read_back(c, l, false)) {}
   bool operator==(const snapshot& o) const {
     return size == o.size && capacity == o.capacity && keys == o.keys && values == o.values;
   }
@@ -196,12 +199,12 @@ TYPED_TEST(ContiguousTest, WholeModelCache) {
   EXPECT_EQ(cache.size(0), 4);
   cache.concat(2, k, v);
   EXPECT_EQ(cache.size(), 4);
-  EXPECT_EQ(read_back(cache.layer(0), true), read_back(cache.layer(2), true));
+  EXPECT_EQ(read_back(cache, 0, true), read_back(cache, 2, true));
   EXPECT_EQ(cache.bytes(), kv_cache_bytes(1, 4, 3, 2, 4, sizeof(TypeParam)));
   EXPECT_GE(cache.capacity_bytes(), cache.bytes());
 
   cache.reserve(64);
-  for (Index l = 0; l < 3; ++l) EXPECT_GE(cache.layer(l).capacity(), 64);
+  for (Index l = 0; l < 3; ++l) EXPECT_GE(cache.capacity(l), 64);
   cache.crop(1);
   EXPECT_EQ(cache.size(), 1);
   cache.clear();
@@ -214,7 +217,7 @@ TYPED_TEST(ContiguousTest, WholeModelBadInputChangesNothing) {
   const auto k = random_matrix(3, 8, 1), v = random_matrix(3, 8, 2);
   cache.append(0, k, v);
   cache.append(1, k.topRows(2), v.topRows(2));
-  const snapshot<TypeParam> l0(cache.layer(0)), l1(cache.layer(1));
+  const snapshot<TypeParam> l0(cache, 0), l1(cache, 1);
   EXPECT_THROW(cache.append(2, k, v), std::out_of_range);
   EXPECT_THROW(cache.append(-1, k, v), std::out_of_range);
   EXPECT_THROW(cache.concat(2, k, v), std::out_of_range);
@@ -222,8 +225,8 @@ TYPED_TEST(ContiguousTest, WholeModelBadInputChangesNothing) {
   EXPECT_THROW(cache.crop(3), std::out_of_range) << "layer 1 holds only 2";
   EXPECT_THROW(cache.reserve(9), std::length_error);
   EXPECT_THROW(cache.concat(0, random_matrix(6, 8, 3), random_matrix(6, 8, 4)), std::length_error);
-  EXPECT_TRUE(snapshot<TypeParam>(cache.layer(0)) == l0);
-  EXPECT_TRUE(snapshot<TypeParam>(cache.layer(1)) == l1);
+  EXPECT_TRUE(snapshot<TypeParam>(cache, 0) == l0);
+  EXPECT_TRUE(snapshot<TypeParam>(cache, 1) == l1);
   try {
     cache.append(7, k, v);
   } catch (const std::out_of_range& e) {

@@ -20,9 +20,6 @@ class FixedTest : public ::testing::Test {
 };
 TYPED_TEST_SUITE(FixedTest, storage_types, scalar_name);
 
-// Layers are read-only from outside: growth or replacement would break the one allocation.
-static_assert(std::is_same_v<decltype(std::declval<fixed_cache<float>&>().layer(0)),
-                             const kv_layer<float>&>);
 
 // Everything observable about a cache, to prove a throwing call changed nothing.
 template <class Scalar>
@@ -33,8 +30,8 @@ struct snapshot {
   explicit snapshot(const fixed_cache<Scalar>& c) : bytes(c.bytes()), capacity_bytes(c.capacity_bytes()) {
     for (Index l = 0; l < c.n_layers(); ++l) {
       sizes.push_back(c.size(l));
-      keys.push_back(read_back(c.layer(l), true));
-      values.push_back(read_back(c.layer(l), false));
+      keys.push_back(read_back(c, l, true));
+      values.push_back(read_back(c, l, false));
     }
   }
   bool operator==(const snapshot& o) const {
@@ -48,10 +45,8 @@ template <class Scalar>
 std::vector<const Scalar*> data_pointers(const fixed_cache<Scalar>& c) {
   std::vector<const Scalar*> out;
   for (Index l = 0; l < c.n_layers(); ++l) {
-    for (Index h = 0; h < c.shape().n_kv_heads(); ++h) {
-      out.push_back(c.layer(l).keys(h).data());
-      out.push_back(c.layer(l).values(h).data());
-    }
+    out.push_back(c.view(l).storage->keys.data());
+    out.push_back(c.view(l).storage->values.data());
   }
   return out;
 }
@@ -84,9 +79,8 @@ TYPED_TEST(FixedTest, AllocatesEverythingUpFront) {
   EXPECT_EQ(cache.bytes(), 0);
   EXPECT_EQ(cache.capacity_bytes(), kv_cache_bytes(1, 100, 3, 2, 5, sizeof(TypeParam)));
   for (Index l = 0; l < 3; ++l) {
-    EXPECT_EQ(cache.layer(l).capacity(), 100);
-    EXPECT_EQ(cache.layer(l).max_tokens(), 100);
-    EXPECT_NE(cache.layer(l).keys(0).data(), nullptr);
+    EXPECT_EQ(cache.capacity(l), 100);
+    EXPECT_NE(cache.view(l).storage->keys.data(), nullptr);
   }
 }
 
@@ -127,7 +121,7 @@ TYPED_TEST(FixedTest, NeverReallocates) {
   fixed_cache<TypeParam> copy(moved);
   EXPECT_NE(data_pointers(copy), pointers);
   EXPECT_EQ(copy.capacity_bytes(), capacity_bytes);
-  EXPECT_EQ(read_back(copy.layer(0), true), read_back(moved.layer(0), true));
+  EXPECT_EQ(read_back(copy, 0, true), read_back(moved, 0, true));
   copy.append(1, random_matrix(64, 16, 9), random_matrix(64, 16, 10));
   EXPECT_EQ(moved.size(1), 0);
 }
@@ -140,8 +134,8 @@ TYPED_TEST(FixedTest, StoresWhatWasAppended) {
   for (Index t = 0; t < 50; ++t) cache.append(1, k.row(t), v.row(t));
   for (Index l = 0; l < 2; ++l) {
     ASSERT_EQ(cache.size(l), 50);
-    EXPECT_EQ(read_back(cache.layer(l), true), stored<TypeParam>(k));
-    EXPECT_EQ(read_back(cache.layer(l), false), stored<TypeParam>(v));
+    EXPECT_EQ(read_back(cache, l, true), stored<TypeParam>(k));
+    EXPECT_EQ(read_back(cache, l, false), stored<TypeParam>(v));
   }
   EXPECT_EQ(cache.bytes(), cache.capacity_bytes());
   EXPECT_EQ(cache.bytes(), kv_cache_bytes(1, 50, 2, H, d, sizeof(TypeParam)));
@@ -183,7 +177,7 @@ TYPED_TEST(FixedTest, BadInputThrowsAndChangesNothing) {
   EXPECT_THROW(cache.append(2, ok, ok), std::out_of_range);
   EXPECT_THROW(cache.append(-1, ok, ok), std::out_of_range);
   expect_message([&] { cache.append(2, ok, ok); }, "append: layer 2 out of range [0, 2)");
-  EXPECT_THROW((void)cache.layer(2), std::out_of_range);
+  EXPECT_THROW((void)cache.view(2), std::out_of_range);
   EXPECT_THROW((void)cache.size(-1), std::out_of_range);
   EXPECT_THROW(cache.crop(4), std::out_of_range) << "layer 1 holds only 3";
   EXPECT_THROW(cache.crop(-1), std::out_of_range);
@@ -204,8 +198,8 @@ TYPED_TEST(FixedTest, CropThenAppendEqualsNeverAppended) {
   rolled_back.append(0, random_matrix(10, 6, 3), random_matrix(10, 6, 4));  // rejected
   rolled_back.crop(20);
   rolled_back.append(0, k.bottomRows(10), v.bottomRows(10));
-  EXPECT_EQ(read_back(straight.layer(0), true), read_back(rolled_back.layer(0), true));
-  EXPECT_EQ(read_back(straight.layer(0), false), read_back(rolled_back.layer(0), false));
+  EXPECT_EQ(read_back(straight, 0, true), read_back(rolled_back, 0, true));
+  EXPECT_EQ(read_back(straight, 0, false), read_back(rolled_back, 0, false));
 }
 
 // Chunked prefill onto a layer of the cache, then decode steps, against the oracle; on every
@@ -241,7 +235,7 @@ TYPED_TEST(FixedTest, PrefillAndDecodeMatchReference) {
       for (Index t = prompt; t < n; ++t) {
         cache.append(1, k.row(t), v.row(t));
         row_vector<T> step(s.q_width());
-        decode_attention(s, q.row(t).template cast<T>(), cache.layer(1), step, this->ws_, opt);
+        decode_attention(s, q.row(t).template cast<T>(), cache.view(1), step, this->ws_, opt);
         out.row(t) = step;
       }
       EXPECT_EQ(cache.size(1), cache.capacity());

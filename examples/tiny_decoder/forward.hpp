@@ -18,13 +18,6 @@ namespace tiny {
 
 enum class mode { cached, uncached };
 
-namespace detail {
-template <class Cache>
-inline constexpr bool is_contiguous = false;
-template <class Scalar>
-inline constexpr bool is_contiguous<kvcache::contiguous_cache<Scalar>> = true;
-}  // namespace detail
-
 /// Runs a model over token sequences, keeping keys and values in a `Cache`: a
 /// contiguous_cache (the default), a sliding_window_cache or a quantized_cache. Buffers are
 /// sized once for `seq_len` tokens, so no decode step allocates (the uncached path's reference
@@ -148,17 +141,10 @@ class decoder {
                                                             v_.topRows(n), mask_);
     } else if (n == 1) {
       cache_.append(l, k_.topRows(1), v_.topRows(1));
-      if constexpr (detail::is_contiguous<Cache>) {
-        kvcache::decode_attention(shape_, q_.row(0), cache_.layer(l), att_.row(0), ws_, opt_);
-      } else {
-        kvcache::decode_attention(shape_, q_.row(0), cache_.view(l), att_.row(0), ws_, opt_);
-      }
-    } else if constexpr (detail::is_contiguous<Cache>) {
-      kvcache::prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n),
-                                 cache_.layer(l), att_.topRows(n), ws_, opt_);
+      kvcache::decode_attention(shape_, q_.row(0), cache_.view(l), att_.row(0), ws_, opt_);
     } else {
-      prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n), cache_, l,
-                        att_.topRows(n), ws_, opt_);
+      kvcache::prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n), cache_, l,
+                                 att_.topRows(n), ws_, opt_);
     }
   }
 

@@ -2,6 +2,7 @@
 // What a KV cache costs: the byte formula and its inverses, checked for overflow.
 #pragma once
 
+#include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
 
 #include <cstdint>
@@ -11,12 +12,6 @@
 namespace kvcache {
 
 namespace detail {
-constexpr std::int64_t checked_mul(std::int64_t a, std::int64_t b) {
-  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) {
-    throw std::overflow_error("kvcache: byte count overflows 64 bits");
-  }
-  return a * b;
-}
 constexpr void check_positive(const char* what, std::int64_t value) {
   if (value <= 0) throw std::invalid_argument(what);
 }

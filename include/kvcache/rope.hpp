@@ -85,6 +85,33 @@ class rope {
     }
   }
 
+  /// Rotates every row of `x` (`tokens x n*head_dim`) by the same position offset `delta`,
+  /// which may be negative: R(p) then rotate(-s) is R(p - s). Re-rotates cached keys when a
+  /// context shift moves them (llama.cpp's seq_add). Throws std::invalid_argument when the
+  /// width is not a multiple of head_dim.
+  template <class Derived>
+  void rotate(const Eigen::MatrixBase<Derived>& x_, Index delta) const {
+    auto& x = const_cast<Eigen::MatrixBase<Derived>&>(x_);  // Eigen's idiom for writable blocks
+    if (x.cols() % head_dim_ != 0) {
+      detail::fail<std::invalid_argument>("rope: x has ", x.cols(),
+                                          " columns, not a multiple of head_dim = ", head_dim_);
+    }
+    using T = typename Derived::Scalar;
+    const Index half = head_dim_ / 2, heads = x.cols() / head_dim_;
+    for (Index i = 0; i < half; ++i) {
+      const double a = angle(delta, i), c = std::cos(a), s = std::sin(a);
+      const Index a_off = style_ == rope_style::interleaved ? 2 * i : i;
+      const Index b_off = style_ == rope_style::interleaved ? 2 * i + 1 : i + half;
+      for (Index r = 0; r < x.rows(); ++r) {
+        for (Index h = 0; h < heads; ++h) {
+          const T u = x(r, h * head_dim_ + a_off), w = x(r, h * head_dim_ + b_off);
+          x(r, h * head_dim_ + a_off) = T(u * c - w * s);
+          x(r, h * head_dim_ + b_off) = T(u * s + w * c);
+        }
+      }
+    }
+  }
+
  private:
   double angle(Index p, Index i) const {
     return double(p) * std::pow(theta_, -2.0 * double(i) / double(head_dim_));

@@ -3,25 +3,48 @@
 #pragma once
 
 #include "kvcache/attention/kernel.hpp"
-#include "kvcache/cache/contiguous.hpp"
 
 namespace kvcache {
 
-/// Attention of one token's queries `q` (`n_heads * head_dim`, heads side by side) over every
-/// token in `view` (any cache view, see single_block_view), written to `out` (same width).
-/// The `group_size()` query heads that share a kv head are attended together, so each cached
-/// key and value row is read once per group; keys are visited in tiles with an online softmax,
-/// so no score vector longer than `opt.tile_tokens` exists. With `opt.pool`, kv heads and runs
-/// of tokens (split-K) are spread over its threads and the partial softmax states merged.
+namespace detail {
+// The compute type of a view's format.
+template <class View>
+using view_compute_t = compute_t<typename View::scalar_type>;
+}  // namespace detail
+
+/// Sizes `ws` so that decode_attention over views of up to `tokens` tokens of `format_is_T`
+/// storage allocates nothing and cannot fail for want of memory. `convert` is whether the
+/// view's storage type differs from T.
+template <class T>
+void prepare_decode(attention_workspace<T>& ws, const attention_shape& shape, Index tokens,
+                    bool convert, const attention_options& opt = {}) {
+  const Index tile = detail::tile_for(opt, tokens);
+  const Index splits = detail::decode_splits(opt, shape.n_kv_heads(), tokens, tile);
+  ws.prepare(opt.pool != nullptr ? opt.pool->size() : 1, shape.group_size(), tile,
+             shape.head_dim(), convert, splits > 1 ? shape.n_kv_heads() * splits : 0);
+}
+
+/// Attention of one token's queries `q` (`n_heads * head_dim`, heads side by side) over the
+/// tokens of `view` that its mask lets the newest position see (every token, unless the view
+/// has a sliding window), written to `out` (same width). The query sits at the view's newest
+/// position, end_position() - 1. The `group_size()` query heads that share a kv head are
+/// attended together, so each cached key and value row is read once per group (GQA; MHA and
+/// MQA are its two ends); keys are visited in tiles with an online softmax, so no score vector
+/// longer than `opt.tile_tokens` exists. With `opt.pool`, kv heads and runs of tokens (split-K)
+/// are spread over its threads and the partial softmax states merged (merge_state).
+///
+/// Non-finite values: a NaN or infinite key, value or query makes the output of every query
+/// head that attends to it non-finite, in every format.
 ///
 /// Cost: reads every cached key and value once. Allocates nothing once `ws` is warm.
-/// Throws std::invalid_argument when q, out or the view do not fit `shape`, or the view is empty.
+/// Throws std::invalid_argument when q, out or the view do not fit `shape`, the view is empty
+/// or the options are bad (non-finite scale, tile_tokens <= 0, split_tokens < 0), and
+/// std::logic_error when `ws` is in use by another call.
 template <class View>
 void decode_attention(const attention_shape& shape,
-                      const Eigen::Ref<const row_vector<compute_t<typename View::scalar_type>>>& q,
-                      const View& view,
-                      Eigen::Ref<row_vector<compute_t<typename View::scalar_type>>> out,
-                      attention_workspace<compute_t<typename View::scalar_type>>& ws,
+                      const Eigen::Ref<const row_vector<detail::view_compute_t<View>>>& q,
+                      const View& view, Eigen::Ref<row_vector<detail::view_compute_t<View>>> out,
+                      attention_workspace<detail::view_compute_t<View>>& ws,
                       const attention_options& opt = {}) {
   using Scalar = typename View::scalar_type;
   using T = compute_t<Scalar>;
@@ -37,32 +60,33 @@ void decode_attention(const attention_shape& shape,
   if (view.size() == 0) {
     detail::fail<std::invalid_argument>("decode_attention: the cache holds no token to attend to");
   }
-  if (opt.tile_tokens <= 0 || opt.split_tokens < 0) {
-    detail::fail<std::invalid_argument>("decode_attention: tile_tokens must be > 0 and "
-                                        "split_tokens >= 0, got ", opt.tile_tokens, " and ",
-                                        opt.split_tokens);
-  }
+  detail::check_options("decode_attention", opt);
+  const typename attention_workspace<T>::guard busy(ws, "decode_attention");
 
   const Index n = view.size(), d = shape.head_dim(), G = shape.group_size();
-  const Index H = shape.n_kv_heads(), tile = opt.tile_tokens;
-  const Index workers = opt.pool != nullptr ? opt.pool->size() : 1;
-  // Split-K: enough runs per head to give every worker work, none shorter than a tile.
-  Index splits = opt.split_tokens > 0 ? (n + opt.split_tokens - 1) / opt.split_tokens
-                                      : (workers + H - 1) / H;
-  splits = std::max<Index>(1, std::min(splits, (n + tile - 1) / tile));
-  ws.prepare(workers, G, tile, d, !std::is_same_v<Scalar, T>, splits > 1 ? H * splits : 0);
+  const Index H = shape.n_kv_heads(), tile = detail::tile_for(opt, n);
+  const Index splits = detail::decode_splits(opt, H, n, tile);
+  prepare_decode(ws, shape, n, !std::is_same_v<Scalar, T>, opt);
   const T scale = detail::score_scale<T>(opt, d);
+  // Masks are needed only for a window: every held key precedes the newest position.
+  const Index q_pos = view.end_position() - 1;
+  const bool masked = view.mask().window > 0;
 
   auto run = [&](Index item, Index worker) {
     const Index h = item / splits, s = item % splits;
     auto& scratch = ws.worker(worker);
-    for (Index g = 0; g < G; ++g) scratch.q.row(g).head(d) = q.segment((h * G + g) * d, d) * scale;
+    for (Index g = 0; g < G; ++g) {
+      scratch.q.row(g).head(d) = q.segment((h * G + g) * d, d) * scale;
+      scratch.pos[static_cast<std::size_t>(g)] = q_pos;
+    }
     auto& st = splits > 1 ? ws.partial(item) : scratch.state;
     st.clear(G);
-    detail::attend_range(view, h, n * s / splits, n * (s + 1) / splits, G, nullptr, tile, scratch,
-                         st);
+    // Split bounds as n * s / splits without overflowing n * s.
+    const auto bound = [&](Index i) { return n / splits * i + n % splits * i / splits; };
+    detail::attend_range(view, h, bound(s), bound(s + 1), G, masked ? scratch.pos.data() : nullptr,
+                         q_pos, tile, scratch, st);
     if (splits == 1) {
-      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = st.o.row(g) / st.l(g);
+      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = st.o.row(g);
     }
   };
   if (opt.pool != nullptr) {
@@ -74,28 +98,19 @@ void decode_attention(const attention_shape& shape,
     for (Index h = 0; h < H; ++h) {
       auto& total = ws.partial(h * splits);
       for (Index s = 1; s < splits; ++s) total.merge(ws.partial(h * splits + s));
-      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = total.o.row(g) / total.l(g);
+      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = total.o.row(g);
     }
   }
 }
 
-/// decode_attention over a kv_layer.
-template <class Scalar>
-void decode_attention(const attention_shape& shape,
-                      const Eigen::Ref<const row_vector<compute_t<Scalar>>>& q,
-                      const kv_layer<Scalar>& layer, Eigen::Ref<row_vector<compute_t<Scalar>>> out,
-                      attention_workspace<compute_t<Scalar>>& ws, const attention_options& opt = {}) {
-  decode_attention(shape, q, layer.view(), out, ws, opt);
-}
-
 /// decode_attention with a workspace of its own: allocates on every call.
-template <class Scalar>
+template <class View>
 void decode_attention(const attention_shape& shape,
-                      const Eigen::Ref<const row_vector<compute_t<Scalar>>>& q,
-                      const kv_layer<Scalar>& layer, Eigen::Ref<row_vector<compute_t<Scalar>>> out,
+                      const Eigen::Ref<const row_vector<detail::view_compute_t<View>>>& q,
+                      const View& view, Eigen::Ref<row_vector<detail::view_compute_t<View>>> out,
                       const attention_options& opt = {}) {
-  attention_workspace<compute_t<Scalar>> ws;
-  decode_attention(shape, q, layer.view(), out, ws, opt);
+  attention_workspace<detail::view_compute_t<View>> ws;
+  decode_attention(shape, q, view, out, ws, opt);
 }
 
 }  // namespace kvcache

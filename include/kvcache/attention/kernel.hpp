@@ -1,18 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
-// The one attention kernel: query rows against a cache view's blocks, in tiles, with an
-// online softmax. Decode and prefill are two ways of cutting its work into items.
+// The one attention kernel: query rows against a view's positioned blocks, in tiles, with an
+// online softmax and masks computed from positions. Decode and prefill are two ways of cutting
+// its work into items. Never includes a layout.
 #pragma once
 
 #include "kvcache/attention/micro_kernel.hpp"
 #include "kvcache/attention/online_softmax.hpp"
-#include "kvcache/cache/block.hpp"
 #include "kvcache/detail/assert.hpp"
 #include "kvcache/detail/error.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/thread_pool.hpp"
 #include "kvcache/types.hpp"
+#include "kvcache/view.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -23,7 +25,7 @@ namespace kvcache {
 
 /// Knobs of the attention kernels. The defaults are right for most uses.
 struct attention_options {
-  /// Scale of the scores; 0 means 1/sqrt(head_dim).
+  /// Scale of the scores; 0 means 1/sqrt(head_dim). Must be finite.
   double scale = 0.0;
   /// Keys per inner tile: scores are never materialized for more keys than this at once.
   Index tile_tokens = 128;
@@ -37,19 +39,29 @@ struct attention_options {
 
 /// Scratch memory of the attention kernels. Reusing one across calls makes them allocation
 /// free after the first call of the largest shape (the warm-up).
+///
+/// Thread safety: one workspace serves one attention call at a time (a call spreads its own
+/// work over its pool, giving each worker its own scratch). Two calls that share a workspace
+/// at once are caught: the second throws std::logic_error before touching anything. Give each
+/// calling thread its own workspace.
 template <class T>
 class attention_workspace {
  public:
   struct worker_scratch {
-    row_matrix<T> q;      // [row][head_dim] the item's scaled queries
-    row_matrix<T> s;      // [row][tile] scores, then probabilities
-    row_matrix<T> k;      // [tile][head_dim] keys converted to T, when stored otherwise
-    row_matrix<T> v;      // [tile][head_dim] values converted to T
-    std::vector<Index> pos;  // [row] position of each query row, for the causal mask
+    row_matrix<T> q;         // [row][head_dim] the item's scaled queries
+    row_matrix<T> s;         // [row][tile] scores, then probabilities
+    row_matrix<T> k;         // [tile][head_dim] keys converted to T, when stored otherwise
+    row_matrix<T> v;         // [tile][head_dim] values converted to T
+    std::vector<Index> pos;  // [row] position of each query row, for the masks
     softmax_state<T> state;  // of the item being run, when it needs no merge
   };
 
-  /// Sizes the scratch for `workers` workers and `partials` partial states (grow only).
+  attention_workspace() = default;
+  /// Copies start empty: scratch is not state.
+  attention_workspace(const attention_workspace&) {}
+  attention_workspace& operator=(const attention_workspace&) { return *this; }
+  ~attention_workspace() = default;
+
   /// Sizes the scratch of `workers` workers for items of up to `rows` query rows and tiles of
   /// `tile` keys of `head_dim`, and `partials` partial states of `rows` rows. Allocates only
   /// what is missing, so every later call of the same or a smaller size allocates nothing.
@@ -68,10 +80,30 @@ class attention_workspace {
       if (s.state.rows() < rows || s.state.o.cols() != head_dim) s.state.reset(rows, head_dim);
     }
     if (Index(partials_.size()) < partials) partials_.resize(static_cast<std::size_t>(partials));
-    for (Index i = 0; i < partials; ++i) partial(i).reset(rows, head_dim);
+    for (Index i = 0; i < partials; ++i) {
+      if (partial(i).rows() < rows || partial(i).o.cols() != head_dim) partial(i).reset(rows, head_dim);
+    }
   }
   worker_scratch& worker(Index w) { return workers_[static_cast<std::size_t>(w)]; }
   softmax_state<T>& partial(Index i) { return partials_[static_cast<std::size_t>(i)]; }
+
+  /// Marks the workspace busy for the lifetime of the returned guard; throws std::logic_error
+  /// naming `fn` when another call holds it.
+  class guard {
+   public:
+    guard(attention_workspace& ws, const char* fn) : ws_(ws) {
+      if (ws.busy_.exchange(true, std::memory_order_acquire)) {
+        detail::fail<std::logic_error>(fn, ": this attention_workspace is in use by another "
+                                           "call; give each thread its own workspace");
+      }
+    }
+    guard(const guard&) = delete;
+    guard& operator=(const guard&) = delete;
+    ~guard() { ws_.busy_.store(false, std::memory_order_release); }
+
+   private:
+    attention_workspace& ws_;
+  };
 
  private:
   // Makes `m` at least rows x cols without shrinking it.
@@ -83,6 +115,7 @@ class attention_workspace {
 
   std::vector<worker_scratch> workers_;
   std::vector<softmax_state<T>> partials_;
+  std::atomic<bool> busy_{false};
 };
 
 namespace detail {
@@ -91,22 +124,45 @@ namespace detail {
 // general matrix product's packing and take Eigen's.
 inline constexpr Index micro_kernel_rows = 8;
 
-// Sets to -inf the scores of keys after each row's position; the tile's first key sits at
-// position `first`.
+// a / b rounded up, for a >= 0 and b > 0, without overflow.
+inline constexpr Index ceil_div(Index a, Index b) noexcept { return a / b + (a % b != 0 ? 1 : 0); }
+
+// Sets to -inf the scores that `mask` hides: row r's query sits at position row_pos[r], the
+// tile's key j at position first + j. Keys after the query are hidden (causal), and with a
+// window those in [sinks, p - window] too.
 template <class Scores>
-void mask_causal(Scores& S, const Index* row_pos, Index first) {
+void apply_mask(Scores& S, const Index* row_pos, Index first, const attention_mask& mask) {
   using T = typename Scores::Scalar;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const Index n = S.cols();
   for (Index r = 0; r < S.rows(); ++r) {
-    const Index visible = row_pos[r] - first + 1;  // keys of this tile row r may see
-    if (visible < S.cols()) {
-      S.row(r).tail(S.cols() - std::max<Index>(visible, 0)).setConstant(-std::numeric_limits<T>::infinity());
+    const Index p = row_pos[r];
+    const Index visible = std::clamp<Index>(p - first + 1, 0, n);  // keys at or before p
+    if (visible < n) S.row(r).tail(n - visible).setConstant(neg_inf);
+    if (mask.window > 0) {
+      const Index lo = std::clamp<Index>(mask.sinks - first, 0, visible);
+      const Index hi = std::clamp<Index>(p - mask.window + 1 - first, lo, visible);
+      if (hi > lo) S.row(r).segment(lo, hi - lo).setConstant(neg_inf);
     }
   }
 }
 
+// Whether a tile of keys at positions [first, first + n) needs masking for any row.
+inline bool needs_mask(const Index* row_pos, Index rows, Index first, Index n,
+                       const attention_mask& mask) noexcept {
+  if (row_pos == nullptr) return false;
+  for (Index r = 0; r < rows; ++r) {
+    const Index p = row_pos[r];
+    if (first + n - 1 > p) return true;
+    if (mask.window > 0 && first <= p - mask.window && first + n > mask.sinks) return true;
+  }
+  return false;
+}
+
 // The online softmax step for one tile: scores S (rows x n) become probabilities relative to
-// each row's new running max, and the state's sum and output are rescaled to that max.
-// Rows that see no key in the tile get zero probabilities and keep their state.
+// each row's new running max, already divided by the new running sum, and the state's output
+// is reweighted to match, so the output stays normalized (see softmax_state). Rows that see no
+// key in the tile get zero probabilities and keep their state.
 template <class Scores, class T>
 void online_softmax_update(Scores& S, softmax_state<T>& st) {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
@@ -117,21 +173,24 @@ void online_softmax_update(Scores& S, softmax_state<T>& st) {
       continue;
     }
     const T m_new = std::max(st.m(r), tile_max);
-    const T alpha = std::exp(st.m(r) - m_new);
+    const T alpha = std::exp(st.m(r) - m_new) * st.l(r);  // 0 before any key
     S.row(r) = (S.row(r).array() - m_new).exp().matrix();
-    st.l(r) = alpha * st.l(r) + S.row(r).sum();
-    st.o.row(r) *= alpha;
+    const T l_new = alpha + S.row(r).sum();
+    const T inv = T(1) / l_new;
+    S.row(r) *= inv;
+    st.o.row(r) *= alpha * inv;
+    st.l(r) = l_new;
     st.m(r) = m_new;
   }
 }
 
-// Folds rows [lo, hi) of one block (rows counted from the block's start, the first at
-// position `offset`) into the first `rows` rows of `st`, for the first `rows` rows of `ws.q`.
-// With `row_pos`, row r sees only keys at positions <= row_pos[r]. This is the overload for
-// blocks of plain storage; other block kinds (quantized) overload it.
+// Folds rows [lo, hi) of one block (rows counted from the block's start, which sits at
+// position `first`) into the first `rows` rows of `st`, for the first `rows` rows of `ws.q`.
+// With `row_pos`, row r sees the keys that `mask` lets a query at row_pos[r] see. This is the
+// overload for blocks of plain storage; formats overload it for their own blocks.
 template <class T, class Scalar>
-void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index offset, Index d,
-                  Index rows, const Index* row_pos, Index tile,
+void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, Index d,
+                  Index rows, const Index* row_pos, const attention_mask& mask, Index tile,
                   typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
   for (Index t0 = lo; t0 < hi; t0 += tile) {
     const Index n = std::min(tile, hi - t0);
@@ -154,7 +213,7 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index offset,
         S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
       }
     }
-    if (row_pos != nullptr) mask_causal(S, row_pos, offset + t0);
+    if (needs_mask(row_pos, rows, first + t0, n, mask)) apply_mask(S, row_pos, first + t0, mask);
     online_softmax_update(S, st);
     if (fixed) {
       with_fixed_chunks<T>(d, [&](auto chunks) {
@@ -173,18 +232,35 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index offset,
   }
 }
 
-// Folds keys [k0, k1) of kv head `h` (positions in the view, oldest first) into `st`.
-template <class View, class T>
-void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
+// A cache layer's block: its format's stored run, or a run of the full-precision tail.
+template <class T, class StoredBlock>
+void attend_block(const layer_block<StoredBlock, T>& blk, Index lo, Index hi, Index first,
+                  Index d, Index rows, const Index* row_pos, const attention_mask& mask,
                   Index tile, typename attention_workspace<T>::worker_scratch& ws,
                   softmax_state<T>& st) {
-  Index offset = 0;  // position of the current block's first token
+  if (blk.in_tail) {
+    attend_block<T>(blk.tail, lo, hi, first, d, rows, row_pos, mask, tile, ws, st);
+  } else {
+    attend_block<T>(blk.stored, lo, hi, first, d, rows, row_pos, mask, tile, ws, st);
+  }
+}
+
+// Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
+// `st`. Blocks whose first position lies after `max_pos` are skipped: no row can see them.
+template <class View, class T>
+void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
+                  Index max_pos, Index tile, typename attention_workspace<T>::worker_scratch& ws,
+                  softmax_state<T>& st) {
+  const attention_mask mask = view.mask();
+  Index offset = 0;  // index of the current block's first token within the view
   for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
+    const Index first = view.position(b);
+    if (first > max_pos) break;
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + blk.tokens);
     if (lo < hi) {
-      attend_block<T>(blk, lo - offset, hi - offset, offset, view.head_dim(), rows, row_pos, tile,
-                      ws, st);
+      attend_block<T>(blk, lo - offset, hi - offset, first, view.head_dim(), rows, row_pos, mask,
+                      tile, ws, st);
     }
     offset += blk.tokens;
   }
@@ -199,9 +275,39 @@ void check_view(const char* fn, const attention_shape& shape, const View& view) 
   }
 }
 
+// Refuses options no kernel can run with, naming `fn`.
+inline void check_options(const char* fn, const attention_options& opt) {
+  if (opt.tile_tokens <= 0 || opt.split_tokens < 0) {
+    fail<std::invalid_argument>(fn, ": tile_tokens must be > 0 and split_tokens >= 0, got ",
+                                opt.tile_tokens, " and ", opt.split_tokens);
+  }
+  if (!std::isfinite(opt.scale)) {
+    fail<std::invalid_argument>(fn, ": scale must be finite (0 for 1/sqrt(head_dim)), got ",
+                                opt.scale);
+  }
+}
+
 template <class T>
 T score_scale(const attention_options& opt, Index head_dim) {
   return opt.scale != 0.0 ? T(opt.scale) : T(1) / std::sqrt(T(head_dim));
+}
+
+// Keys per tile for a view of `tokens` tokens: tile_tokens, but a tile_tokens far beyond the
+// view sizes no scratch beyond it (nor beyond the default tile, so that views growing by a
+// token per step do not regrow the scratch).
+inline Index tile_for(const attention_options& opt, Index tokens) noexcept {
+  return std::max<Index>(1, std::min(opt.tile_tokens, std::max<Index>(tokens, 128)));
+}
+
+// The number of runs decode splits each kv head's `tokens` keys into (split-K), for `tile`
+// keys per tile: enough runs to give every worker work, none shorter than a tile. Never falls
+// as tokens grow, so sizing for the largest view sizes for every smaller one.
+inline Index decode_splits(const attention_options& opt, Index n_kv_heads, Index tokens,
+                           Index tile) noexcept {
+  const Index workers = opt.pool != nullptr ? opt.pool->size() : 1;
+  Index splits = opt.split_tokens > 0 ? ceil_div(tokens, opt.split_tokens)
+                                      : ceil_div(workers, n_kv_heads);
+  return std::max<Index>(1, std::min(splits, ceil_div(tokens, tile)));
 }
 
 }  // namespace detail

@@ -5,24 +5,13 @@
 #include "kvcache/detail/error.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/types.hpp"
+#include "kvcache/view.hpp"
 
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 
 namespace kvcache {
-
-/// Which keys each query may see. Keys sit at positions 0..n_keys-1; query i at q_pos0 + i.
-struct attention_mask {
-  /// Query at position p sees no key after p.
-  bool causal = true;
-  /// Position of the first query; -1 places the queries last (n_keys - n_queries).
-  Index q_pos0 = -1;
-  /// When > 0, a query at p sees only keys at p-window+1..p (Mistral's sliding window) ...
-  Index window = 0;
-  /// ... and, besides those, always the first `sinks` keys (StreamingLLM's attention sinks).
-  Index sinks = 0;
-};
 
 /// Scaled dot-product attention of `q` (`n_q x n_heads*head_dim`) over `k`, `v`
 /// (`n_k x n_kv_heads*head_dim`), computed in T: per query head, the full score matrix

@@ -4,7 +4,7 @@
 
 #include "kvcache/attention/kernel.hpp"
 #include "kvcache/attention/micro_kernel.hpp"
-#include "kvcache/cache/block.hpp"
+#include "kvcache/view.hpp"
 #include "kvcache/detail/assert.hpp"
 #include "kvcache/types.hpp"
 
@@ -20,7 +20,7 @@
 
 namespace kvcache {
 
-/// The storage scalar of a quantized cache's view: `Bits`-bit codes (8 or 4) with an fp16
+/// The storage scalar that names a quantized format to the attention drivers: `Bits`-bit codes (8 or 4) with an fp16
 /// scale and zero point per group. Never stored as such; it names the format to the attention
 /// drivers, which run its arithmetic in float.
 template <int Bits>
@@ -42,29 +42,27 @@ struct scalar_traits<quantized_code<4>> {
 
 namespace detail {
 
-/// A block of a quantized cache's view for one kv head: either a run of quantized tokens
-/// (`quantized`) or a run of full-precision tokens (`residual`). Quantized keys have a scale
-/// and zero point per channel and group of `group` tokens, values per token and group of
-/// `group` channels; a key or value element is `scale * code + zero`. The quantized run
-/// starts at a group boundary of the keys. Non-owning, trivially copyable.
+/// A run of quantized tokens of one kv head. Keys have a scale and zero point per channel and
+/// group of `group` tokens, values per token and group of `group` channels (the last group of a
+/// head_dim that `group` does not divide is shorter); an element reads back as
+/// `scale * code + zero`. The run starts at a group boundary of the keys. Non-owning,
+/// trivially copyable.
 template <int Bits>
 struct quantized_block {
   Index tokens = 0;
-  bool quantized = false;
   Index group = 0;
-  const std::uint8_t* key_codes = nullptr;    // [token][head_dim * Bits / 8]
-  const std::uint8_t* value_codes = nullptr;  // [token][head_dim * Bits / 8]
+  const std::uint8_t* key_codes = nullptr;    // [token][code_row_bytes(head_dim)]
+  const std::uint8_t* value_codes = nullptr;  // [token][code_row_bytes(head_dim)]
   const Eigen::half* key_scales = nullptr;    // [token / group][head_dim]
   const Eigen::half* key_zeros = nullptr;     // [token / group][head_dim]
-  const Eigen::half* value_scales = nullptr;  // [token][head_dim / group]
-  const Eigen::half* value_zeros = nullptr;   // [token][head_dim / group]
-  kv_block<float> residual;                   // when !quantized
+  const Eigen::half* value_scales = nullptr;  // [token][ceil(head_dim / group)]
+  const Eigen::half* value_zeros = nullptr;   // [token][ceil(head_dim / group)]
 };
 
 /// Bytes of one token's codes for one kv head.
 template <int Bits>
 constexpr Index code_row_bytes(Index head_dim) noexcept {
-  return head_dim * Bits / 8;
+  return Bits == 8 ? head_dim : (head_dim + 1) / 2;
 }
 
 /// The code of channel `x` of a row of codes; int4 holds two per byte, the even channel in
@@ -187,7 +185,7 @@ struct code_loader {
 template <class T>
 bool quantized_fixed_fits(Index d, Index g) {
   constexpr Index width = code_loader<T, 8>::width;
-  if (d % width != 0 || g % width != 0) return false;
+  if (d % width != 0 || g % width != 0 || d % g != 0) return false;
   const Index c = d / width;
   return (c == 1 || c == 2 || c == 4 || c == 8 || c == 16) && c % (g / width) == 0;
 }
@@ -558,8 +556,7 @@ void dequantize_value_tile(const quantized_block<Bits>& blk, Index t0, Index n, 
   using codes_of = code_loader<T, Bits>;
   using packet = typename codes_of::packet;
   constexpr Index width = codes_of::width;
-  const Index g = blk.group, groups = d / g, row_bytes = code_row_bytes<Bits>(d);
-  const Index gv = g - g % width;
+  const Index g = blk.group, groups = ceil_div(d, g), row_bytes = code_row_bytes<Bits>(d);
   for (Index t = 0; t < n; ++t) {
     const Index token = t0 + t;
     const std::uint8_t* codes = blk.value_codes + token * row_bytes;
@@ -568,31 +565,28 @@ void dequantize_value_tile(const quantized_block<Bits>& blk, Index t0, Index n, 
       const T sj = T(blk.value_scales[token * groups + j]);
       const T zj = T(blk.value_zeros[token * groups + j]);
       const packet sp = pset1<packet>(sj), zp = pset1<packet>(zj);
-      for (Index x = j * g; x < j * g + gv; x += width) {
+      const Index end = std::min(d, (j + 1) * g), vend = j * g + (end - j * g) / width * width;
+      for (Index x = j * g; x < vend; x += width) {
         pstoreu(dst + x, pmadd(sp, codes_of::load(codes, x), zp));
       }
-      for (Index x = j * g + gv; x < (j + 1) * g; ++x) {
+      for (Index x = vend; x < end; ++x) {
         dst[x] = sj * T(code_at<Bits>(codes, x)) + zj;
       }
     }
   }
 }
 
-// attend_block for the blocks of a quantized cache's view (see kernel.hpp's overload for
-// plain blocks; the arguments mean the same). Residual blocks take the plain kernel. Quantized
-// decode with a common head_dim reads the codes directly (quantized_fixed_kernel); other head
-// dims and prefill's many rows dequantize one tile at a time into the workspace's k and v
-// tiles, which the drivers size because this format is not stored as float.
+// attend_block for runs of quantized tokens (see kernel.hpp's overload for plain blocks; the
+// arguments mean the same). Decode with a common head_dim reads the codes directly
+// (quantized_fixed_kernel); other head dims and prefill's many rows dequantize one tile at a
+// time into the workspace's k and v tiles, which the drivers size because this format is not
+// stored as float.
 template <class T, int Bits>
-void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index offset, Index d,
-                  Index rows, const Index* row_pos, Index tile,
+void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index first, Index d,
+                  Index rows, const Index* row_pos, const attention_mask& mask, Index tile,
                   typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
   static_assert(std::is_same_v<T, float>, "kvcache: quantized caches compute in float");
-  if (!blk.quantized) {
-    attend_block<T>(blk.residual, lo, hi, offset, d, rows, row_pos, tile, ws, st);
-    return;
-  }
-  KVCACHE_ASSERT(blk.group > 0 && d % blk.group == 0);
+  KVCACHE_ASSERT(blk.group > 0);
   // The drivers size k and v as tile x head_dim (the format is not float); the fixed
   // kernels keep the tile's value scales and zero points in v.
   KVCACHE_ASSERT(ws.k.rows() >= std::min(tile, hi - lo) && ws.k.cols() >= d);
@@ -618,7 +612,7 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index of
         S.noalias() = ws.q.topLeftCorner(rows, d) * ws.k.topLeftCorner(n, d).transpose();
       }
     }
-    if (row_pos != nullptr) mask_causal(S, row_pos, offset + t0);
+    if (needs_mask(row_pos, rows, first + t0, n, mask)) apply_mask(S, row_pos, first + t0, mask);
     online_softmax_update(S, st);
     if (fixed) {
       with_fixed_chunks<T>(d, [&](auto chunks) {

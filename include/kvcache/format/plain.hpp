@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0
+// The plain format: every token's key and value stored as head_dim scalars (f64, f32, f16, bf16).
+#pragma once
+
+#include "kvcache/detail/buffer.hpp"
+#include "kvcache/detail/checked.hpp"
+#include "kvcache/types.hpp"
+#include "kvcache/view.hpp"
+
+#include <cstring>
+#include <string>
+
+namespace kvcache {
+
+/// Keys and values stored as `Scalar` (float, double, Eigen::half, Eigen::bfloat16), read by
+/// the kernels in place and widened in registers. A format is a policy of the whole-model
+/// cache: it says how a run of stored units is laid out, written, read back and handed to
+/// attention. Here a unit is one token, and nothing is kept in a full-precision tail.
+///
+/// Non-finite values are stored as they come (NaN stays NaN, a value beyond a 16-bit type's
+/// range becomes infinite).
+template <class Scalar>
+class plain_format {
+ public:
+  using scalar_type = Scalar;
+  using compute_type = compute_t<Scalar>;
+  using block_type = kv_block<Scalar>;
+
+  /// Whether a stored token reads back exactly as it was written (after conversion to Scalar).
+  static constexpr bool lossless = true;
+
+  /// Tokens per stored unit.
+  Index unit_tokens() const noexcept { return 1; }
+  /// The newest tokens kept in full precision before they are stored: none.
+  Index residual() const noexcept { return 0; }
+  /// "f64", "f32", "f16" or "bf16".
+  std::string name() const { return scalar_traits<Scalar>::name; }
+  /// Nothing to check: every head_dim is stored as is.
+  void check(const char* /*fn*/, Index /*head_dim*/) const noexcept {}
+  /// Bytes of one stored unit, keys and values of `heads` kv heads of `head_dim`.
+  Index unit_bytes(Index heads, Index head_dim) const {
+    return detail::checked_product({2, heads, head_dim, Index(sizeof(Scalar))}, "plain_format");
+  }
+
+  friend bool operator==(const plain_format&, const plain_format&) noexcept { return true; }
+  friend bool operator!=(const plain_format&, const plain_format&) noexcept { return false; }
+
+  /// Room for `slots` units of every kv head: [kv_head][slot][head_dim] for keys and values.
+  struct storage {
+    detail::buffer<Scalar> keys;
+    detail::buffer<Scalar> values;
+    Index heads = 0;
+    Index dim = 0;
+    Index slots = 0;
+  };
+
+  /// Allocates room for `slots` units. Throws std::length_error when the size overflows,
+  /// std::bad_alloc when memory is short.
+  storage allocate(Index heads, Index head_dim, Index slots) const {
+    const Index n = detail::checked_product({heads, head_dim, slots}, "cache capacity");
+    detail::checked_mul(n, 2 * Index(sizeof(Scalar)), "cache capacity");
+    storage s;
+    s.keys = detail::buffer<Scalar>(n);
+    s.values = detail::buffer<Scalar>(n);
+    s.heads = heads;
+    s.dim = head_dim;
+    s.slots = slots;
+    return s;
+  }
+
+  /// Copies units [src_slot, src_slot + n) of `src` to [dst_slot, dst_slot + n) of `dst`.
+  void copy_units(storage& dst, Index dst_slot, const storage& src, Index src_slot,
+                  Index n) const noexcept {
+    if (n <= 0) return;
+    const std::size_t bytes = static_cast<std::size_t>(n * src.dim) * sizeof(Scalar);
+    for (Index h = 0; h < src.heads; ++h) {
+      std::memmove(dst.keys.data() + (h * dst.slots + dst_slot) * dst.dim,
+                   src.keys.data() + (h * src.slots + src_slot) * src.dim, bytes);
+      std::memmove(dst.values.data() + (h * dst.slots + dst_slot) * dst.dim,
+                   src.values.data() + (h * src.slots + src_slot) * src.dim, bytes);
+    }
+  }
+
+  /// Writes the rows of `k` and `v` (`n x heads*head_dim`, heads side by side) as units
+  /// [slot, slot + n). Room must exist.
+  template <class K, class V>
+  void write(storage& s, Index slot, const K& k, const V& v) const {
+    const Index n = k.rows(), d = s.dim;
+    for (Index h = 0; h < s.heads; ++h) {
+      Eigen::Map<row_matrix<Scalar>> kd(s.keys.data() + (h * s.slots + slot) * d, n, d);
+      Eigen::Map<row_matrix<Scalar>> vd(s.values.data() + (h * s.slots + slot) * d, n, d);
+      kd = k.middleCols(h * d, d).template cast<Scalar>();
+      vd = v.middleCols(h * d, d).template cast<Scalar>();
+    }
+  }
+
+  /// Reads units [slot, slot + n) back into the first n rows of `k` and `v`.
+  template <class K, class V>
+  void read(const storage& s, Index slot, Index n, K&& k, V&& v) const {
+    const Index d = s.dim;
+    for (Index h = 0; h < s.heads; ++h) {
+      Eigen::Map<const row_matrix<Scalar>> ks(s.keys.data() + (h * s.slots + slot) * d, n, d);
+      Eigen::Map<const row_matrix<Scalar>> vs(s.values.data() + (h * s.slots + slot) * d, n, d);
+      k.block(0, h * d, n, d) = ks.template cast<compute_type>();
+      v.block(0, h * d, n, d) = vs.template cast<compute_type>();
+    }
+  }
+
+  /// Units [slot, slot + n) of kv head h as attention reads them.
+  block_type block(const storage& s, Index h, Index slot, Index n) const noexcept {
+    const Index at = (h * s.slots + slot) * s.dim;
+    return {s.keys.data() + at, s.values.data() + at, n, s.dim};
+  }
+
+  /// Calls f(pointer, bytes) for every array that holds units [slot, slot + n), in a fixed
+  /// order: the bytes of those units, for saving and loading.
+  template <class Storage, class F>
+  static void for_each_span(Storage& s, Index slot, Index n, F&& f) {
+    const std::size_t bytes = static_cast<std::size_t>(n * s.dim) * sizeof(Scalar);
+    for (Index h = 0; h < s.heads; ++h) f(s.keys.data() + (h * s.slots + slot) * s.dim, bytes);
+    for (Index h = 0; h < s.heads; ++h) f(s.values.data() + (h * s.slots + slot) * s.dim, bytes);
+  }
+};
+
+}  // namespace kvcache
