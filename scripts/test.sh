@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/deps.sh g++ cmake ninja-build libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
+scripts/deps.sh g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev \
+  libbenchmark-dev
 
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(dev asan release)
