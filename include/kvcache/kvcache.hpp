@@ -12,6 +12,7 @@
 #include "kvcache/cache/fixed.hpp"
 #include "kvcache/cache/quantized.hpp"
 #include "kvcache/cache/sliding_window.hpp"
+#include "kvcache/io/state_file.hpp"
 #include "kvcache/memory.hpp"
 #include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
