@@ -181,8 +181,8 @@ inline std::string tag_name(std::uint32_t tag) {
 /// anything after finish or on a moved-from writer) are std::logic_error; a reserved or
 /// non-printable tag, or a negative count, is std::invalid_argument.
 ///
-/// Cost: each put appends to the section's buffer (amortized O(size)); end_section hashes the
-/// section once and writes it. The buffer keeps its capacity from one section to the next.
+/// Cost: each put appends to the section's buffer (amortized O(bytes put)); end_section hashes
+/// the section once and writes it. The buffer keeps its capacity from one section to the next.
 /// Memory: one section at a time, so split large data into several sections (one per layer).
 ///
 /// Threads: one owner; two threads may not use one writer (or its stream) at once.
@@ -199,7 +199,7 @@ class state_writer {
 
   state_writer(const state_writer&) = delete;
   state_writer& operator=(const state_writer&) = delete;
-  /// The moved-from writer is empty: every call but the destructor is std::logic_error.
+  /// The moved-from writer is empty: finished() is false and every write is std::logic_error.
   state_writer(state_writer&& other) noexcept
       : out_(std::exchange(other.out_, nullptr)),
         name_(std::move(other.name_)),
@@ -628,8 +628,8 @@ class state_reader {
 
   state_reader(const state_reader&) = delete;
   state_reader& operator=(const state_reader&) = delete;
-  /// The moved-from reader is empty: every call but the destructor and name() is
-  /// std::logic_error.
+  /// The moved-from reader is empty: size() and position() are 0, and next_section,
+  /// expect_section and expect_end are std::logic_error.
   state_reader(state_reader&& other) noexcept
       : in_(std::exchange(other.in_, nullptr)),
         name_(std::move(other.name_)),
