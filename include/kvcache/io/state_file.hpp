@@ -41,7 +41,8 @@ class format_error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// The format version this library writes, and the newest one it reads.
+/// The format version this library writes, and the newest one it reads. Raised whenever the
+/// container or the sections kvcache writes change; loaders branch on state_reader::version().
 inline constexpr std::uint32_t format_version = 1;
 
 /// The 8 bytes every state file starts with: "\x89KVC\r\n\x1a\n". As in PNG's signature, the
