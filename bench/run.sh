@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/deps.sh g++ cmake ninja-build libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev \
-  python3-matplotlib
+scripts/deps.sh g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev \
+  libbenchmark-dev python3-matplotlib
 
 cmake --preset release >/dev/null
 cmake --build --preset release --target kvcache_bench

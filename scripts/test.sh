@@ -2,16 +2,26 @@
 # SPDX-License-Identifier: Apache-2.0
 # Builds and runs every test: the dev build (assertions, warnings as errors), the
 # AddressSanitizer + UndefinedBehaviorSanitizer build, and the release build (-DNDEBUG), whose
-# benchmarks then run once each.
+# benchmarks then run once each; then, as an extra stage, the fuzz build (clang, libFuzzer),
+# whose fuzzers each run for 20 seconds (the CMake cache variable KVCACHE_FUZZ_SECONDS).
 # Installs missing Debian packages first. Usage: scripts/test.sh [preset...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/deps.sh g++ cmake ninja-build libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
-
 presets=("$@")
-[ ${#presets[@]} -gt 0 ] || presets=(dev asan release)
+[ ${#presets[@]} -gt 0 ] || presets=(dev asan release fuzz)
+
+packages=(g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev
+  libbenchmark-dev)
 for preset in "${presets[@]}"; do
+  if [ "$preset" = fuzz ]; then packages+=(clang libclang-rt-14-dev); fi
+done
+scripts/deps.sh "${packages[@]}"
+
+for preset in "${presets[@]}"; do
+  if [ "$preset" = fuzz ]; then
+    echo "==> kvcache: extra stage: fuzzers (clang, libFuzzer, ASan + UBSan)"
+  fi
   echo "==> kvcache: ${preset} build"
   cmake --preset "$preset" >/dev/null
   cmake --build --preset "$preset"
