@@ -299,7 +299,8 @@ class kv_cache {
   /// must not be below the layout's sinks. Tokens before `first` keep their stored form; a
   /// quantized format re-quantizes the groups from the one holding `first` on.
   /// Cost: reads and rewrites the tokens from `first` on. Allocates scratch for them once.
-  /// Throws std::out_of_range unless sinks <= first <= last <= position(l) for every layer,
+  /// Throws std::out_of_range unless sinks <= first <= last <= position(l) for every layer, or
+  /// when a ring would be left without the window's tokens (it cannot give back evicted ones),
   /// std::invalid_argument when rope.head_dim() differs from the cache's; nothing changes then.
   void shift(Index first, Index last, const rope& rope) {
     if (rope.head_dim() != shape_.head_dim()) {
@@ -313,6 +314,22 @@ class kv_cache {
         detail::fail<std::out_of_range>("shift: positions [", first, ", ", last,
                                         ") must lie within [", plan_.mask.sinks, ", ", L.next,
                                         "] of layer ", l, " (sinks stay)");
+      }
+      // A ring cannot give back evicted tokens: the kept ones must still fill the window of
+      // the new newest position.
+      const Index ring_begin = L.next - L.tail_n - L.ring_n * unit_;
+      const Index begin_after = ring_begin < first ? ring_begin
+                                : ring_begin < last ? first : ring_begin - (last - first);
+      const Index end_after = L.next - (last - first);
+      const Index need_from = plan_.mask.window > 0
+                                  ? std::max(plan_.mask.sinks, end_after - plan_.mask.window)
+                                  : Index(0);
+      if (L.ring_n > 0 && begin_after > L.sink_n * unit_ && need_from < begin_after &&
+          end_after > need_from) {
+        detail::fail<std::out_of_range>(
+            "shift: dropping [", first, ", ", last, ") from layer ", l, " is not exact: the window "
+            "of position ", end_after - 1, " would need tokens from position ", need_from,
+            " that the ring no longer holds");
       }
       most = std::max(most, L.next - rebuild_from(L, first));
     }
@@ -418,6 +435,100 @@ class kv_cache {
       i += piece;
     }
   }
+
+  /// The counts that place a layer's tokens, for saving and loading (io/cache_file.hpp).
+  struct layer_record {
+    Index next = 0;       // position of the next token
+    Index sink_units = 0;  // sink units held
+    Index ring_units = 0;  // rolling units held
+    Index first_run = 0;   // rolling units in the first run (before the ring wraps)
+    Index tail_tokens = 0;
+  };
+
+  /// Layer `l`'s record. Throws std::out_of_range for a bad layer.
+  layer_record record(Index l) const {
+    const layer_state& L = at(l, "record");
+    return {L.next, L.sink_n, L.ring_n, std::min(L.ring_n, L.ring_slots - L.ring_start), L.tail_n};
+  }
+
+  /// Calls f(const void* data, std::size_t bytes) over layer `l`'s held contents in a fixed
+  /// order: the sink units, the rolling units' first run then second (each as
+  /// Format::for_each_span orders its arrays), the tail's keys, then its values.
+  template <class F>
+  void for_each_span(Index l, F&& f) const {
+    const layer_state& L = at(l, "for_each_span");
+    const layer_record r = record(l);
+    Format::for_each_span(L.units, 0, L.sink_n, f);
+    Format::for_each_span(L.units, plan_.sink_units + L.ring_start, r.first_run, f);
+    Format::for_each_span(L.units, plan_.sink_units, L.ring_n - r.first_run, f);
+    const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
+    f(static_cast<const void*>(L.tail_k.data()), bytes);
+    f(static_cast<const void*>(L.tail_v.data()), bytes);
+  }
+
+  /// Bytes for_each_span visits for a layer of record `r`.
+  /// Throws std::length_error when the counts overflow.
+  Index span_bytes(const layer_record& r) const {
+    const Index units = detail::checked_add(r.sink_units, r.ring_units, "units");
+    return detail::checked_add(detail::checked_mul(units, unit_bytes(), "stored bytes"),
+                               detail::checked_mul(r.tail_tokens, tail_token_bytes(), "tail bytes"),
+                               "layer bytes");
+  }
+
+  /// Refuses (std::invalid_argument naming what is wrong) a record this cache cannot hold.
+  void check_record(const layer_record& r) const {
+    const auto bad = [](const char* what, Index value, Index lo, Index hi) {
+      if (value < lo || value > hi) {
+        detail::fail<std::invalid_argument>(what, " is ", value, ", expected ", lo, "..", hi);
+      }
+    };
+    bad("sink units", r.sink_units, 0, plan_.sink_units);
+    bad("rolling units", r.ring_units, 0, plan_.grows ? units_for(plan_.max_tokens) : plan_.ring_units);
+    bad("tail tokens", r.tail_tokens, 0, uses_tail_ ? tail_cap_ - 1 : 0);
+    if (r.ring_units > 0 && r.sink_units < plan_.sink_units) {
+      detail::fail<std::invalid_argument>("rolling units held before the sinks are full");
+    }
+    const Index ring_slots = plan_.grows ? r.ring_units : plan_.ring_units;
+    bad("first run", r.first_run, std::min<Index>(r.ring_units, 1), std::min(r.ring_units, ring_slots));
+    if (r.ring_units > 0 && plan_.grows && r.first_run != r.ring_units) {
+      detail::fail<std::invalid_argument>("a growing layout's units are one run");
+    }
+    const Index held_tokens = (r.sink_units + r.ring_units) * unit_ + r.tail_tokens;
+    if (!plan_.evicts) bad("tokens held", held_tokens, 0, plan_.max_tokens);
+    bad("next position", r.next, held_tokens, no_limit / 2);
+    if (!plan_.evicts && r.next != held_tokens) {
+      detail::fail<std::invalid_argument>("next position is ", r.next, " but ", held_tokens,
+                                          " tokens are held by a layout that never drops any");
+    }
+  }
+
+  /// Replaces layer `l` by one of record `r` (checked with check_record first), whose contents
+  /// `fill(void* data, std::size_t bytes)` writes in for_each_span's order. Strong guarantee
+  /// as far as `fill` gives it: the layer changes only after fill returned for every span.
+  template <class F>
+  void restore_layer(Index l, const layer_record& r, F&& fill) {
+    layer_state& L = at(l, "restore_layer");
+    check_record(r);
+    layer_state fresh;
+    allocate(fresh, plan_.grows ? std::max(r.ring_units, Index(1)) : plan_.ring_units);
+    Format::for_each_span(fresh.units, 0, r.sink_units, fill);
+    Format::for_each_span(fresh.units, plan_.sink_units, r.first_run, fill);
+    Format::for_each_span(fresh.units, plan_.sink_units + r.first_run, r.ring_units - r.first_run,
+                          fill);
+    const auto bytes = static_cast<std::size_t>(r.tail_tokens * shape_.kv_width()) * sizeof(compute_type);
+    if (uses_tail_) {
+      fill(static_cast<void*>(fresh.tail_k.data()), bytes);
+      fill(static_cast<void*>(fresh.tail_v.data()), bytes);
+    }
+    fresh.sink_n = r.sink_units;
+    fresh.ring_n = r.ring_units;
+    fresh.tail_n = r.tail_tokens;
+    fresh.next = r.next;
+    L = std::move(fresh);
+  }
+
+  /// The layout's decisions, as the cache applies them.
+  const layout_plan& plan() const noexcept { return plan_; }
 
  private:
   static constexpr bool convert = !std::is_same_v<scalar_type, compute_type>;
@@ -728,8 +839,8 @@ class kv_cache {
                                 : Index(0);
     if (ring_begin > sink_end && need_from < ring_begin && need_from >= sink_end && n > need_from) {
       detail::fail<std::out_of_range>(
-          "crop: rolling layer ", l, " back to n = ", n, " needs tokens from position ", need_from,
-          " that the ring no longer holds; it rolls back exactly to positions >= ",
+          "crop: rolling layer ", l, " back to n = ", n, " is not exact: it needs tokens from "
+          "position ", need_from, " that the ring no longer holds; it rolls back exactly to positions >= ",
           ring_begin + (plan_.mask.window > 0 ? plan_.mask.window : 0),
           " (raise max_rollback to keep more)");
     }
@@ -787,8 +898,10 @@ class kv_cache {
     n += L.tail_n;
     // Drop them from the layer, then append back the kept ones at their new positions.
     apply_crop_raw(L, from);
-    if (L.ring_n == 0 && L.tail_n == 0) L.next = pos0;  // after evicted tokens, if any
     const Index keep_before = std::clamp<Index>(first - pos0, 0, n);
+    // The first token appended back: the oldest kept one, at its new position (past evicted
+    // tokens, if any, which only an emptied ring can skip).
+    if (L.ring_n == 0 && L.tail_n == 0) L.next = keep_before > 0 ? pos0 : std::max(pos0, last) - delta;
     const Index dropped = std::clamp<Index>(last - pos0, keep_before, n) - keep_before;
     const Index after = n - keep_before - dropped;
     if (after > 0) rope.rotate(k.middleRows(keep_before + dropped, after), -delta);

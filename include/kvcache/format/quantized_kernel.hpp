@@ -467,7 +467,10 @@ struct quantized_fixed_kernel {
   static void accumulate_rows(const T* p, Index p_stride, const quantized_block<Bits>& blk,
                               Index t0, Index n, const T* scale, const T* zero, T* o,
                               Index o_stride) {
-    constexpr int CC = std::min(C, std::max(1, 16 / R));
+    // A power of two, so that the runs tile the C packets (C is one): 16 / R itself would
+    // leave packets out for R = 3, 5, 6, 7.
+    constexpr int budget = std::max(1, 16 / R);
+    constexpr int CC = std::min(C, budget >= 16 ? 16 : budget >= 8 ? 8 : budget >= 4 ? 4 : budget >= 2 ? 2 : 1);
     accumulate_runs<R, P, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride,
                               std::make_integer_sequence<int, C / CC>{});
   }
