@@ -11,7 +11,8 @@
 namespace kvcache::detail {
 
 /// a * b, or std::length_error naming `what` and both values when it would overflow Index.
-inline Index checked_mul(Index a, Index b, const char* what = "size") {
+/// constexpr, so compile-time size formulas use it too.
+constexpr Index checked_mul(Index a, Index b, const char* what = "size") {
   Index out = 0;
   if (__builtin_mul_overflow(a, b, &out)) {
     fail<std::length_error>(what, ": ", a, " x ", b, " overflows a 64-bit size");
@@ -20,7 +21,7 @@ inline Index checked_mul(Index a, Index b, const char* what = "size") {
 }
 
 /// a + b, or std::length_error naming `what` and both values when it would overflow Index.
-inline Index checked_add(Index a, Index b, const char* what = "size") {
+constexpr Index checked_add(Index a, Index b, const char* what = "size") {
   Index out = 0;
   if (__builtin_add_overflow(a, b, &out)) {
     fail<std::length_error>(what, ": ", a, " + ", b, " overflows a 64-bit size");
@@ -29,10 +30,20 @@ inline Index checked_add(Index a, Index b, const char* what = "size") {
 }
 
 /// The product of every factor, checked as checked_mul.
-inline Index checked_product(std::initializer_list<Index> factors, const char* what = "size") {
+constexpr Index checked_product(std::initializer_list<Index> factors, const char* what = "size") {
   Index out = 1;
   for (const Index f : factors) out = checked_mul(out, f, what);
   return out;
+}
+
+/// Whether the product of the factors overflows Index, for callers that name every factor in
+/// their own message.
+constexpr bool product_overflows(std::initializer_list<Index> factors) noexcept {
+  Index out = 1;
+  for (const Index f : factors) {
+    if (__builtin_mul_overflow(out, f, &out)) return true;
+  }
+  return false;
 }
 
 }  // namespace kvcache::detail
