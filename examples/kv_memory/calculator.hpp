@@ -523,7 +523,8 @@ inline double bits_per_element(const model_shape& model, const kvcache::kv_dtype
     return 8.0 * static_cast<double>((dim * dtype.bits + 7) / 8);
   };
   const auto value_bits = [&](std::int64_t dim) {
-    return code_bits(dim) + static_cast<double>((dim + dtype.group_size - 1) / dtype.group_size) * scale;
+    const std::int64_t groups = (dim + dtype.group_size - 1) / dtype.group_size;
+    return code_bits(dim) + static_cast<double>(groups) * scale;
   };
   if (model.mla()) {
     return (value_bits(model.latent_dim) + value_bits(model.rope_dim)) /
@@ -853,8 +854,8 @@ inline void write_presets(std::ostream& out, int group) {
                 "model", "attn", "layers", "cached per layer/token", "window", "f16 B/tok",
                 int8_head.c_str(), int4_head.c_str());
   table << row;
-  table << "|-------------|------|-------:|------------------------|-------:|----------:|----------:|"
-           "----------:|\n";
+  table << "|-------------|------|-------:|------------------------|-------:|----------:|"
+           "----------:|----------:|\n";
   for (const model_shape& m : presets) {
     const std::string cached =
         m.mla() ? std::to_string(m.latent_dim) + " + " + std::to_string(m.rope_dim) + " latent"

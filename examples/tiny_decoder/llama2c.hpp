@@ -177,15 +177,18 @@ inline std::string describe(const config& c, bool shared_classifier) {
 /// 10000 and norm_eps to 1e-5, as llama2.c assumes. With a shared classifier,
 /// `w.classifier` is a copy of the embedding.
 /// Throws std::runtime_error, naming the file and the problem, if it is a directory or
-/// another file that is not a regular one, if it cannot be opened or read, if a header field is not positive, if dim is not n_heads times an even head_dim or
-/// n_heads not a multiple of n_kv_heads, if the sizes overflow, or if the file is not exactly
-/// as long as its header implies. Reads the file once, allocating the weights once.
+/// another file that is not a regular one, if it cannot be opened or read, if a header field
+/// is not positive, if dim is not n_heads times an even head_dim or n_heads not a multiple of
+/// n_kv_heads, if the sizes overflow, or if the file is not exactly as long as its header
+/// implies. Reads the file once, allocating the weights once.
 inline model load_checkpoint(const std::string& path) {
   using kvcache::detail::message;
   auto error = [&path](const auto&... parts) {
     return std::runtime_error(message("load_checkpoint: '", path, "': ", parts...));
   };
-  if (const std::string wrong = detail::not_a_regular_file(path); !wrong.empty()) throw error(wrong);
+  if (const std::string wrong = detail::not_a_regular_file(path); !wrong.empty()) {
+    throw error(wrong);
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw error("cannot open the file");
   in.seekg(0, std::ios::end);

@@ -13,7 +13,9 @@ namespace kvcache {
 
 namespace detail {
 constexpr void check_positive(const char* function, const char* what, std::int64_t value) {
-  if (value <= 0) fail<std::invalid_argument>(function, ": ", what, " must be positive, got ", value);
+  if (value <= 0) {
+    fail<std::invalid_argument>(function, ": ", what, " must be positive, got ", value);
+  }
 }
 
 /// Quotient and remainder of a division.
@@ -232,8 +234,9 @@ constexpr std::int64_t cache_bytes_of(const char* function, std::int64_t batch,
 /// The most n with cache_bytes(n) <= budget, for n tokens (or sequences) of `per` rows times
 /// `times`: bytes grow with rows, so n fits exactly when n x per x times rows fit, and
 /// floor(floor(x / a) / b) = floor(x / (a x b)) needs no product.
-constexpr std::int64_t count_that_fits(const char* function, const char* what, std::int64_t budget,
-                           std::int64_t times, token_rows token) {
+constexpr std::int64_t count_that_fits(const char* function, const char* what,
+                                       std::int64_t budget, std::int64_t times,
+                                       token_rows token) {
   if (budget < 0) fail<std::invalid_argument>(function, ": budget must be >= 0, got ", budget);
   check_positive(function, what, times);
   return count_within(budget, token.rate) / token.rows / times;

@@ -40,7 +40,8 @@ class rope {
     if (max_positions < 0) {
       detail::fail<std::invalid_argument>("rope: max_positions must be >= 0, got ", max_positions);
     }
-    const Index entries = detail::checked_mul(max_positions, head_dim, "rope: max_positions x head_dim");
+    const Index entries =
+        detail::checked_mul(max_positions, head_dim, "rope: max_positions x head_dim");
     if (static_cast<std::size_t>(entries) > table_.max_size()) {
       detail::fail<std::length_error>("rope: a table of max_positions x head_dim = ", max_positions,
                                       " x ", head_dim, " angles is larger than a vector holds");
