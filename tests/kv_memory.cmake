@@ -58,5 +58,25 @@ kv_memory_rejects(bad_size "--device-mem: unknown unit 'XB'"
   --model llama-3-8b --seq-len 8 --device-mem 24XB)
 kv_memory_rejects(weights_exceed_device "--weights 30GB .* is more than --device-mem 24GB"
   --model llama-3-8b --seq-len 8 --device-mem 24GB --weights 30GB)
-kv_memory_rejects(group_not_dividing "--group 48 does not divide head_dim 128"
+# A group need not divide head_dim: 3 value groups (48 + 48 + 32 channels) a token and, for
+# keys, 128 scale pairs per 48 tokens: 32 x 8 x (2 x 64 + 3 x 4 + 128 x 4 / 48) bytes.
+kv_memory_accepts(group_not_dividing "per token  38571 bytes"
   --model llama-3-8b --seq-len 8 --dtype int4 --group 48)
+kv_memory_accepts(list_group_not_dividing
+  "\\| llama-2-7b +\\| MHA +\\| +32 \\|.*\\| +524288 \\| +285355 \\| +154283 \\|"
+  --list --group 48)
+kv_memory_accepts(device_mem_exabytes "7EiB = 8070450532247928832 bytes"
+  --model llama-3-8b --seq-len 8 --device-mem 7EiB)
+
+# Values too large are called too large, not malformed.
+kv_memory_rejects(device_mem_too_large "--device-mem: the size is too large.*'8EiB'"
+  --model llama-3-8b --seq-len 8 --device-mem 8EiB)
+kv_memory_rejects(device_mem_too_many_digits "--device-mem: the size is too large"
+  --model llama-3-8b --seq-len 8 --device-mem 99999999999999999999)
+# --list checks every flag before it prints a line.
+kv_memory_rejects(list_with_a_model "--list takes only --group, got --model"
+  --list --group 48 --model llama-4)
+# latent_dim + rope_dim wraps around 2^64 to 12: "8 bytes per token" before.
+kv_memory_rejects(latent_overflow "too large to count.*latent_dim \\+ rope_dim"
+  --layers 3 --latent-dim 6148914691236517206 --rope-dim 6148914691236517206 --seq-len 1
+  --device-mem 1GB)

@@ -108,15 +108,15 @@ TEST(KvDtype, Inverses) {
 }
 
 TEST(KvDtype, BadInput) {
+  // int8(0) has scales but no groups: the fault is the group size, not the scale bits.
   try {
-    kvcache::kv_bytes_per_token(32, 8, 100, kv_dtype::int4(32));
+    kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(0));
     FAIL() << "expected std::invalid_argument";
   } catch (const std::invalid_argument& e) {
     const std::string what = e.what();
-    EXPECT_NE(what.find("head_dim = 100"), std::string::npos) << what;
-    EXPECT_NE(what.find("int4 group size 32"), std::string::npos) << what;
+    EXPECT_NE(what.find("group_size = 0"), std::string::npos) << what;
+    EXPECT_NE(what.find("group_size >= 1"), std::string::npos) << what;
   }
-  EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(0)), std::invalid_argument);
   EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int8(-32)), std::invalid_argument);
   EXPECT_THROW(kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype{"none", 0, 0, 0}),
                std::invalid_argument);
@@ -130,10 +130,19 @@ TEST(KvDtype, BadInput) {
 
 TEST(KvDtype, Overflow) {
   EXPECT_THROW(kvcache::kv_cache_bytes(1LL << 40, 1LL << 40, 2, 2, 2, kv_dtype::f16()),
-               std::overflow_error);
-  EXPECT_THROW(kvcache::kv_element_bytes(max64, kv_dtype::f32()), std::overflow_error);
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_element_bytes(max64, kv_dtype::f32()), std::length_error);
   // A sub-byte format holds more elements than bytes: 8/5 x 2^63 does not fit.
-  EXPECT_THROW(kvcache::kv_elements_that_fit(max64, kv_dtype::int4(32)), std::overflow_error);
+  EXPECT_THROW(kvcache::kv_elements_that_fit(max64, kv_dtype::int4(32)), std::length_error);
+  // Products of the shape are checked too, not only the final byte count.
+  for (const kv_dtype& dtype : {kv_dtype::f16(), kv_dtype::int8(32), kv_dtype::int4(48)}) {
+    EXPECT_THROW(kvcache::kv_bytes_per_token(max64, 2, 2, dtype), std::length_error);
+    EXPECT_THROW(kvcache::kv_bytes_per_token(2, 2, max64, dtype), std::length_error);
+    EXPECT_THROW(kvcache::kv_tokens_that_fit(100, 1, 1LL << 32, 1LL << 32, 8, dtype),
+                 std::length_error);
+    EXPECT_THROW(kvcache::kv_latent_bytes_per_token(3, max64 / 3, max64 / 3, dtype),
+                 std::length_error);
+  }
   // Counts near the limit that do fit come out exactly, without a wider integer.
   EXPECT_EQ(kvcache::kv_element_bytes(max64 / 8 * 8, kv_dtype::int4(32)), max64 / 8 * 5);
   EXPECT_EQ(kvcache::kv_elements_that_fit(max64, kv_dtype::f16()), max64 / 2);
@@ -156,7 +165,73 @@ TEST(KvDtype, MulDivIsExact) {
       }
     }
   }
-  EXPECT_THROW(mul_div(max64, 2, 1), std::overflow_error);
+  EXPECT_THROW(mul_div(max64, 2, 1), std::length_error);
+}
+
+// Groups need not divide head_dim: values keep ceil(head_dim / group) scale and zero points a
+// token, keys one per channel per group of tokens.
+TEST(KvDtype, GroupsThatDoNotDivideHeadDim) {
+  // Llama-2-7B, int8, group 48, per layer and kv head a token: 2 x 128 bytes of codes,
+  // ceil(128/48) = 3 value scale pairs of 4 bytes, 128 x 4 / 48 bytes of key scales:
+  // 256 + 12 + 10.67 = 278.67 bytes, x 32 x 32 = 285354.67, rounded up.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(32, 32, 128, kv_dtype::int8(48)), 285355);
+  // int4: 2 x 64 + 12 + 10.67 = 150.67 bytes, x 1024 = 154282.67.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(32, 32, 128, kv_dtype::int4(48)), 154283);
+  // head_dim 100 in int4 at group 32: 2 x 50 + 4 x 4 + 100 x 4 / 32 = 128.5 bytes a row.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(32, 8, 100, kv_dtype::int4(32)), 32896);
+  EXPECT_EQ(kvcache::kv_cache_bytes(1, 3, 1, 1, 100, kv_dtype::int4(32)), 386);  // 385.5
+  // A group wider than head_dim: one value group, 128 x 4 / 256 = 2 bytes of key scales.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(1, 1, 128, kv_dtype::int4(256)), 64 + 64 + 4 + 2);
+  // Odd head_dim in int4: each code row is padded to a whole byte.
+  EXPECT_EQ(kvcache::kv_bytes_per_token(1, 1, 3, kv_dtype::int4(1)), 2 + 2 + 12 + 12);
+  // Dividing groups give what spreading the scales over the elements gives.
+  for (const int group : {1, 2, 16, 32, 64, 128}) {
+    for (const kv_dtype& dtype : {kv_dtype::int8(group), kv_dtype::int4(group)}) {
+      EXPECT_EQ(kvcache::kv_bytes_per_token(32, 8, 128, dtype),
+                kvcache::kv_element_bytes(2 * 32 * 8 * 128, dtype))
+          << dtype.name << " " << group;
+      EXPECT_EQ(kvcache::kv_cache_bytes(3, 1001, 32, 8, 128, dtype),
+                kvcache::kv_element_bytes(3LL * 1001 * 2 * 32 * 8 * 128, dtype));
+    }
+  }
+  // Inverses are exact for them too.
+  for (const kv_dtype& dtype : {kv_dtype::int8(48), kv_dtype::int4(48), kv_dtype::int4(7),
+                                kv_dtype::int8(1000), kv_dtype::int4(1)}) {
+    for (const std::int64_t n : {1, 2, 17, 4096, 100000}) {
+      SCOPED_TRACE(std::string(dtype.name) + "/" + std::to_string(dtype.group_size) + " " +
+                   std::to_string(n));
+      const auto bytes = kvcache::kv_cache_bytes(3, n, 32, 8, 100, dtype);
+      EXPECT_EQ(kvcache::kv_tokens_that_fit(bytes, 3, 32, 8, 100, dtype), n);
+      EXPECT_EQ(kvcache::kv_tokens_that_fit(bytes - 1, 3, 32, 8, 100, dtype), n - 1);
+      EXPECT_EQ(kvcache::kv_batch_that_fits(bytes, n, 32, 8, 100, dtype), 3);
+      EXPECT_EQ(kvcache::kv_batch_that_fits(bytes - 1, n, 32, 8, 100, dtype), 2);
+    }
+  }
+}
+
+TEST(KvDtype, LatentCaches) {
+  // DeepSeek-V2: 60 layers of a 512 latent and 64 RoPE dims.
+  EXPECT_EQ(kvcache::kv_latent_bytes_per_token(60, 512, 64, kv_dtype::f16()), 60 * 576 * 2);
+  EXPECT_EQ(kvcache::kv_latent_bytes_per_token(60, 512, 64, kv_dtype::int4(32)),
+            60 * 576 * 5 / 8);
+  // Group 48: the latent keeps ceil(512/48) = 11 groups, the rope dims 2: per layer
+  // 256 + 44 + 32 + 8 = 340 bytes in int4.
+  EXPECT_EQ(kvcache::kv_latent_bytes_per_token(60, 512, 64, kv_dtype::int4(48)), 60 * 340);
+  EXPECT_EQ(kvcache::kv_latent_bytes_per_token(2, 7, 0, kv_dtype::int4(32)), 2 * (4 + 4));
+  const auto bytes = kvcache::kv_latent_cache_bytes(2, 777, 60, 512, 64, kv_dtype::int4(48));
+  EXPECT_EQ(bytes, 2 * 777 * 60 * 340);
+  EXPECT_EQ(kvcache::kv_latent_tokens_that_fit(bytes, 2, 60, 512, 64, kv_dtype::int4(48)), 777);
+  EXPECT_EQ(kvcache::kv_latent_tokens_that_fit(bytes - 1, 2, 60, 512, 64, kv_dtype::int4(48)),
+            776);
+  EXPECT_EQ(kvcache::kv_latent_batch_that_fits(bytes, 777, 60, 512, 64, kv_dtype::int4(48)), 2);
+  EXPECT_THROW(kvcache::kv_latent_bytes_per_token(0, 512, 64, kv_dtype::f16()),
+               std::invalid_argument);
+  EXPECT_THROW(kvcache::kv_latent_bytes_per_token(1, 512, -1, kv_dtype::f16()),
+               std::invalid_argument);
+  // 2 x 6148914691236517206 wraps to a small number; the sum is checked.
+  EXPECT_THROW(kvcache::kv_latent_bytes_per_token(3, 6148914691236517206, 6148914691236517206,
+                                                  kv_dtype::f16()),
+               std::length_error);
 }
 
 TEST(KvMemoryPresets, BytesPerTokenByHand) {
@@ -373,8 +448,20 @@ TEST(KvMemory, BadInputExitsWith2AndNamesTheFlag) {
       {{"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "24XB"},
        {"--device-mem", "'24XB'"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--group", "64"}, {"--group 64", "'f16'"}},
-      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int4", "--group", "48"},
-       {"--group 48", "head_dim 128"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int4", "--group", "0"},
+       {"--group", "'0'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "8EiB"},
+       {"--device-mem", "too large", "'8EiB'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--weights", "1e30GB", "--device-mem", "1GB"},
+       {"--weights", "too large", "'1e30GB'"}},
+      {{"--layers", "3", "--latent-dim", "6148914691236517206", "--rope-dim",
+        "6148914691236517206", "--seq-len", "1", "--device-mem", "1GB"},
+       {"too large to count", "latent_dim + rope_dim"}},
+      {{"--layers", "3", "--latent-dim", "4611686018427387904", "--seq-len", "1"},
+       {"too large to count"}},
+      {{"--list", "--group", "48", "--model", "llama-4"}, {"--list takes only --group", "--model"}},
+      {{"--list", "--json"}, {"--list takes only --group", "--json"}},
+      {{"--list", "--group", "2000000000"}, {"--group", "too large"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--layers", "3"}, {"--model", "--layers"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--seq-len", "6"}, {"--seq-len given twice"}},
       {{"--layers", "3", "--seq-len", "5"}, {"--kv-heads", "--head-dim"}},
@@ -398,6 +485,51 @@ TEST(KvMemory, BadInputExitsWith2AndNamesTheFlag) {
   EXPECT_THROW(report_for({"--model", "llama-3-8b", "--seq-len", "5", "--device-mem", "1GB",
                            "--weights", "2GB"}),
                kv_memory::usage_error);
+}
+
+TEST(KvMemory, GroupsThatDoNotDivideHeadDim) {
+  const auto r = run({"--model", "llama-3-8b", "--seq-len", "8", "--dtype", "int4", "--group",
+                      "48"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  // 32 x 8 rows of 2 x 64 B codes + 3 x 4 B value scales + 128 x 4 / 48 B key scales.
+  EXPECT_NE(r.out.find("per token  38571 bytes"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("cache      308566 bytes"), std::string::npos) << r.out;
+  const auto report = report_for({"--model", "llama-3-8b", "--seq-len", "8", "--dtype", "int4",
+                                  "--group", "48"});
+  EXPECT_EQ(report.bytes_per_token, kvcache::kv_bytes_per_token(32, 8, 128, kv_dtype::int4(48)));
+  EXPECT_NEAR(report.bits_per_element, (1024 + 96 + 128 * 32.0 / 48) / 256, 1e-12);
+  // MLA: the latent in 11 groups of up to 48, the rope dims in 2.
+  EXPECT_EQ(report_for({"--model", "deepseek-v2", "--seq-len", "1", "--dtype", "int4", "--group",
+                        "48"})
+                .bytes_per_token,
+            60 * (256 + 11 * 4 + 32 + 2 * 4));
+
+  const auto list = run({"--list", "--group", "48"});
+  EXPECT_EQ(list.status, 0) << list.err;
+  EXPECT_NE(list.out.find("int8/g48"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("524288 |    285355 |    154283 |"), std::string::npos) << list.out;
+}
+
+TEST(KvMemory, HugeSizesAreTooLargeNotMalformed) {
+  using kv_memory::parse_size;
+  EXPECT_EQ(parse_size("--device-mem", "7EiB").bytes, 7LL << 60);
+  EXPECT_EQ(parse_size("--device-mem", "9EB").bytes, 9'000'000'000'000'000'000LL);
+  EXPECT_EQ(parse_size("--device-mem", "9223372036854775807").bytes, max64);
+  EXPECT_EQ(parse_size("--device-mem", "7.99999999999999999EiB").bytes, max64 - 11);
+  EXPECT_EQ(parse_size("--device-mem", "0.5000000000000000001EiB").bytes, 1LL << 59);
+  EXPECT_EQ(parse_size("--device-mem", "1e-99999GB").bytes, 0);
+  for (const char* big : {"8EiB", "9223372036854775808", "10EB", "1e19", "1e99999", "8192PiB",
+                          "99999999999999999999GB"}) {
+    SCOPED_TRACE(big);
+    try {
+      parse_size("--device-mem", big);
+      FAIL() << "expected usage_error";
+    } catch (const kv_memory::usage_error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("too large"), std::string::npos) << what;
+      EXPECT_EQ(what.find("expected a size such as"), std::string::npos) << what;
+    }
+  }
 }
 
 TEST(KvMemory, HelpListAndNoArguments) {

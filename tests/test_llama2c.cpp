@@ -291,6 +291,13 @@ TEST_F(Checkpoint, RefusesMissingFile) {
   expect_runtime_error([&] { load_checkpoint(file); }, {file, "cannot open"});
 }
 
+// A directory opens as a stream that seeks to 2^63 - 1: it was read as a file of that size.
+TEST_F(Checkpoint, RefusesADirectory) {
+  const std::string dir = path("a_directory");
+  fs::create_directory(dir);
+  expect_runtime_error([&] { load_checkpoint(dir); }, {dir, "is a directory"});
+}
+
 TEST_F(Checkpoint, RefusesBadHeaderFields) {
   const config c = small_config();
   const std::string file = path("model.bin");
@@ -540,6 +547,23 @@ TEST_F(Tokenizer, EncodeNeedsASpacePieceAndByteTokens) {
   EXPECT_EQ(no_bytes.encode("a", false, false), (std::vector<int>{4, 3}));
   expect_runtime_error([&] { no_bytes.encode("b", false, false); },
                        {file, "byte 98 has no fallback token"});
+}
+
+TEST_F(Tokenizer, RefusesADirectoryAndOtherFilesThatAreNotRegular) {
+  const std::string dir = path("a_directory");
+  fs::create_directory(dir);
+  try {
+    tokenizer::load(dir, 300);
+    FAIL() << "expected std::runtime_error";
+  } catch (const std::runtime_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("is a directory"), std::string::npos) << what;
+    EXPECT_EQ(what.find("9223372036854775807"), std::string::npos) << what;
+  }
+  if (fs::exists("/dev/null")) {
+    expect_runtime_error([&] { tokenizer::load("/dev/null", 300); },
+                         {"/dev/null", "not a regular file"});
+  }
 }
 
 TEST_F(Tokenizer, RefusesBadFiles) {

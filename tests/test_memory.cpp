@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
+#include <string>
+
 namespace kvcache {
 namespace {
 
@@ -37,7 +40,29 @@ TEST(Memory, BadInput) {
   EXPECT_THROW(kv_tokens_that_fit(-5, 1, 1, 1, 1, 1), std::invalid_argument);
   EXPECT_THROW(kv_tokens_that_fit(5, 0, 1, 1, 1, 1), std::invalid_argument);
   EXPECT_THROW(kv_batch_that_fits(5, 0, 1, 1, 1, 1), std::invalid_argument);
-  EXPECT_THROW(kv_cache_bytes(1LL << 40, 1LL << 40, 2, 2, 2, 2), std::overflow_error);
+  EXPECT_THROW(kv_cache_bytes(1LL << 40, 1LL << 40, 2, 2, 2, 2), std::length_error);
+}
+
+// 2 * layers was formed before any check: at 2^62 layers it wrapped to a negative count.
+TEST(Memory, EveryProductIsChecked) {
+  constexpr std::int64_t max64 = std::numeric_limits<std::int64_t>::max();
+  for (const std::int64_t layers : {std::int64_t{1} << 62, max64 / 2 + 1, max64}) {
+    EXPECT_THROW(kv_bytes_per_token(layers, 1, 1, 1), std::length_error) << layers;
+    EXPECT_THROW(kv_cache_bytes(1, 1, layers, 1, 1, 1), std::length_error) << layers;
+    EXPECT_THROW(kv_tokens_that_fit(1000, 1, layers, 1, 1, 1), std::length_error) << layers;
+    EXPECT_THROW(kv_batch_that_fits(1000, 1, layers, 1, 1, 1), std::length_error) << layers;
+  }
+  try {
+    kv_bytes_per_token(std::int64_t{1} << 62, 1, 1, 1);
+    FAIL() << "expected std::length_error";
+  } catch (const std::length_error& e) {
+    EXPECT_NE(std::string(e.what()).find("kv_bytes_per_token"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(kv_bytes_per_token(std::int64_t{1} << 61, 1, 1, 1), std::int64_t{1} << 62);
+  // A batch too large for the budget is no overflow: nothing fits.
+  EXPECT_EQ(kv_tokens_that_fit(1000, max64, 1, 1, 1, 1), 0);
+  EXPECT_EQ(kv_batch_that_fits(1000, max64, 1, 1, 1, 1), 0);
+  EXPECT_EQ(kv_tokens_that_fit(max64, 1, 1, 1, 1, 1), max64 / 2);
 }
 
 }  // namespace

@@ -66,6 +66,80 @@ TEST(Rope, TableEqualsDirect) {
   EXPECT_LT((a - b).cwiseAbs().maxCoeff(), 1e-6f);
 }
 
+// A tabled rope used to test p * head_dim < table size, which wraps for large p: position
+// 2^60 came out of the table's range check as "in the table" and read garbage, or as here,
+// left the input unrotated.
+TEST(Rope, PositionsPastTheTableAreRotated) {
+  const Index far = Index(1) << 60;
+  for (auto style : {rope_style::interleaved, rope_style::half}) {
+    const rope tabled(8, 10000.0, style, 16), direct(8, 10000.0, style);
+    row_matrix<double> a = random_matrix<double>(2, 16, 5), b = a;
+    const row_matrix<double> x0 = a;
+    tabled.apply(a, far);
+    direct.apply(b, far);
+    EXPECT_EQ(a, b);
+    EXPECT_GT((a - x0).cwiseAbs().maxCoeff(), 1e-3);
+    EXPECT_NEAR(a.row(0).norm(), x0.row(0).norm(), 1e-12);
+  }
+}
+
+TEST(Rope, HugeTableIsALengthError) {
+  EXPECT_THROW(rope(64, 1e4, rope_style::interleaved, Index(1) << 58), std::length_error);
+  try {
+    rope(64, 1e4, rope_style::interleaved, std::numeric_limits<Index>::max());
+    FAIL() << "expected std::length_error";
+  } catch (const std::length_error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_positions x head_dim"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Rope, PositionsThatOverflowAreOutOfRange) {
+  const Index max = std::numeric_limits<Index>::max();
+  row_matrix<double> x = random_matrix<double>(2, 8, 6);
+  EXPECT_THROW(rope(8).apply(x, max), std::out_of_range);
+  EXPECT_THROW(rope(8).apply(x, max - 1), std::out_of_range);
+  EXPECT_NO_THROW(rope(8).apply(x, max - 2));  // positions max-2 and max-1
+  EXPECT_NO_THROW(rope(8).apply(x.topRows(1), max - 1));
+}
+
+// Keys cached at positions p and shifted by -s (a context shift) equal keys rotated at p - s,
+// from the table or not, for deltas of either sign. Float inputs in [-1, 1], rotations in
+// double rounded to float twice: errors of a few float roundings (6e-8 each), so 1e-5.
+TEST(Rope, RotateShiftsPositions) {
+  for (auto style : {rope_style::interleaved, rope_style::half}) {
+    for (Index table : {Index(0), Index(64), Index(5000)}) {
+      const rope r(16, 10000.0, style, table);
+      for (const auto& [p0, shift] : {std::pair<Index, Index>{100, 37}, {4096, 4000}, {20, 20},
+                                      {3000, -1500}, {7, 0}, {1000000, 999}}) {
+        SCOPED_TRACE(std::to_string(p0) + " shifted by " + std::to_string(shift) + ", table " +
+                     std::to_string(table));
+        const row_matrix<float> x = random_matrix(5, 32, 7);
+        row_matrix<float> shifted = x, want = x;
+        r.apply(shifted, p0);
+        r.rotate(shifted, -shift);
+        r.apply(want, p0 - shift);
+        EXPECT_LT((shifted - want).cwiseAbs().maxCoeff(), 1e-5f);
+      }
+    }
+    // rotate(x, d) is apply at the same position d for every row, and undoes itself.
+    const rope r(8, 500.0, style);
+    row_matrix<double> x = random_matrix<double>(3, 16, 8);
+    const row_matrix<double> x0 = x;
+    r.rotate(x, 123);
+    for (Index i = 0; i < 3; ++i) {
+      row_matrix<double> row = x0.row(i);
+      r.apply(row, 123);
+      EXPECT_LT((x.row(i) - row).cwiseAbs().maxCoeff(), 1e-12);
+    }
+    r.rotate(x, -123);
+    EXPECT_LT((x - x0).cwiseAbs().maxCoeff(), 1e-12);
+    EXPECT_NO_THROW(r.rotate(x, std::numeric_limits<Index>::min()));
+  }
+  row_matrix<float> bad(1, 12);
+  EXPECT_THROW(rope(8).rotate(bad, 1), std::invalid_argument);
+}
+
 TEST(Rope, BadInput) {
   EXPECT_THROW(rope(7), std::invalid_argument);
   EXPECT_THROW(rope(0), std::invalid_argument);

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <limits>
+#include <string>
 #include <vector>
 
 namespace kvcache {
@@ -44,6 +46,23 @@ TEST(ThreadPool, RethrowsAfterAllItemsFinish) {
 
 TEST(ThreadPool, BadSize) {
   EXPECT_THROW(thread_pool(0), std::invalid_argument);
+  EXPECT_THROW(thread_pool(-1), std::invalid_argument);
+}
+
+// INT64_MAX threads failed in vector::reserve; 10^8 started threads for minutes.
+TEST(ThreadPool, SizeAboveTheCapIsRefusedAtOnce) {
+  static_assert(thread_pool::max_threads == 1024);
+  for (const Index n : {thread_pool::max_threads + 1, Index(100000000),
+                        std::numeric_limits<Index>::max()}) {
+    try {
+      thread_pool pool(n);
+      FAIL() << "expected std::invalid_argument for " << n;
+    } catch (const std::invalid_argument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(std::to_string(n)), std::string::npos) << what;
+      EXPECT_NE(what.find("max_threads = 1024"), std::string::npos) << what;
+    }
+  }
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // The kv_memory calculator: model presets, command-line parsing, the cache arithmetic, reports.
 #pragma once
 
+#include <kvcache/detail/checked.hpp>
 #include <kvcache/memory.hpp>
 
 #include <array>
@@ -88,6 +89,7 @@ struct options {
   bool json = false;
   bool list = false;
   bool help = false;
+  std::vector<std::string> flags;  // every flag given, in order
 };
 
 /// What fits in `device - weights` bytes.
@@ -112,6 +114,7 @@ struct report {
   std::int64_t batch;
   std::int64_t cached_tokens;  // per sequence: min(seq_len, window)
   std::int64_t elements_per_token;
+  double bits_per_element;  // average, scales included, for this model's vectors
   std::int64_t bytes_per_token;
   std::int64_t total_bytes;
   std::optional<fit_result> fit;
@@ -138,13 +141,16 @@ cache:
   --batch N         sequences (1)
   --dtype D         f32, f16, bf16, int8, int4 (f16); int8/int4 store an fp16 scale and
                     an fp16 zero point per group
-  --group N         elements per quantization group for int8/int4 (32); must divide head_dim
+  --group N         int8/int4 quantization group (32), any N >= 1: values get a scale and zero
+                    point per N channels of a token (the last group shorter), keys per
+                    channel per N tokens
 memory:
-  --device-mem SIZE device memory, e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), 14e9, 512MiB
+  --device-mem SIZE device memory, e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), 14e9, 512MiB;
+                    at most 2^63 - 1 bytes
   --weights SIZE    memory the weights take (0); the cache gets device-mem minus weights
 output:
   --json            one JSON object instead of text
-  --list            the presets and their bytes per token
+  --list            the presets and their bytes per token (with --group N: at that group)
   --help, -h        this text
 
 Exit status: 0 on success, 2 on bad input.
@@ -153,13 +159,6 @@ Exit status: 0 on success, 2 on bad input.
 namespace detail {
 
 inline std::string quoted(std::string_view text) { return "'" + std::string(text) + "'"; }
-
-inline std::int64_t multiply(std::int64_t a, std::int64_t b) {
-  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) {
-    throw std::overflow_error("element count overflows 64 bits");
-  }
-  return a * b;
-}
 
 inline char lower(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; }
 
@@ -247,12 +246,19 @@ inline std::int64_t parse_count(std::string_view flag, std::string_view text,
 }
 
 /// Reads a memory size given to `flag`: a decimal number (fraction and exponent allowed) and a
-/// unit, case-insensitive: none or B for bytes, kB MB GB TB PB (powers of 1000) or KiB MiB GiB
-/// TiB PiB (powers of 1024). "24GB" is 24 x 10^9 bytes, "24GiB" 24 x 2^30, "14e9" 14 x 10^9.
-/// Fractions of a byte are dropped. Throws usage_error naming the flag and the value.
+/// unit, case-insensitive: none or B for bytes, kB MB GB TB PB EB (powers of 1000) or KiB MiB
+/// GiB TiB PiB EiB (powers of 1024). "24GB" is 24 x 10^9 bytes, "24GiB" 24 x 2^30, "14e9"
+/// 14 x 10^9. Fractions of a byte are dropped. Throws usage_error naming the flag and the
+/// value: a format error when it is not such a size, "too large" when it is one of more than
+/// 2^63 - 1 bytes.
 inline byte_size parse_size(std::string_view flag, std::string_view text) {
   const auto bad = [&](const std::string& why) {
     return usage_error(std::string(flag) + ": " + why + ", got " + detail::quoted(text));
+  };
+  const auto too_large = [&] {
+    return bad("the size is too large: more than 2^63 - 1 = " +
+               std::to_string(std::numeric_limits<std::int64_t>::max()) +
+               " bytes (8EiB - 1), the most a 64-bit byte count holds");
   };
   const char* format = "expected a size such as 24GB, 24GiB, 14e9 or 512MiB";
   if (!text.empty() && text.front() == '-') throw bad("a size must not be negative");
@@ -262,33 +268,43 @@ inline byte_size parse_size(std::string_view flag, std::string_view text) {
   std::int64_t mantissa = 0;
   std::int64_t exponent = 0;
   int digits = 0;
-  const auto read_digit = [&](char c) {
+  const auto read_digit = [&](char c, bool fraction) {
     const int digit = c - '0';
     if (mantissa > (std::numeric_limits<std::int64_t>::max() - digit) / 10) {
-      throw bad("too many digits");
+      // A whole part this long is more bytes than 64 bits count, whatever the unit.
+      if (!fraction) throw too_large();
+      throw bad("too many digits after the decimal point");
     }
     mantissa = mantissa * 10 + digit;
     ++digits;
   };
   if (at < text.size() && text[at] == '+') ++at;
-  for (; at < text.size() && detail::is_digit(text[at]); ++at) read_digit(text[at]);
+  for (; at < text.size() && detail::is_digit(text[at]); ++at) read_digit(text[at], false);
   if (at < text.size() && text[at] == '.') {
     for (++at; at < text.size() && detail::is_digit(text[at]); ++at) {
-      read_digit(text[at]);
+      read_digit(text[at], true);
       --exponent;
     }
   }
   if (digits == 0) throw bad(format);
-  if (at < text.size() && (text[at] == 'e' || text[at] == 'E')) {
+  // An e followed by a digit or a sign is an exponent; otherwise it starts a unit (EB, EiB).
+  const auto exponent_follows = [&] {
+    if (at >= text.size() || (text[at] != 'e' && text[at] != 'E')) return false;
+    const std::size_t next = at + 1;
+    return next < text.size() &&
+           (detail::is_digit(text[next]) || text[next] == '-' || text[next] == '+');
+  };
+  if (exponent_follows()) {
     ++at;
     const bool negative = at < text.size() && text[at] == '-';
     if (at < text.size() && (text[at] == '-' || text[at] == '+')) ++at;
     const std::size_t start = at;
     std::int64_t value = 0;
-    for (; at < text.size() && detail::is_digit(text[at]) && at - start < 4; ++at) {
-      value = value * 10 + (text[at] - '0');
+    // Beyond 10^4 the answer no longer depends on the exponent: 0 bytes or too many.
+    for (; at < text.size() && detail::is_digit(text[at]); ++at) {
+      value = std::min<std::int64_t>(value * 10 + (text[at] - '0'), 10000);
     }
-    if (at == start || (at < text.size() && detail::is_digit(text[at]))) throw bad(format);
+    if (at == start) throw bad(format);
     exponent += negative ? -value : value;
   }
 
@@ -297,7 +313,7 @@ inline byte_size parse_size(std::string_view flag, std::string_view text) {
     std::int64_t bytes;
     const char* meaning;
   };
-  static constexpr std::array<unit, 12> units = {{
+  static constexpr std::array<unit, 14> units = {{
       {"", 1, ""},
       {"B", 1, ""},
       {"kB", 1'000, "kB = 10^3 bytes"},
@@ -305,11 +321,13 @@ inline byte_size parse_size(std::string_view flag, std::string_view text) {
       {"GB", 1'000'000'000, "GB = 10^9 bytes"},
       {"TB", 1'000'000'000'000, "TB = 10^12 bytes"},
       {"PB", 1'000'000'000'000'000, "PB = 10^15 bytes"},
+      {"EB", 1'000'000'000'000'000'000, "EB = 10^18 bytes"},
       {"KiB", std::int64_t{1} << 10, "KiB = 2^10 bytes"},
       {"MiB", std::int64_t{1} << 20, "MiB = 2^20 bytes"},
       {"GiB", std::int64_t{1} << 30, "GiB = 2^30 bytes"},
       {"TiB", std::int64_t{1} << 40, "TiB = 2^40 bytes"},
       {"PiB", std::int64_t{1} << 50, "PiB = 2^50 bytes"},
+      {"EiB", std::int64_t{1} << 60, "EiB = 2^60 bytes"},
   }};
   const std::string_view suffix = text.substr(at);
   const unit* found = nullptr;
@@ -318,21 +336,28 @@ inline byte_size parse_size(std::string_view flag, std::string_view text) {
   }
   if (found == nullptr) {
     throw bad("unknown unit " + detail::quoted(suffix) +
-              " (expected B, kB, MB, GB, TB, PB, KiB, MiB, GiB, TiB or PiB)");
+              " (expected B, kB, MB, GB, TB, PB, EB, KiB, MiB, GiB, TiB, PiB or EiB)");
   }
 
-  // Drop trailing zeros of the fraction first so "1.50GB" needs no wider integer than "1.5GB".
-  while (exponent < 0 && mantissa % 10 == 0 && mantissa != 0) {
-    mantissa /= 10;
-    ++exponent;
-  }
+  // floor(mantissa x unit x 10^exponent), exactly: a fraction is divided out of the product
+  // without forming it (mul_div), and floor(floor(x / a) / b) = floor(x / ab) for the rest.
   std::int64_t bytes = 0;
   try {
-    bytes = detail::multiply(mantissa, found->bytes);
-    for (; exponent > 0 && bytes != 0; --exponent) bytes = detail::multiply(bytes, 10);
-    for (; exponent < 0; ++exponent) bytes /= 10;
-  } catch (const std::overflow_error&) {
-    throw bad("more bytes than 64 bits hold");
+    if (exponent >= 0) {
+      bytes = kvcache::detail::checked_mul(mantissa, found->bytes);
+      for (; exponent > 0 && bytes != 0; --exponent) {
+        bytes = kvcache::detail::checked_mul(bytes, 10);
+      }
+    } else {
+      std::int64_t divisor = 1;
+      for (; exponent < 0 && divisor <= std::numeric_limits<std::int64_t>::max() / 10; ++exponent) {
+        divisor *= 10;
+      }
+      bytes = kvcache::detail::mul_div(mantissa, found->bytes, divisor).quotient;
+      for (; exponent < 0 && bytes != 0; ++exponent) bytes /= 10;
+    }
+  } catch (const std::length_error&) {
+    throw too_large();
   }
   return {bytes, std::string(text), found->meaning};
 }
@@ -358,6 +383,7 @@ inline options parse_args(const std::vector<std::string>& args) {
       if (earlier == flag) throw usage_error(flag + " given twice");
     }
     seen.push_back(flag);
+    opts.flags.push_back(flag);
 
     if (flag == "--json" || flag == "--list" || flag == "--help" || flag == "-h") {
       if (inline_value) {
@@ -459,7 +485,8 @@ inline kvcache::kv_dtype select_dtype(const std::string& name, std::optional<std
                       " applies to --dtype int8 and int4 only, not to " + detail::quoted(name));
   }
   if (group && *group > std::numeric_limits<int>::max() / 64) {
-    throw usage_error("--group: " + std::to_string(*group) + " is too large");
+    throw usage_error("--group: " + std::to_string(*group) + " is too large (at most " +
+                      std::to_string(std::numeric_limits<int>::max() / 64) + ")");
   }
   const int group_size = static_cast<int>(group.value_or(32));
   if (name == "f32") return kvcache::kv_dtype::f32();
@@ -472,36 +499,47 @@ inline kvcache::kv_dtype select_dtype(const std::string& name, std::optional<std
 }
 
 /// Elements one token adds to one sequence's cache: 2 x layers x kv_heads x head_dim, or
-/// layers x (latent_dim + rope_dim) for MLA.
+/// layers x (latent_dim + rope_dim) for MLA. Throws std::length_error when they do not fit 64
+/// bits.
 inline std::int64_t elements_per_token(const model_shape& model) {
-  if (model.mla()) return detail::multiply(model.layers, model.latent_dim + model.rope_dim);
-  return detail::multiply(detail::multiply(detail::multiply(2, model.layers), model.kv_heads),
-                          model.head_dim);
+  using kvcache::detail::checked_add;
+  using kvcache::detail::checked_product;
+  if (model.mla()) {
+    return checked_product({model.layers, checked_add(model.latent_dim, model.rope_dim,
+                                                      "latent_dim + rope_dim")},
+                           "layers x (latent_dim + rope_dim)");
+  }
+  return checked_product({2, model.layers, model.kv_heads, model.head_dim},
+                         "2 x layers x kv_heads x head_dim");
 }
 
-/// Throws usage_error when a quantized dtype's groups do not tile the cached vectors exactly.
-inline void check_groups(const model_shape& model, const kvcache::kv_dtype& dtype) {
-  if (!dtype.quantized()) return;
-  const std::int64_t group = dtype.group_size;
-  const auto fail = [&](const char* what, std::int64_t dims) {
-    throw usage_error("--group " + std::to_string(group) + " does not divide " + what + " " +
-                      std::to_string(dims) + " of " + model.name +
-                      " (quantization groups must tile each cached vector)");
+/// Average bits one cached element takes, scales included, for this model's vectors (for
+/// display: the byte functions count exactly). Groups that do not divide a vector leave a
+/// shorter last group, whose scale and zero point weigh on fewer elements.
+inline double bits_per_element(const model_shape& model, const kvcache::kv_dtype& dtype) {
+  if (!dtype.quantized()) return dtype.bits;
+  const double group = dtype.group_size, scale = dtype.scale_bits;
+  const auto code_bits = [&](std::int64_t dim) {
+    return 8.0 * static_cast<double>((dim * dtype.bits + 7) / 8);
+  };
+  const auto value_bits = [&](std::int64_t dim) {
+    const std::int64_t groups = (dim + dtype.group_size - 1) / dtype.group_size;
+    return code_bits(dim) + static_cast<double>(groups) * scale;
   };
   if (model.mla()) {
-    if (model.latent_dim % group != 0) fail("latent_dim", model.latent_dim);
-    if (model.rope_dim % group != 0) fail("rope_dim", model.rope_dim);
-  } else if (model.head_dim % group != 0) {
-    fail("head_dim", model.head_dim);
+    return (value_bits(model.latent_dim) + value_bits(model.rope_dim)) /
+           static_cast<double>(model.latent_dim + model.rope_dim);
   }
+  const auto d = static_cast<double>(model.head_dim);
+  return (code_bits(model.head_dim) + value_bits(model.head_dim) + d * scale / group) / (2 * d);
 }
 
 /// Bytes of `batch` sequences of `tokens` cached tokens each (the window already applied).
 inline std::int64_t cache_bytes(const model_shape& model, const kvcache::kv_dtype& dtype,
                                 std::int64_t batch, std::int64_t tokens) {
   if (model.mla()) {
-    return kvcache::kv_element_bytes(
-        detail::multiply(detail::multiply(batch, tokens), elements_per_token(model)), dtype);
+    return kvcache::kv_latent_cache_bytes(batch, tokens, model.layers, model.latent_dim,
+                                          model.rope_dim, dtype);
   }
   return kvcache::kv_cache_bytes(batch, tokens, model.layers, model.kv_heads, model.head_dim,
                                  dtype);
@@ -509,7 +547,10 @@ inline std::int64_t cache_bytes(const model_shape& model, const kvcache::kv_dtyp
 
 /// Bytes one token adds to one sequence's cache.
 inline std::int64_t bytes_per_token(const model_shape& model, const kvcache::kv_dtype& dtype) {
-  if (model.mla()) return kvcache::kv_element_bytes(elements_per_token(model), dtype);
+  if (model.mla()) {
+    return kvcache::kv_latent_bytes_per_token(model.layers, model.latent_dim, model.rope_dim,
+                                              dtype);
+  }
   return kvcache::kv_bytes_per_token(model.layers, model.kv_heads, model.head_dim, dtype);
 }
 
@@ -517,7 +558,8 @@ inline std::int64_t bytes_per_token(const model_shape& model, const kvcache::kv_
 inline std::int64_t tokens_that_fit(const model_shape& model, const kvcache::kv_dtype& dtype,
                                     std::int64_t budget, std::int64_t batch) {
   if (model.mla()) {
-    return kvcache::kv_elements_that_fit(budget, dtype) / elements_per_token(model) / batch;
+    return kvcache::kv_latent_tokens_that_fit(budget, batch, model.layers, model.latent_dim,
+                                              model.rope_dim, dtype);
   }
   return kvcache::kv_tokens_that_fit(budget, batch, model.layers, model.kv_heads, model.head_dim,
                                      dtype);
@@ -527,7 +569,8 @@ inline std::int64_t tokens_that_fit(const model_shape& model, const kvcache::kv_
 inline std::int64_t batch_that_fits(const model_shape& model, const kvcache::kv_dtype& dtype,
                                     std::int64_t budget, std::int64_t tokens) {
   if (model.mla()) {
-    return kvcache::kv_elements_that_fit(budget, dtype) / elements_per_token(model) / tokens;
+    return kvcache::kv_latent_batch_that_fits(budget, tokens, model.layers, model.latent_dim,
+                                              model.rope_dim, dtype);
   }
   return kvcache::kv_batch_that_fits(budget, tokens, model.layers, model.kv_heads, model.head_dim,
                                      dtype);
@@ -543,7 +586,6 @@ inline report make_report(const options& opts) {
   report r{};
   r.model = select_model(opts);
   r.dtype = select_dtype(opts.dtype, opts.group);
-  check_groups(r.model, r.dtype);
   if (!opts.seq_len) throw usage_error("--seq-len N is required (tokens per sequence)");
   if (opts.weights && !opts.device_mem) {
     throw usage_error("--weights " + opts.weights->text + " needs --device-mem");
@@ -552,6 +594,7 @@ inline report make_report(const options& opts) {
   r.batch = opts.batch;
   r.cached_tokens = cached_tokens(r.model, r.seq_len);
   r.elements_per_token = elements_per_token(r.model);
+  r.bits_per_element = bits_per_element(r.model, r.dtype);
   r.bytes_per_token = bytes_per_token(r.model, r.dtype);
   r.total_bytes = cache_bytes(r.model, r.dtype, r.batch, r.cached_tokens);
   if (!opts.device_mem) return r;
@@ -641,7 +684,7 @@ inline void write_json(std::ostream& out, const report& r) {
   json.number_or_null("window", r.model.window);
   json.string("dtype", r.dtype.name);
   json.number_or_null("group_size", r.dtype.group_size);
-  json.raw("bits_per_element", detail::shortest(r.dtype.bits_per_element()));
+  json.raw("bits_per_element", detail::shortest(r.bits_per_element));
   json.number("seq_len", r.seq_len);
   json.number("batch", r.batch);
   json.number("cached_tokens", r.cached_tokens);
@@ -660,15 +703,48 @@ inline void write_json(std::ostream& out, const report& r) {
 }
 
 namespace detail {
-/// "2 (K and V) x 32 layers x 8 kv heads x 128 dims" or "60 layers x (512 latent + 64 rope) dims".
-inline std::string per_token_formula(const model_shape& m) {
+/// Whether every cached vector is whole groups of codes in whole bytes, so that elements x
+/// bits per element is the exact count.
+inline bool groups_tile(const model_shape& m, const kvcache::kv_dtype& d) {
+  if (!d.quantized()) return true;
+  const auto tiles = [&](std::int64_t dim) {
+    return dim % d.group_size == 0 && dim * d.bits % 8 == 0;
+  };
+  return m.mla() ? tiles(m.latent_dim) && tiles(m.rope_dim) : tiles(m.head_dim);
+}
+
+/// "2 (K and V) x 32 layers x 8 kv heads x 128 dims x 9 bits / 8" or, when the groups do not
+/// tile the vectors, what each part of a row takes: "32 layers x 8 kv heads x (2 x 128 B codes
+/// + 3 x 4 B value scales + 128 x 4 B / 48 key scales), rounded up".
+inline std::string per_token_formula(const model_shape& m, const kvcache::kv_dtype& d) {
   std::ostringstream s;
-  if (m.mla()) {
-    s << m.layers << " layers x (" << m.latent_dim << " latent + " << m.rope_dim << " rope) dims";
-  } else {
-    s << "2 (K and V) x " << m.layers << " layers x " << m.kv_heads << " kv heads x " << m.head_dim
-      << " dims";
+  if (groups_tile(m, d)) {
+    if (m.mla()) {
+      s << m.layers << " layers x (" << m.latent_dim << " latent + " << m.rope_dim << " rope) dims";
+    } else {
+      s << "2 (K and V) x " << m.layers << " layers x " << m.kv_heads << " kv heads x "
+        << m.head_dim << " dims";
+    }
+    s << " x " << shortest(d.bits_per_element()) << " bits / 8";
+    return s.str();
   }
+  const std::int64_t g = d.group_size, scale_bytes = d.scale_bits / 8;
+  const auto codes = [&](std::int64_t dim) { return (dim * d.bits + 7) / 8; };
+  const auto groups = [&](std::int64_t dim) { return (dim + g - 1) / g; };
+  if (m.mla()) {
+    s << m.layers << " layers x (" << codes(m.latent_dim) << " B codes + " << groups(m.latent_dim)
+      << " x " << scale_bytes << " B scales of the latent";
+    if (m.rope_dim > 0) {
+      s << " + " << codes(m.rope_dim) << " B codes + " << groups(m.rope_dim) << " x "
+        << scale_bytes << " B scales of the rope dims";
+    }
+    s << ")";
+  } else {
+    s << m.layers << " layers x " << m.kv_heads << " kv heads x (2 x " << codes(m.head_dim)
+      << " B codes + " << groups(m.head_dim) << " x " << scale_bytes << " B value scales + "
+      << m.head_dim << " x " << scale_bytes << " B / " << g << " key scales)";
+  }
+  s << ", rounded up";
   return s.str();
 }
 
@@ -692,11 +768,15 @@ inline std::string describe_model(const model_shape& m) {
   return s.str();
 }
 
-inline std::string describe_dtype(const kvcache::kv_dtype& d) {
-  std::string s = std::string(d.name) + ": " + shortest(d.bits_per_element()) + " bits per element";
+inline std::string describe_dtype(const report& r) {
+  const kvcache::kv_dtype& d = r.dtype;
+  const bool exact = groups_tile(r.model, d);
+  std::string s = std::string(d.name) + ": " +
+                  (exact ? shortest(r.bits_per_element) : two_decimals(r.bits_per_element)) +
+                  " bits per element";
   if (d.quantized()) {
     s += " (" + std::to_string(d.bits) + "-bit codes + fp16 scale and zero point per group of " +
-         std::to_string(d.group_size) + ")";
+         std::to_string(d.group_size) + (exact ? ")" : "; the last group of a vector is shorter)");
   }
   return s;
 }
@@ -720,19 +800,25 @@ inline void write_text(std::ostream& out, const report& r) {
     out << padded << text << "\n";
   };
   line("model", detail::describe_model(r.model));
-  line("dtype", detail::describe_dtype(r.dtype));
+  line("dtype", detail::describe_dtype(r));
   line("per token", std::to_string(r.bytes_per_token) + " bytes " +
                         detail::both_units(r.bytes_per_token) + " = " +
-                        detail::per_token_formula(r.model) + " x " +
-                        detail::shortest(r.dtype.bits_per_element()) + " bits / 8");
+                        detail::per_token_formula(r.model, r.dtype));
   std::string tokens = std::to_string(r.cached_tokens) + " tokens";
   if (r.cached_tokens != r.seq_len) {
     tokens = std::to_string(r.cached_tokens) + " cached tokens (the window of seq-len " +
              std::to_string(r.seq_len) + ")";
   }
+  // Key scales spread over their groups of tokens can leave a fraction of a byte a token; the
+  // cache rounds up once, not once per token.
+  const std::string per_token =
+      detail::groups_tile(r.model, r.dtype)
+          ? std::to_string(r.bytes_per_token) + " bytes"
+          : detail::two_decimals(r.bits_per_element *
+                                 static_cast<double>(r.elements_per_token) / 8) +
+                " bytes, rounded up";
   line("cache", std::to_string(r.total_bytes) + " bytes " + detail::both_units(r.total_bytes) +
-                    " = batch " + std::to_string(r.batch) + " x " + tokens + " x " +
-                    std::to_string(r.bytes_per_token) + " bytes");
+                    " = batch " + std::to_string(r.batch) + " x " + tokens + " x " + per_token);
   if (!r.fit) return;
   const fit_result& fit = *r.fit;
   line("device", detail::describe_size(fit.device));
@@ -756,7 +842,9 @@ inline void write_text(std::ostream& out, const report& r) {
 }
 
 /// The presets as a Markdown table: shape and bytes per token in f16, int8 and int4 (at `group`).
+/// Computes the whole table before writing any of it, so an error leaves `out` untouched.
 inline void write_presets(std::ostream& out, int group) {
+  std::ostringstream table;
   const kvcache::kv_dtype int8 = kvcache::kv_dtype::int8(group);
   const kvcache::kv_dtype int4 = kvcache::kv_dtype::int4(group);
   const std::string int8_head = "int8/g" + std::to_string(group);
@@ -765,11 +853,10 @@ inline void write_presets(std::ostream& out, int group) {
   std::snprintf(row, sizeof row, "| %-11s | %-4s | %6s | %-22s | %6s | %9s | %9s | %9s |\n",
                 "model", "attn", "layers", "cached per layer/token", "window", "f16 B/tok",
                 int8_head.c_str(), int4_head.c_str());
-  out << row;
-  out << "|-------------|------|-------:|------------------------|-------:|----------:|----------:|"
-         "----------:|\n";
+  table << row;
+  table << "|-------------|------|-------:|------------------------|-------:|----------:|"
+           "----------:|----------:|\n";
   for (const model_shape& m : presets) {
-    check_groups(m, int8);
     const std::string cached =
         m.mla() ? std::to_string(m.latent_dim) + " + " + std::to_string(m.rope_dim) + " latent"
                 : "2 x " + std::to_string(m.kv_heads) + " x " + std::to_string(m.head_dim);
@@ -780,8 +867,9 @@ inline void write_presets(std::ostream& out, int group) {
                   static_cast<long long>(bytes_per_token(m, kvcache::kv_dtype::f16())),
                   static_cast<long long>(bytes_per_token(m, int8)),
                   static_cast<long long>(bytes_per_token(m, int4)));
-    out << row;
+    table << row;
   }
+  out << table.str();
 }
 
 /// Runs the calculator on `args` (without the program name): the report on `out`, a message
@@ -798,6 +886,11 @@ inline int run(const std::vector<std::string>& args, std::ostream& out, std::ost
       return 0;
     }
     if (opts.list) {
+      for (const std::string& flag : opts.flags) {
+        if (flag != "--list" && flag != "--group") {
+          throw usage_error("--list takes only --group, got " + flag);
+        }
+      }
       const kvcache::kv_dtype dtype = select_dtype("int8", opts.group);
       write_presets(out, dtype.group_size);
       return 0;
@@ -812,7 +905,7 @@ inline int run(const std::vector<std::string>& args, std::ostream& out, std::ost
   } catch (const std::invalid_argument& e) {  // usage_error, and the library's own checks
     err << "kv_memory: " << e.what() << "\n";
     return 2;
-  } catch (const std::overflow_error& e) {  // a shape or batch too large to count in 64 bits
+  } catch (const std::length_error& e) {  // a shape or batch too large to count in 64 bits
     err << "kv_memory: the cache is too large to count (" << e.what()
         << "): reduce --batch, --seq-len or the shape\n";
     return 2;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -146,6 +147,20 @@ void visit_tensors(const config& c, Weights& w, Visit&& visit) {
   visit("final_norm", w.final_norm, d, 1);
 }
 
+/// What is wrong with `path` as a file to read, or an empty string when it is a regular file
+/// (or when its status cannot be read; opening it then says why). A directory opens as a
+/// stream whose end is at offset 2^63 - 1, so its size would be read as that.
+inline std::string not_a_regular_file(const std::string& path) {
+  std::error_code ec;
+  const std::filesystem::file_status status = std::filesystem::status(path, ec);
+  if (ec || status.type() == std::filesystem::file_type::not_found ||
+      status.type() == std::filesystem::file_type::regular) {
+    return "";
+  }
+  if (status.type() == std::filesystem::file_type::directory) return "is a directory, not a file";
+  return "is not a regular file";
+}
+
 inline std::string describe(const config& c, bool shared_classifier) {
   return kvcache::detail::message(
       "dim = ", c.dim, ", hidden_dim = ", c.hidden_dim, ", n_layers = ", c.n_layers,
@@ -161,15 +176,19 @@ inline std::string describe(const config& c, bool shared_classifier) {
 /// llama2.c's `memory_map_weights`. The stored RoPE tables are skipped; rope_theta is set to
 /// 10000 and norm_eps to 1e-5, as llama2.c assumes. With a shared classifier,
 /// `w.classifier` is a copy of the embedding.
-/// Throws std::runtime_error, naming the file and the problem, if it cannot be opened or
-/// read, if a header field is not positive, if dim is not n_heads times an even head_dim or
-/// n_heads not a multiple of n_kv_heads, if the sizes overflow, or if the file is not exactly
-/// as long as its header implies. Reads the file once, allocating the weights once.
+/// Throws std::runtime_error, naming the file and the problem, if it is a directory or
+/// another file that is not a regular one, if it cannot be opened or read, if a header field
+/// is not positive, if dim is not n_heads times an even head_dim or n_heads not a multiple of
+/// n_kv_heads, if the sizes overflow, or if the file is not exactly as long as its header
+/// implies. Reads the file once, allocating the weights once.
 inline model load_checkpoint(const std::string& path) {
   using kvcache::detail::message;
   auto error = [&path](const auto&... parts) {
     return std::runtime_error(message("load_checkpoint: '", path, "': ", parts...));
   };
+  if (const std::string wrong = detail::not_a_regular_file(path); !wrong.empty()) {
+    throw error(wrong);
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw error("cannot open the file");
   in.seekg(0, std::ios::end);
@@ -346,7 +365,8 @@ class tokenizer {
   /// (float32 score, int32 length, length bytes), little-endian. The file does not store
   /// vocab_size; pass the checkpoint's.
   /// Throws std::invalid_argument if vocab_size < 3 or above INT32_MAX; std::runtime_error,
-  /// naming the file, if it cannot be opened, if max_token_length is not positive, if a token's
+  /// naming the file, if it is a directory or not a regular file, if it cannot be opened, if
+  /// max_token_length is not positive, if a token's
   /// length is negative or above max_token_length, if the file holds fewer or more tokens
   /// than vocab_size, or if it is truncated.
   static tokenizer load(const std::string& path, Index vocab_size) {
@@ -359,6 +379,9 @@ class tokenizer {
     auto error = [&path](const auto&... parts) {
       return std::runtime_error(message("tokenizer: '", path, "': ", parts...));
     };
+    if (const std::string wrong = detail::not_a_regular_file(path); !wrong.empty()) {
+      throw error(wrong);
+    }
     std::ifstream in(path, std::ios::binary);
     if (!in) throw error("cannot open the file");
     in.seekg(0, std::ios::end);

@@ -5,9 +5,14 @@
 #include "llama2c.hpp"
 
 #include <kvcache/cache/quantized.hpp>
+#include <kvcache/detail/checked.hpp>
+#include <kvcache/thread_pool.hpp>
 
+#include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <functional>
 #include <iostream>
 #include <optional>
@@ -30,13 +35,15 @@ compares them.
   --prompt TEXT       prompt text (needs --tokenizer)
   --gen N             tokens to generate (default 128)
   --seed N            seed of the random weights, prompt and sampling (default 42)
-  --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T)
+  --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T);
+                      any finite T >= 0 a float holds, denormals included
   --top-p P           nucleus sampling: keep the most likely tokens up to mass P (default 0.9)
-  --threads N         threads for attention (default 1)
+  --threads N         threads for attention (default 1, at most 1024)
   --kv-type T         cache storage: f32 (default), f16, bf16, int8, int4; other than f32,
                       also reports the logit difference and KL divergence against an f32 cache
   --group N           int8/int4: elements per scale and zero point (default 32)
-  --residual N        int8/int4: newest tokens kept unquantized, a multiple of --group (default 0)
+  --residual N        int8/int4: newest tokens kept unquantized, a multiple of --group and at
+                      most the sequence length (default 0)
   --window W          sliding-window cache of the last W tokens (f32, f16, bf16)
   --sinks S           with --window: the first S tokens are kept too (attention sinks)
   --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
@@ -45,6 +52,9 @@ compares them.
                       random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed)
   --json              print one JSON object instead of text
   --help              this text
+
+Exit status: 0 on success, 2 for a bad argument (or a file it names), 1 for other failures
+and when, with an f32 cache, cached and uncached generation pick different tokens.
 )";
 
 [[noreturn]] void die(const std::string& message) {
@@ -70,29 +80,65 @@ struct options {
   Index group = 32, residual = 0;
 };
 
-Index parse_int(const std::string& flag, const std::string& value, Index min) {
+Index parse_int(const std::string& flag, const std::string& value, Index min,
+                Index max = std::numeric_limits<Index>::max()) {
   std::size_t used = 0;
   long long v = 0;
   try {
     v = std::stoll(value, &used);
+  } catch (const std::out_of_range&) {
+    die(flag + " " + value + " is out of range: a whole number from " + std::to_string(min) +
+        " to " + std::to_string(max) + " is expected");
   } catch (const std::exception&) {
     die(flag + " needs a whole number, got '" + value + "'");
   }
   if (used != value.size()) die(flag + " needs a whole number, got '" + value + "'");
   if (v < min) die(flag + " must be >= " + std::to_string(min) + ", got " + value);
+  if (v > max) die(flag + " must be <= " + std::to_string(max) + ", got " + value);
   return Index(v);
 }
 
+// A float read through double, so that denormals (1e-45) are numbers as they are; what a
+// float cannot hold is refused for that reason.
 float parse_float(const std::string& flag, const std::string& value) {
-  std::size_t used = 0;
-  float v = 0;
-  try {
-    v = std::stof(value, &used);
-  } catch (const std::exception&) {
+  const char* begin = value.c_str();
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(begin, &end);
+  if (value.empty() || end == begin || *end != '\0') {
     die(flag + " needs a number, got '" + value + "'");
   }
-  if (used != value.size()) die(flag + " needs a number, got '" + value + "'");
-  return v;
+  if (!std::isfinite(v) || std::fabs(v) > double(std::numeric_limits<float>::max())) {
+    die(flag + " must be a finite number a float holds (magnitude at most 3.4e38), got " + value);
+  }
+  const float f = float(v);
+  if (v != 0.0 && f == 0.0f) {
+    die(flag + " " + value + " is closer to 0 than the smallest positive float (1.4e-45)");
+  }
+  return f;
+}
+
+// The random model's shape, named by its flags; exits with status 2 when it is bad.
+void check_shape(const tiny::config& c) {
+  if (c.dim % c.n_heads != 0 || c.head_dim() % 2 != 0) {
+    die("--dim " + std::to_string(c.dim) + " must be --heads " + std::to_string(c.n_heads) +
+        " times an even head_dim");
+  }
+  if (c.n_heads % c.n_kv_heads != 0) {
+    die("--heads " + std::to_string(c.n_heads) + " is not a multiple of --kv-heads " +
+        std::to_string(c.n_kv_heads));
+  }
+  try {
+    c.validate();
+  } catch (const std::invalid_argument& e) {
+    die(e.what());
+  }
+  if (!tiny::detail::checkpoint_bytes(c, /*shared_classifier=*/false)) {
+    die("the model's weights (--dim " + std::to_string(c.dim) + ", --hidden " +
+        std::to_string(c.hidden_dim) + ", --layers " + std::to_string(c.n_layers) + ", --vocab " +
+        std::to_string(c.vocab_size) + ", --seq-len " + std::to_string(c.seq_len) +
+        ") would take more bytes than a 64-bit size counts");
+  }
 }
 
 options parse(int argc, char** argv) {
@@ -129,14 +175,15 @@ options parse(int argc, char** argv) {
       o.top_p = parse_float(flag, value);
       if (!(o.top_p > 0.0f && o.top_p <= 1.0f)) die("--top-p must be in (0, 1], got " + value);
     } else if (flag == "--threads") {
-      o.threads = parse_int(flag, value, 1);
+      o.threads = parse_int(flag, value, 1, kvcache::thread_pool::max_threads);
     } else if (flag == "--kv-type") {
       if (value != "f32" && value != "f16" && value != "bf16" && value != "int8" && value != "int4") {
         die("--kv-type must be f32, f16, bf16, int8 or int4, got '" + value + "'");
       }
       o.kv_type = value;
     } else if (flag == "--group") {
-      o.group = parse_int(flag, value, 1);
+      // kv_dtype holds the group in an int; kv_memory caps it at the same value.
+      o.group = parse_int(flag, value, 1, std::numeric_limits<int>::max() / 64);
     } else if (flag == "--residual") {
       o.residual = parse_int(flag, value, 0);
     } else if (flag == "--window") {
@@ -174,7 +221,51 @@ options parse(int argc, char** argv) {
   if (o.window > 0 && (o.kv_type == "int8" || o.kv_type == "int4")) {
     die("--window works with --kv-type f32, f16 or bf16, not " + o.kv_type);
   }
+  if (!o.checkpoint) check_shape(o.cfg);
   return o;
+}
+
+// Reads what the options name: the checkpoint, the tokenizer and the prompt, and sizes the
+// sequence. A file that cannot be used and sizes that do not fit are bad arguments: status 2.
+void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
+                 std::optional<tiny::tokenizer>& tok, std::vector<int>& prompt) {
+  try {
+    if (o.checkpoint) {
+      auto m = tiny::load_checkpoint(*o.checkpoint);
+      cfg = m.cfg;
+      w = std::move(m.w);
+    }
+    if (o.tokenizer_path) {
+      tok = tiny::tokenizer::load(*o.tokenizer_path, cfg.vocab_size);
+    }
+    if (o.prompt_text) {
+      prompt = tok->encode(*o.prompt_text, /*bos=*/true, /*eos=*/false);
+    } else {
+      std::mt19937_64 gen(o.seed ^ 0x5eedULL);
+      for (Index i = 0; i < o.prompt_len; ++i) prompt.push_back(int(gen() % std::uint64_t(cfg.vocab_size)));
+    }
+  } catch (const std::bad_alloc&) {
+    throw;  // not the argument's fault
+  } catch (const std::exception& e) {
+    die(e.what());
+  }
+  Index needed = 0;
+  try {
+    needed = kvcache::detail::checked_add(Index(prompt.size()), o.gen, "prompt + --gen") - 1;
+  } catch (const std::length_error&) {
+    die("--gen " + std::to_string(o.gen) + " with a prompt of " + std::to_string(prompt.size()) +
+        " tokens needs more positions than a 64-bit index holds");
+  }
+  if (!o.checkpoint && !o.seq_len_given) cfg.seq_len = std::max<Index>(needed, 1);
+  if (needed > cfg.seq_len) {
+    die("prompt (" + std::to_string(prompt.size()) + " tokens) + --gen " + std::to_string(o.gen) +
+        " needs " + std::to_string(needed) + " positions but seq_len is " + std::to_string(cfg.seq_len));
+  }
+  if (!o.checkpoint) check_shape(cfg);  // with the sequence length now known
+  if (o.residual > cfg.seq_len) {
+    die("--residual " + std::to_string(o.residual) + " is more than the sequence length " +
+        std::to_string(cfg.seq_len) + " (tokens kept unquantized cannot outnumber the tokens)");
+  }
 }
 
 std::string json_escape(const std::string& s) {
@@ -262,32 +353,12 @@ Index element_bytes(const std::string& kv_type) { return kv_type == "f32" ? 4 : 
 
 int main(int argc, char** argv) {
   const options o = parse(argc, argv);
+  tiny::config cfg = o.cfg;
+  tiny::weights w;
+  std::optional<tiny::tokenizer> tok;
+  std::vector<int> prompt;
+  load_inputs(o, cfg, w, tok, prompt);
   try {
-    tiny::config cfg = o.cfg;
-    tiny::weights w;
-    if (o.checkpoint) {
-      auto m = tiny::load_checkpoint(*o.checkpoint);
-      cfg = m.cfg;
-      w = std::move(m.w);
-    }
-    std::optional<tiny::tokenizer> tok;
-    if (o.tokenizer_path) {
-      tok = tiny::tokenizer::load(*o.tokenizer_path, cfg.vocab_size);
-    }
-
-    std::vector<int> prompt;
-    if (o.prompt_text) {
-      prompt = tok->encode(*o.prompt_text, /*bos=*/true, /*eos=*/false);
-    } else {
-      std::mt19937_64 gen(o.seed ^ 0x5eedULL);
-      for (Index i = 0; i < o.prompt_len; ++i) prompt.push_back(int(gen() % std::uint64_t(cfg.vocab_size)));
-    }
-    const Index needed = Index(prompt.size()) + o.gen - 1;
-    if (!o.checkpoint && !o.seq_len_given) cfg.seq_len = std::max<Index>(needed, 1);
-    if (needed > cfg.seq_len) {
-      die("prompt (" + std::to_string(prompt.size()) + " tokens) + --gen " + std::to_string(o.gen) +
-          " needs " + std::to_string(needed) + " positions but seq_len is " + std::to_string(cfg.seq_len));
-    }
     cfg.validate();
     if (!o.checkpoint) w = tiny::random_weights(cfg, o.seed);
 
@@ -453,6 +524,10 @@ int main(int argc, char** argv) {
     // With a full-precision f32 cache both modes compute the same thing: different tokens
     // are a failure. Lower precision may legitimately change them.
     return cached && uncached && o.kv_type == "f32" && !identical ? 1 : 0;
+  } catch (const std::invalid_argument& e) {  // the library refusing what the flags asked for
+    die(e.what());
+  } catch (const std::length_error& e) {  // sizes from the flags that cannot be allocated
+    die(e.what());
   } catch (const std::exception& e) {
     std::cerr << "tiny_decoder: error: " << e.what() << "\n";
     return 1;

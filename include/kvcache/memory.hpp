@@ -12,8 +12,10 @@
 namespace kvcache {
 
 namespace detail {
-constexpr void check_positive(const char* what, std::int64_t value) {
-  if (value <= 0) throw std::invalid_argument(what);
+constexpr void check_positive(const char* function, const char* what, std::int64_t value) {
+  if (value <= 0) {
+    fail<std::invalid_argument>(function, ": ", what, " must be positive, got ", value);
+  }
 }
 
 /// Quotient and remainder of a division.
@@ -23,14 +25,14 @@ struct quotient_remainder {
 };
 
 /// floor(a * b / c) and (a * b) mod c for a, b >= 0 and c > 0, exact without a wider type: the
-/// product is never formed. Throws std::overflow_error only when the quotient itself does not
+/// product is never formed. Throws std::length_error only when the quotient itself does not
 /// fit 64 bits. O(log b).
 constexpr quotient_remainder mul_div(std::int64_t a, std::int64_t b, std::int64_t c) {
   // a * b = (qa*c + ra) * b = qa*b*c + ra*b: the first term divides exactly, the second is
   // built bit by bit with its quotient and remainder kept below c, so nothing overflows.
   const std::int64_t qa = a / c;
   const std::int64_t ra = a % c;
-  std::int64_t quotient = checked_mul(qa, b);
+  std::int64_t quotient = checked_mul(qa, b, "kvcache: byte count");
   std::int64_t high = 0;  // ra * (the bits of b seen so far) = high * c + low, high < b
   std::int64_t low = 0;   // 0 <= low < c
   for (int bit = std::numeric_limits<std::int64_t>::digits - 1; bit >= 0; --bit) {
@@ -50,11 +52,27 @@ constexpr quotient_remainder mul_div(std::int64_t a, std::int64_t b, std::int64_
       }
     }
   }
-  if (quotient > std::numeric_limits<std::int64_t>::max() - high) {
-    throw std::overflow_error("kvcache: byte count overflows 64 bits");
-  }
-  quotient += high;
-  return {quotient, low};
+  return {checked_add(quotient, high, "kvcache: byte count"), low};
+}
+
+/// A size as a fraction: `bits` bits for every `per` items (elements, or rows of a cache).
+struct bit_rate {
+  std::int64_t bits;  // > 0
+  std::int64_t per;   // > 0, at most INT_MAX
+};
+
+/// Exact bytes of `count` items at `rate`: ceil(count x bits / (8 x per)), without forming the
+/// product. Throws std::length_error when the bytes do not fit 64 bits.
+constexpr std::int64_t bytes_at(std::int64_t count, bit_rate rate) {
+  const quotient_remainder q = mul_div(count, rate.bits, 8 * rate.per);
+  return q.remainder == 0 ? q.quotient : checked_add(q.quotient, 1, "kvcache: byte count");
+}
+
+/// The most items whose bytes at `rate` fit `budget`: ceil(n x bits / (8 x per)) <= budget
+/// exactly when n x bits <= 8 x per x budget. Throws std::length_error when that count does
+/// not fit 64 bits (items of less than a byte, a budget of exabytes).
+constexpr std::int64_t count_within(std::int64_t budget, bit_rate rate) {
+  return mul_div(budget, 8 * rate.per, rate.bits).quotient;
 }
 }  // namespace detail
 
@@ -65,10 +83,15 @@ constexpr quotient_remainder mul_div(std::int64_t a, std::int64_t b, std::int64_
 /// Presets: `f32()`, `f16()`, `bf16()`, and `int8(group)`, `int4(group)` with an fp16 scale and
 /// an fp16 zero point per group (asymmetric, as KIVI stores them): 32 bits per group, so at
 /// group 32 int8 costs 9 bits per element (0.28125x of f32) and int4 5 bits (0.15625x).
-/// Quantized groups run along head_dim for values and along tokens for keys (KIVI's per-channel
-/// keys). The byte functions spread each group's scale and zero point over its elements: exact
-/// when keys come in whole groups of tokens; a partial last group of keys, which KIVI keeps in
-/// full precision until it fills, is not modelled.
+///
+/// Quantized caches group as KIVI does. Values: per token and kv head, groups of `group_size`
+/// channels along head_dim, the last one shorter when group_size does not divide head_dim, so
+/// ceil(head_dim / group_size) scale and zero points. Keys: per channel, groups of
+/// `group_size` tokens, so head_dim scale and zero points per group of tokens. The codes of one
+/// token's key (and value) of one kv head take ceil(head_dim x bits / 8) bytes. Any
+/// group_size >= 1 is allowed. The byte functions below count exactly that, spreading each key
+/// group's scales over its tokens; a partial last group of keys, which KIVI keeps in full
+/// precision until it fills, is not modelled.
 struct kv_dtype {
   const char* name;
   int bits;
@@ -79,7 +102,7 @@ struct kv_dtype {
   static constexpr kv_dtype f16() noexcept { return {"f16", 16, 0, 0}; }
   static constexpr kv_dtype bf16() noexcept { return {"bf16", 16, 0, 0}; }
   /// 8-bit codes, an fp16 scale and fp16 zero point per `group` elements. The group is checked
-  /// where the dtype is used (it must be positive and divide head_dim).
+  /// where the dtype is used (it must be >= 1).
   static constexpr kv_dtype int8(int group) noexcept { return {"int8", 8, group, 32}; }
   /// 4-bit codes, an fp16 scale and fp16 zero point per `group` elements.
   static constexpr kv_dtype int4(int group) noexcept { return {"int4", 4, group, 32}; }
@@ -94,7 +117,8 @@ struct kv_dtype {
   constexpr std::int64_t elements_per_group() const noexcept {
     return quantized() ? std::int64_t{group_size} : 1;
   }
-  /// Average bits per element, scales included: 16 for f16, 9 for int8 at group 32.
+  /// Average bits per element, scales included: 16 for f16, 9 for int8 at group 32. Exact for
+  /// a cache when group_size divides head_dim (and head_dim x bits is whole bytes).
   constexpr double bits_per_element() const noexcept {
     return static_cast<double>(bits_per_group()) / static_cast<double>(elements_per_group());
   }
@@ -112,103 +136,184 @@ constexpr void check_dtype(const char* function, const kv_dtype& dtype) {
   }
   if (dtype.group_size < 0) {
     fail<std::invalid_argument>(function, ": dtype ", dtype_name(dtype), " has group_size = ",
-                                dtype.group_size, ", expected > 0 (or 0 for unquantized)");
+                                dtype.group_size, ", expected >= 1 (or 0 for unquantized)");
   }
-  if (dtype.scale_bits < 0 || (dtype.group_size == 0 && dtype.scale_bits != 0)) {
+  if (dtype.group_size == 0 && dtype.scale_bits != 0) {
+    fail<std::invalid_argument>(function, ": dtype ", dtype_name(dtype),
+                                " has group_size = 0 with scale_bits = ", dtype.scale_bits,
+                                ": a quantized dtype needs group_size >= 1 (group_size 0 means "
+                                "unquantized, without scales)");
+  }
+  if (dtype.scale_bits < 0) {
     fail<std::invalid_argument>(function, ": dtype ", dtype_name(dtype), " has scale_bits = ",
-                                dtype.scale_bits, ", expected >= 0 and 0 when unquantized");
+                                dtype.scale_bits, ", expected >= 0");
   }
 }
 
-/// Checks the shape and the dtype and returns the elements one token adds per sequence:
-/// 2 (K and V) x layers x kv_heads x head_dim.
-constexpr std::int64_t kv_elements_per_token(const char* function, std::int64_t layers,
-                                             std::int64_t kv_heads, std::int64_t head_dim,
-                                             const kv_dtype& dtype) {
+/// ceil(a / b) for a >= 0, b > 0.
+constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0); }
+
+/// Bits of the codes of one token's vector of `dim` elements: ceil(dim x bits / 8) bytes.
+constexpr std::int64_t code_bits(std::int64_t dim, const kv_dtype& dtype) {
+  const quotient_remainder bytes = mul_div(dim, dtype.bits, 8);
+  return checked_mul(bytes.quotient + (bytes.remainder != 0), 8, "kvcache: bits of a vector");
+}
+
+/// Bits of the scales and zero points of one token's vector of `dim` elements grouped along
+/// its channels, the last group shorter.
+constexpr std::int64_t channel_scale_bits(std::int64_t dim, const kv_dtype& dtype) {
+  return checked_mul(ceil_div(dim, dtype.group_size), dtype.scale_bits,
+                     "kvcache: bits of a vector");
+}
+
+/// Bits one token's vector of `dim` elements takes stored as a value is: dim x bits
+/// unquantized; quantized, its codes and its channel groups' scales.
+constexpr std::int64_t vector_bits(std::int64_t dim, const kv_dtype& dtype) {
+  if (!dtype.quantized()) return checked_mul(dim, dtype.bits, "kvcache: bits of a vector");
+  return checked_add(code_bits(dim, dtype), channel_scale_bits(dim, dtype),
+                     "kvcache: bits of a vector");
+}
+
+/// What one token adds to one sequence's cache: `rows` rows at `rate`.
+struct token_rows {
+  std::int64_t rows;
+  bit_rate rate;
+};
+
+/// One token of a model with kv heads: a row per layer and kv head holding its key and value.
+/// Checks the shape and the dtype.
+constexpr token_rows kv_token_rows(const char* function, std::int64_t layers,
+                                   std::int64_t kv_heads, std::int64_t head_dim,
+                                   const kv_dtype& dtype) {
   if (layers <= 0 || kv_heads <= 0 || head_dim <= 0) {
     fail<std::invalid_argument>(function, ": layers, kv_heads and head_dim must be positive, got ",
                                 layers, ", ", kv_heads, ", ", head_dim);
   }
   check_dtype(function, dtype);
-  if (dtype.quantized() && head_dim % dtype.group_size != 0) {
-    fail<std::invalid_argument>(
-        function, ": head_dim = ", head_dim, " is not a multiple of the ", dtype_name(dtype),
-        " group size ", dtype.group_size,
-        " (groups run along head_dim for values, so they must tile it exactly)");
+  const std::int64_t rows = checked_mul(layers, kv_heads, "kvcache: layers x kv_heads");
+  const char* what = "kvcache: bits of a cached row";
+  if (!dtype.quantized()) return {rows, {checked_product({2, head_dim, dtype.bits}, what), 1}};
+  // Over group_size tokens: the value (codes and channel-group scales) and the key codes of
+  // each token, and one scale and zero point per key channel.
+  const std::int64_t per_token = checked_add(code_bits(head_dim, dtype),
+                                             vector_bits(head_dim, dtype), what);
+  const std::int64_t per_group =
+      checked_add(checked_mul(per_token, dtype.group_size, what),
+                  checked_mul(head_dim, dtype.scale_bits, what), what);
+  return {rows, {per_group, dtype.group_size}};
+}
+
+/// One token of a model with multi-head latent attention (MLA): a row per layer holding the
+/// compressed latent and the decoupled RoPE key, each stored as a value is. Checks the shape
+/// and the dtype.
+constexpr token_rows latent_token_rows(const char* function, std::int64_t layers,
+                                       std::int64_t latent_dim, std::int64_t rope_dim,
+                                       const kv_dtype& dtype) {
+  if (layers <= 0 || latent_dim <= 0 || rope_dim < 0) {
+    fail<std::invalid_argument>(function, ": layers and latent_dim must be positive and rope_dim "
+                                "non-negative, got ", layers, ", ", latent_dim, ", ", rope_dim);
   }
-  return checked_mul(checked_mul(checked_mul(2, layers), kv_heads), head_dim);
+  check_dtype(function, dtype);
+  const char* what = "kvcache: bits of a cached row";
+  const std::int64_t bits = dtype.quantized()
+      ? checked_add(vector_bits(latent_dim, dtype), vector_bits(rope_dim, dtype), what)
+      : checked_mul(checked_add(latent_dim, rope_dim, what), dtype.bits, what);
+  return {layers, {bits, 1}};
+}
+
+constexpr std::int64_t cache_bytes_of(const char* function, std::int64_t batch,
+                                   std::int64_t seq_len, token_rows token) {
+  if (batch < 0 || seq_len < 0) {
+    fail<std::invalid_argument>(function, ": batch and seq_len must be >= 0, got ", batch,
+                                " and ", seq_len);
+  }
+  return bytes_at(checked_product({batch, seq_len, token.rows}, "kvcache: rows of the cache"),
+                  token.rate);
+}
+
+/// The most n with cache_bytes(n) <= budget, for n tokens (or sequences) of `per` rows times
+/// `times`: bytes grow with rows, so n fits exactly when n x per x times rows fit, and
+/// floor(floor(x / a) / b) = floor(x / (a x b)) needs no product.
+constexpr std::int64_t count_that_fits(const char* function, const char* what,
+                                       std::int64_t budget, std::int64_t times,
+                                       token_rows token) {
+  if (budget < 0) fail<std::invalid_argument>(function, ": budget must be >= 0, got ", budget);
+  check_positive(function, what, times);
+  return count_within(budget, token.rate) / token.rows / times;
 }
 }  // namespace detail
 
 /// Bytes one token adds to a model's cache: 2 (K and V) x layers x kv_heads x head_dim x
-/// bytes_per_element. Throws std::invalid_argument for a non-positive argument.
+/// bytes_per_element. Throws std::invalid_argument for a non-positive argument and
+/// std::length_error when the product does not fit 64 bits.
 constexpr std::int64_t kv_bytes_per_token(std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, std::int64_t bytes_per_element) {
-  detail::check_positive("kv_bytes_per_token: layers must be positive", layers);
-  detail::check_positive("kv_bytes_per_token: kv_heads must be positive", kv_heads);
-  detail::check_positive("kv_bytes_per_token: head_dim must be positive", head_dim);
-  detail::check_positive("kv_bytes_per_token: bytes_per_element must be positive",
-                         bytes_per_element);
-  return detail::checked_mul(
-      detail::checked_mul(detail::checked_mul(2 * layers, kv_heads), head_dim), bytes_per_element);
+  detail::check_positive("kv_bytes_per_token", "layers", layers);
+  detail::check_positive("kv_bytes_per_token", "kv_heads", kv_heads);
+  detail::check_positive("kv_bytes_per_token", "head_dim", head_dim);
+  detail::check_positive("kv_bytes_per_token", "bytes_per_element", bytes_per_element);
+  return detail::checked_product({2, layers, kv_heads, head_dim, bytes_per_element},
+                                 "kv_bytes_per_token: 2 x layers x kv_heads x head_dim x bytes");
 }
 
 /// Bytes of a KV cache: 2 x batch x seq_len x layers x kv_heads x head_dim x bytes_per_element.
 /// Throws std::invalid_argument for a negative batch or seq_len or a non-positive shape, and
-/// std::overflow_error when the count does not fit 64 bits.
+/// std::length_error when the count does not fit 64 bits.
 constexpr std::int64_t kv_cache_bytes(std::int64_t batch, std::int64_t seq_len,
                                       std::int64_t layers, std::int64_t kv_heads,
                                       std::int64_t head_dim, std::int64_t bytes_per_element) {
   if (batch < 0 || seq_len < 0) {
-    throw std::invalid_argument("kv_cache_bytes: batch and seq_len must be >= 0");
+    detail::fail<std::invalid_argument>("kv_cache_bytes: batch and seq_len must be >= 0, got ",
+                                        batch, " and ", seq_len);
   }
-  return detail::checked_mul(detail::checked_mul(batch, seq_len),
-                             kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element));
+  return detail::checked_product(
+      {batch, seq_len, kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element)},
+      "kv_cache_bytes: batch x seq_len x bytes per token");
 }
 
 /// The inverse in seq_len: how many tokens per sequence fit `budget_bytes` at `batch`
 /// sequences (rounded down). Throws std::invalid_argument for a negative budget, a
-/// non-positive batch or shape.
+/// non-positive batch or shape, std::length_error when one token's bytes do not fit 64 bits.
 constexpr std::int64_t kv_tokens_that_fit(std::int64_t budget_bytes, std::int64_t batch,
                                           std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, std::int64_t bytes_per_element) {
-  if (budget_bytes < 0) throw std::invalid_argument("kv_tokens_that_fit: budget must be >= 0");
-  detail::check_positive("kv_tokens_that_fit: batch must be positive", batch);
-  return budget_bytes /
-         detail::checked_mul(batch, kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element));
+  if (budget_bytes < 0) {
+    detail::fail<std::invalid_argument>("kv_tokens_that_fit: budget must be >= 0, got ",
+                                        budget_bytes);
+  }
+  detail::check_positive("kv_tokens_that_fit", "batch", batch);
+  return budget_bytes / kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element) / batch;
 }
 
-/// The inverse in batch: how many sequences of `seq_len` tokens fit `budget_bytes`.
+/// The inverse in batch: how many sequences of `seq_len` tokens fit `budget_bytes`. Throws as
+/// kv_tokens_that_fit does, with seq_len in place of batch.
 constexpr std::int64_t kv_batch_that_fits(std::int64_t budget_bytes, std::int64_t seq_len,
                                           std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, std::int64_t bytes_per_element) {
-  if (budget_bytes < 0) throw std::invalid_argument("kv_batch_that_fits: budget must be >= 0");
-  detail::check_positive("kv_batch_that_fits: seq_len must be positive", seq_len);
-  return budget_bytes /
-         detail::checked_mul(seq_len, kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element));
+  if (budget_bytes < 0) {
+    detail::fail<std::invalid_argument>("kv_batch_that_fits: budget must be >= 0, got ",
+                                        budget_bytes);
+  }
+  detail::check_positive("kv_batch_that_fits", "seq_len", seq_len);
+  return budget_bytes / kv_bytes_per_token(layers, kv_heads, head_dim, bytes_per_element) /
+         seq_len;
 }
 
-/// Exact bytes of `elements` cached elements stored as `dtype`:
-/// ceil(elements x (bits x group + scale_bits) / (8 x group)), or ceil(elements x bits / 8)
-/// unquantized. Throws std::invalid_argument for a negative count or an invalid dtype, and
-/// std::overflow_error when the count does not fit 64 bits. O(1).
+/// Exact bytes of `elements` cached elements stored as `dtype`, each group's scale and zero
+/// point spread over its elements: ceil(elements x (bits x group + scale_bits) / (8 x group)),
+/// or ceil(elements x bits / 8) unquantized. Throws std::invalid_argument for a negative count
+/// or an invalid dtype, and std::length_error when the count does not fit 64 bits. O(1).
 constexpr std::int64_t kv_element_bytes(std::int64_t elements, const kv_dtype& dtype) {
   if (elements < 0) {
     detail::fail<std::invalid_argument>("kv_element_bytes: elements must be >= 0, got ",
                                         elements);
   }
   detail::check_dtype("kv_element_bytes", dtype);
-  const detail::quotient_remainder bits_in_bytes =
-      detail::mul_div(elements, dtype.bits_per_group(), 8 * dtype.elements_per_group());
-  if (bits_in_bytes.remainder == 0) return bits_in_bytes.quotient;
-  if (bits_in_bytes.quotient == std::numeric_limits<std::int64_t>::max()) {
-    throw std::overflow_error("kvcache: byte count overflows 64 bits");
-  }
-  return bits_in_bytes.quotient + 1;
+  return detail::bytes_at(elements, {dtype.bits_per_group(), dtype.elements_per_group()});
 }
 
 /// The inverse of kv_element_bytes: the most elements whose bytes fit `budget_bytes`. Throws
-/// std::invalid_argument for a negative budget or an invalid dtype, std::overflow_error when
+/// std::invalid_argument for a negative budget or an invalid dtype, std::length_error when
 /// the count does not fit 64 bits (a budget of exabytes in a sub-byte format).
 constexpr std::int64_t kv_elements_that_fit(std::int64_t budget_bytes, const kv_dtype& dtype) {
   if (budget_bytes < 0) {
@@ -216,38 +321,34 @@ constexpr std::int64_t kv_elements_that_fit(std::int64_t budget_bytes, const kv_
                                         budget_bytes);
   }
   detail::check_dtype("kv_elements_that_fit", dtype);
-  // ceil(n * bits / 8) <= budget  <=>  n * bits <= 8 * budget (per group: bits and elements).
-  return detail::mul_div(budget_bytes, 8 * dtype.elements_per_group(), dtype.bits_per_group())
-      .quotient;
+  return detail::count_within(budget_bytes, {dtype.bits_per_group(), dtype.elements_per_group()});
 }
 
-/// Bytes one token adds to a model's cache per sequence, for K and V of every layer stored as
-/// `dtype`: kv_element_bytes(2 x layers x kv_heads x head_dim, dtype), e.g. 2x32x8x128 elements
-/// x 9/8 bytes = 73728 for Llama-3-8B in int8 at group 32. Throws std::invalid_argument for a
-/// non-positive shape, an invalid dtype, or a quantized dtype whose group_size does not divide
-/// head_dim; std::overflow_error when the count does not fit 64 bits.
+/// Bytes one token adds to a model's cache per sequence, for K and V of every layer and kv
+/// head stored as `dtype`. Unquantized: ceil(2 x layers x kv_heads x head_dim x bits / 8).
+/// Quantized, per layer and kv head (see kv_dtype): 2 x ceil(head_dim x bits / 8) bytes of
+/// codes, ceil(head_dim / group) value scale and zero points, and head_dim key scale and zero
+/// points per group tokens, i.e. head_dim / group per token; the total rounded up to a byte.
+/// E.g. 2x32x8x128 x 9/8 = 73728 for Llama-3-8B in int8 at group 32. Throws
+/// std::invalid_argument for a non-positive shape or an invalid dtype; std::length_error when
+/// the count does not fit 64 bits.
 constexpr std::int64_t kv_bytes_per_token(std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, const kv_dtype& dtype) {
-  return kv_element_bytes(
-      detail::kv_elements_per_token("kv_bytes_per_token", layers, kv_heads, head_dim, dtype),
-      dtype);
+  const detail::token_rows token =
+      detail::kv_token_rows("kv_bytes_per_token", layers, kv_heads, head_dim, dtype);
+  return detail::bytes_at(token.rows, token.rate);
 }
 
-/// Bytes of a KV cache of `batch` sequences of `seq_len` tokens stored as `dtype`: the exact
-/// bytes of 2 x batch x seq_len x layers x kv_heads x head_dim elements. Throws
+/// Bytes of a KV cache of `batch` sequences of `seq_len` tokens stored as `dtype`: batch x
+/// seq_len tokens counted as kv_bytes_per_token counts one, rounded up once. Throws
 /// std::invalid_argument for a negative batch or seq_len and as kv_bytes_per_token does;
-/// std::overflow_error when the count does not fit 64 bits.
+/// std::length_error when the count does not fit 64 bits.
 constexpr std::int64_t kv_cache_bytes(std::int64_t batch, std::int64_t seq_len,
                                       std::int64_t layers, std::int64_t kv_heads,
                                       std::int64_t head_dim, const kv_dtype& dtype) {
-  if (batch < 0 || seq_len < 0) {
-    detail::fail<std::invalid_argument>("kv_cache_bytes: batch and seq_len must be >= 0, got ",
-                                        batch, " and ", seq_len);
-  }
-  const std::int64_t per_token =
-      detail::kv_elements_per_token("kv_cache_bytes", layers, kv_heads, head_dim, dtype);
-  return kv_element_bytes(detail::checked_mul(detail::checked_mul(batch, seq_len), per_token),
-                          dtype);
+  return detail::cache_bytes_of(
+      "kv_cache_bytes", batch, seq_len,
+      detail::kv_token_rows("kv_cache_bytes", layers, kv_heads, head_dim, dtype));
 }
 
 /// The inverse of kv_cache_bytes in seq_len: the most tokens per sequence whose cache, at
@@ -257,14 +358,9 @@ constexpr std::int64_t kv_cache_bytes(std::int64_t batch, std::int64_t seq_len,
 constexpr std::int64_t kv_tokens_that_fit(std::int64_t budget_bytes, std::int64_t batch,
                                           std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, const kv_dtype& dtype) {
-  if (batch <= 0) {
-    detail::fail<std::invalid_argument>("kv_tokens_that_fit: batch must be positive, got ",
-                                        batch);
-  }
-  const std::int64_t per_token =
-      detail::kv_elements_per_token("kv_tokens_that_fit", layers, kv_heads, head_dim, dtype);
-  // Bytes grow with elements, so n fits exactly when batch x n x per_token elements fit.
-  return kv_elements_that_fit(budget_bytes, dtype) / per_token / batch;
+  return detail::count_that_fits(
+      "kv_tokens_that_fit", "batch", budget_bytes, batch,
+      detail::kv_token_rows("kv_tokens_that_fit", layers, kv_heads, head_dim, dtype));
 }
 
 /// The inverse of kv_cache_bytes in batch: the most sequences of `seq_len` tokens stored as
@@ -273,13 +369,51 @@ constexpr std::int64_t kv_tokens_that_fit(std::int64_t budget_bytes, std::int64_
 constexpr std::int64_t kv_batch_that_fits(std::int64_t budget_bytes, std::int64_t seq_len,
                                           std::int64_t layers, std::int64_t kv_heads,
                                           std::int64_t head_dim, const kv_dtype& dtype) {
-  if (seq_len <= 0) {
-    detail::fail<std::invalid_argument>("kv_batch_that_fits: seq_len must be positive, got ",
-                                        seq_len);
-  }
-  const std::int64_t per_token =
-      detail::kv_elements_per_token("kv_batch_that_fits", layers, kv_heads, head_dim, dtype);
-  return kv_elements_that_fit(budget_bytes, dtype) / per_token / seq_len;
+  return detail::count_that_fits(
+      "kv_batch_that_fits", "seq_len", budget_bytes, seq_len,
+      detail::kv_token_rows("kv_batch_that_fits", layers, kv_heads, head_dim, dtype));
+}
+
+/// Bytes one token adds per sequence to the cache of a model with multi-head latent attention
+/// (MLA, DeepSeek-V2): per layer, one compressed latent of `latent_dim` and `rope_dim`
+/// decoupled RoPE key dims, no heads and no separate K and V. Each vector is stored as a value
+/// is (see kv_dtype): unquantized, ceil(layers x (latent_dim + rope_dim) x bits / 8);
+/// quantized, codes padded to whole bytes and a scale and zero point per group of channels.
+/// Throws std::invalid_argument for layers or latent_dim <= 0, rope_dim < 0 or an invalid
+/// dtype; std::length_error when the count does not fit 64 bits.
+constexpr std::int64_t kv_latent_bytes_per_token(std::int64_t layers, std::int64_t latent_dim,
+                                                 std::int64_t rope_dim, const kv_dtype& dtype) {
+  const detail::token_rows token = detail::latent_token_rows(
+      "kv_latent_bytes_per_token", layers, latent_dim, rope_dim, dtype);
+  return detail::bytes_at(token.rows, token.rate);
+}
+
+/// Bytes of an MLA cache of `batch` sequences of `seq_len` tokens, as kv_cache_bytes for
+/// kv_latent_bytes_per_token.
+constexpr std::int64_t kv_latent_cache_bytes(std::int64_t batch, std::int64_t seq_len,
+                                             std::int64_t layers, std::int64_t latent_dim,
+                                             std::int64_t rope_dim, const kv_dtype& dtype) {
+  return detail::cache_bytes_of(
+      "kv_latent_cache_bytes", batch, seq_len,
+      detail::latent_token_rows("kv_latent_cache_bytes", layers, latent_dim, rope_dim, dtype));
+}
+
+/// The inverse of kv_latent_cache_bytes in seq_len, as kv_tokens_that_fit.
+constexpr std::int64_t kv_latent_tokens_that_fit(std::int64_t budget_bytes, std::int64_t batch,
+                                                 std::int64_t layers, std::int64_t latent_dim,
+                                                 std::int64_t rope_dim, const kv_dtype& dtype) {
+  return detail::count_that_fits(
+      "kv_latent_tokens_that_fit", "batch", budget_bytes, batch,
+      detail::latent_token_rows("kv_latent_tokens_that_fit", layers, latent_dim, rope_dim, dtype));
+}
+
+/// The inverse of kv_latent_cache_bytes in batch, as kv_batch_that_fits.
+constexpr std::int64_t kv_latent_batch_that_fits(std::int64_t budget_bytes, std::int64_t seq_len,
+                                                 std::int64_t layers, std::int64_t latent_dim,
+                                                 std::int64_t rope_dim, const kv_dtype& dtype) {
+  return detail::count_that_fits(
+      "kv_latent_batch_that_fits", "seq_len", budget_bytes, seq_len,
+      detail::latent_token_rows("kv_latent_batch_that_fits", layers, latent_dim, rope_dim, dtype));
 }
 
 }  // namespace kvcache

@@ -2,6 +2,7 @@
 // Validated value types for the shape of a model's attention and of its KV cache.
 #pragma once
 
+#include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
 #include "kvcache/types.hpp"
 
@@ -15,7 +16,8 @@ namespace kvcache {
 class attention_shape {
  public:
   /// Throws std::invalid_argument unless every size is positive and n_heads is a multiple of
-  /// n_kv_heads.
+  /// n_kv_heads; std::length_error, naming the values, when n_heads * head_dim (and so
+  /// n_kv_heads * head_dim) does not fit Index, so q_width() and kv_width() never overflow.
   attention_shape(Index n_heads, Index n_kv_heads, Index head_dim)
       : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim) {
     check_positive("n_heads", n_heads);
@@ -24,6 +26,11 @@ class attention_shape {
     if (n_heads % n_kv_heads != 0) {
       detail::fail<std::invalid_argument>("attention_shape: n_heads = ", n_heads,
                                           " is not a multiple of n_kv_heads = ", n_kv_heads);
+    }
+    // n_kv_heads <= n_heads, so the query width is the larger of the two.
+    if (detail::product_overflows({n_heads, head_dim})) {
+      detail::fail<std::length_error>("attention_shape: n_heads * head_dim = ", n_heads, " x ",
+                                      head_dim, " overflows a 64-bit size");
     }
   }
 
@@ -62,14 +69,17 @@ class attention_shape {
 /// The attention of a whole model: `n_layers` layers of one attention_shape each.
 class cache_shape : public attention_shape {
  public:
-  /// Throws std::invalid_argument as attention_shape does, and for n_layers <= 0.
+  /// Throws as attention_shape does, std::invalid_argument for n_layers <= 0, and
+  /// std::length_error, naming the values, when the bytes of one token of the whole model at
+  /// the widest storage scalar, 2 (K and V) * n_layers * n_kv_heads * head_dim * 8 (double),
+  /// do not fit Index: then no per-token size any cache computes from this shape can overflow.
   cache_shape(Index n_layers, Index n_heads, Index n_kv_heads, Index head_dim)
       : attention_shape(n_heads, n_kv_heads, head_dim), n_layers_(n_layers) {
-    check_positive("n_layers", n_layers);
+    check_layers();
   }
   cache_shape(Index n_layers, const attention_shape& heads)
       : attention_shape(heads), n_layers_(n_layers) {
-    check_positive("n_layers", n_layers);
+    check_layers();
   }
 
   Index n_layers() const noexcept { return n_layers_; }
@@ -84,6 +94,16 @@ class cache_shape : public attention_shape {
   }
 
  private:
+  void check_layers() const {
+    check_positive("n_layers", n_layers_);
+    if (detail::product_overflows({2, n_layers_, n_kv_heads(), head_dim(), 8})) {
+      detail::fail<std::length_error>(
+          "cache_shape: one token of the model takes 2 x n_layers x n_kv_heads x head_dim x 8 "
+          "bytes = 2 x ", n_layers_, " x ", n_kv_heads(), " x ", head_dim(),
+          " x 8, which overflows a 64-bit size");
+    }
+  }
+
   Index n_layers_;
 };
 

@@ -22,24 +22,28 @@ namespace kvcache {
 /// call costs a wake-up, not a thread start. One pool serves one caller at a time.
 class thread_pool {
  public:
-  /// Throws std::invalid_argument for n_threads < 1.
+  /// Most threads a pool runs: far more than the cores attention can use, and few enough that
+  /// starting them is quick.
+  static constexpr Index max_threads = 1024;
+
+  /// Throws std::invalid_argument for n_threads < 1 or above max_threads. When a thread cannot
+  /// be started, stops those already running and rethrows (std::system_error).
   explicit thread_pool(Index n_threads = 1) : n_threads_(n_threads) {
-    if (n_threads < 1) {
-      detail::fail<std::invalid_argument>("thread_pool: n_threads must be >= 1, got ", n_threads);
+    if (n_threads < 1 || n_threads > max_threads) {
+      detail::fail<std::invalid_argument>("thread_pool: n_threads must be in 1..max_threads = ",
+                                          max_threads, ", got ", n_threads);
     }
-    threads_.reserve(static_cast<std::size_t>(n_threads - 1));
-    for (Index w = 1; w < n_threads; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+    try {
+      threads_.reserve(static_cast<std::size_t>(n_threads - 1));
+      for (Index w = 1; w < n_threads; ++w) threads_.emplace_back([this, w] { worker_loop(w); });
+    } catch (...) {
+      stop_and_join();  // a joinable std::thread left to its destructor would terminate
+      throw;
+    }
   }
   thread_pool(const thread_pool&) = delete;
   thread_pool& operator=(const thread_pool&) = delete;
-  ~thread_pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
+  ~thread_pool() { stop_and_join(); }
 
   /// Threads in the pool, the caller included.
   Index size() const noexcept { return n_threads_; }
@@ -72,6 +76,15 @@ class thread_pool {
   }
 
  private:
+  void stop_and_join() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
   struct job {
     void* ctx = nullptr;
     void (*call)(void*, Index, Index) = nullptr;

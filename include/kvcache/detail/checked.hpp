@@ -11,6 +11,7 @@
 namespace kvcache::detail {
 
 /// a * b, or std::length_error naming `what` and both values when it would overflow Index.
+/// constexpr, so compile-time size formulas use it too.
 constexpr Index checked_mul(Index a, Index b, const char* what = "size") {
   Index out = 0;
   if (__builtin_mul_overflow(a, b, &out)) {
@@ -33,6 +34,16 @@ constexpr Index checked_product(std::initializer_list<Index> factors, const char
   Index out = 1;
   for (const Index f : factors) out = checked_mul(out, f, what);
   return out;
+}
+
+/// Whether the product of the factors overflows Index, for callers that name every factor in
+/// their own message.
+constexpr bool product_overflows(std::initializer_list<Index> factors) noexcept {
+  Index out = 1;
+  for (const Index f : factors) {
+    if (__builtin_mul_overflow(out, f, &out)) return true;
+  }
+  return false;
 }
 
 }  // namespace kvcache::detail

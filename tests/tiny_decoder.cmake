@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: Apache-2.0
+# The tiny_decoder program run from the command line with bad arguments: each must exit with
+# status 2 and a message naming what is wrong. include()d from tests/CMakeLists.txt.
+
+# tiny_decoder_exits(<name> <status> <regex> <args>...): the program exits with <status> and
+# its standard error matches <regex>.
+function(tiny_decoder_exits name status regex)
+  list(JOIN ARGN "|" args)
+  add_test(NAME tiny_decoder.${name}
+    COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder> "-DARGS=${args}"
+      -DSTATUS=${status} "-DSTDERR=${regex}" -P ${CMAKE_CURRENT_LIST_DIR}/cmake/expect_exit.cmake)
+  set_tests_properties(tiny_decoder.${name} PROPERTIES LABELS tiny_decoder)
+endfunction()
+
+# prompt + --gen wrapped around and was then blamed on seq_len.
+tiny_decoder_exits(gen_overflows 2 "--gen 9223372036854775807 with a prompt of 16 tokens"
+  --gen 9223372036854775807)
+tiny_decoder_exits(gen_out_of_range 2 "--gen 99999999999999999999 is out of range"
+  --gen 99999999999999999999)
+# A denormal temperature is a number; what a float cannot hold is refused as such.
+tiny_decoder_exits(temperature_denormal 0 "" --temperature 1e-45 --gen 2 --mode cached)
+tiny_decoder_exits(temperature_below_float 2 "--temperature 1e-50 is closer to 0 than"
+  --temperature 1e-50)
+tiny_decoder_exits(temperature_infinite 2 "--temperature must be a finite number" --temperature inf)
+tiny_decoder_exits(temperature_not_a_number 2 "--temperature needs a number, got 'warm'"
+  --temperature warm)
+# Shape errors exited with 1, other bad flags with 2.
+tiny_decoder_exits(heads_not_dividing_dim 2 "--dim 256 must be --heads 3 times an even head_dim"
+  --heads 3 --kv-heads 2)
+tiny_decoder_exits(kv_heads_not_dividing_heads 2 "--heads 8 is not a multiple of --kv-heads 3"
+  --kv-heads 3)
+tiny_decoder_exits(vocab_overflows 2 "--vocab 4611686018427387904.*more bytes than a 64-bit"
+  --vocab 4611686018427387904)
+tiny_decoder_exits(threads_above_cap 2 "--threads must be <= 1024, got 100000000"
+  --threads 100000000)
+tiny_decoder_exits(window_too_large 2 "sliding_window_cache"
+  --window 4611686018427387904 --gen 2 --mode cached)
+# A directory was read as a file of 2^63 - 1 bytes.
+tiny_decoder_exits(tokenizer_directory 2 "tokenizer: '.*': is a directory"
+  --tokenizer ${CMAKE_CURRENT_LIST_DIR})
+tiny_decoder_exits(checkpoint_directory 2 "load_checkpoint: '.*': is a directory"
+  --checkpoint ${CMAKE_CURRENT_LIST_DIR})
+# The residual reached the cache, which crashed.
+tiny_decoder_exits(residual_too_large 2 "--residual 4611686018427387904 is more than the sequence"
+  --residual 4611686018427387904 --kv-type int8 --group 16)
+tiny_decoder_exits(group_out_of_range 2 "--group must be <= 33554431"
+  --group 4611686018427387904 --kv-type int8)
