@@ -33,7 +33,7 @@ tiny_decoder_exits(vocab_overflows 2 "--vocab 4611686018427387904.*more bytes th
   --vocab 4611686018427387904)
 tiny_decoder_exits(threads_above_cap 2 "--threads must be <= 1024, got 100000000"
   --threads 100000000)
-tiny_decoder_exits(window_too_large 2 "sliding_window_cache"
+tiny_decoder_exits(window_too_large 2 "capacity.*overflows"
   --window 4611686018427387904 --gen 2 --mode cached)
 # A directory was read as a file of 2^63 - 1 bytes.
 tiny_decoder_exits(tokenizer_directory 2 "tokenizer: '.*': is a directory"

@@ -150,8 +150,6 @@ constexpr void check_dtype(const char* function, const kv_dtype& dtype) {
   }
 }
 
-/// ceil(a / b) for a >= 0, b > 0.
-constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0); }
 
 /// Bits of the codes of one token's vector of `dim` elements: ceil(dim x bits / 8) bytes.
 constexpr std::int64_t code_bits(std::int64_t dim, const kv_dtype& dtype) {

@@ -7,6 +7,7 @@
 #include "kvcache/attention/micro_kernel.hpp"
 #include "kvcache/attention/online_softmax.hpp"
 #include "kvcache/detail/assert.hpp"
+#include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/thread_pool.hpp"
@@ -124,8 +125,6 @@ namespace detail {
 // general matrix product's packing and take Eigen's.
 inline constexpr Index micro_kernel_rows = 8;
 
-// a / b rounded up, for a >= 0 and b > 0, without overflow.
-inline constexpr Index ceil_div(Index a, Index b) noexcept { return a / b + (a % b != 0 ? 1 : 0); }
 
 // Sets to -inf the scores that `mask` hides: row r's query sits at position row_pos[r], the
 // tile's key j at position first + j. Keys after the query are hidden (causal), and with a

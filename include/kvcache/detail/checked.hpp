@@ -46,4 +46,7 @@ constexpr bool product_overflows(std::initializer_list<Index> factors) noexcept 
   return false;
 }
 
+/// a / b rounded up, for a >= 0 and b > 0, without overflow.
+constexpr Index ceil_div(Index a, Index b) noexcept { return a / b + (a % b != 0 ? 1 : 0); }
+
 }  // namespace kvcache::detail
