@@ -8,6 +8,7 @@
 #include "kvcache/detail/buffer.hpp"
 #include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
+#include "kvcache/format/units.hpp"
 #include "kvcache/layout/plan.hpp"
 #include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
@@ -205,10 +206,7 @@ class kv_cache {
   /// memory cannot address, std::bad_alloc when memory is short.
   void reserve(Index tokens) {
     if (!plan_.grows) return;
-    if (tokens > plan_.max_tokens) {
-      detail::fail<std::length_error>("reserve: ", tokens, " tokens exceed max_tokens = ",
-                                      plan_.max_tokens);
-    }
+    check_reserve(tokens);
     std::vector<layer_state> grown(layers_.size());
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       if (needs_room(layers_[i], tokens)) {
@@ -220,19 +218,25 @@ class kv_cache {
     }
   }
 
+  /// A copy of this cache with room for `tokens` tokens in every layer, allocated once per
+  /// layer (a growing layout; others are copied as they are). Throws as reserve does.
+  kv_cache reserved(Index tokens) const {
+    if (!plan_.grows) return *this;
+    check_reserve(tokens);
+    kv_cache out(shape_, layout_, format_);
+    out.layers_.resize(layers_.size());
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      regrow(out.layers_[i], layers_[i], std::max(units_for(tokens), layers_[i].ring_slots));
+    }
+    return out;
+  }
+
   /// `torch.cat` semantics for layer `l` of a growing layout: the layer is replaced by a newly
   /// allocated one of exactly its old tokens plus the new ones, copying every cached token (the
   /// O(size) per call that append avoids). Throws as append does.
   template <class DerivedK, class DerivedV>
   void concat(Index l, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v) {
-    static_assert(Layout::grows, "kvcache: concat needs a growing (contiguous) layout");
-    layer_state& L = at(l, "concat");
-    check_input("concat", k, v);
-    check_room("concat", l, L, k.rows());
-    layer_state fresh;
-    regrow(fresh, L, units_for(held(L) + k.rows()));
-    write(fresh, k, v);
-    L = std::move(fresh);
+    assign_concatenated(l, *this, k, v);
   }
 
   /// `torch.cat` semantics into this cache: layer `l` becomes a newly allocated copy of layer
@@ -274,7 +278,7 @@ class kv_cache {
   /// cannot be exact, saying how far back it can go.
   void crop(Index n) {
     for (Index l = 0; l < n_layers(); ++l) check_crop(l, n);
-    for (auto& L : layers_) apply_crop(L, n);
+    for (auto& L : layers_) drop_from(L, n);
   }
 
   /// crop(position() - k): forgets the newest k tokens.
@@ -331,7 +335,16 @@ class kv_cache {
             "of position ", end_after - 1, " would need tokens from position ", need_from,
             " that the ring no longer holds");
       }
-      most = std::max(most, L.next - rebuild_from(L, first));
+      // Rewriting starts at the unit that holds `first`; when that is a sink unit, the tokens
+      // after it must not have a gap (evicted ones), or units could not be formed again.
+      const Index from = rebuild_from(L, first);
+      if (from < L.sink_n * unit_ && ring_begin > L.sink_n * unit_ && L.ring_n > 0) {
+        detail::fail<std::out_of_range>(
+            "shift: dropping [", first, ", ", last, ") from layer ", l, " is not exact: it "
+            "would rebuild the sink group [0, ", L.sink_n * unit_, ") after the ring evicted "
+            "tokens from position ", L.sink_n * unit_, "; first must be >= ", L.sink_n * unit_);
+      }
+      most = std::max(most, L.next - from);
     }
     row_matrix<compute_type> k(most, shape_.kv_width()), v(most, shape_.kv_width());
     for (auto& L : layers_) shift_layer(L, first, last, rope, k, v);
@@ -362,7 +375,8 @@ class kv_cache {
   /// Tokens layer `l` can hold before it reallocates (growing layouts) or at all (others).
   Index capacity(Index l) const {
     const layer_state& L = at(l, "capacity");
-    return (plan_.sink_units + L.ring_slots) * unit_ + (uses_tail_ ? tail_cap_ - 1 : 0);
+    const Index room = (plan_.sink_units + L.ring_slots) * unit_ + (uses_tail_ ? tail_cap_ - 1 : 0);
+    return plan_.evicts ? room : std::min(room, plan_.max_tokens);
   }
 
   /// Layer `l` as attention reads it: `decode_attention(shape, q, cache.view(l), out, ws)`.
@@ -453,14 +467,14 @@ class kv_cache {
 
   /// Calls f(const void* data, std::size_t bytes) over layer `l`'s held contents in a fixed
   /// order: the sink units, the rolling units' first run then second (each as
-  /// Format::for_each_span orders its arrays), the tail's keys, then its values.
+  /// Format::for_each_array orders its arrays), the tail's keys, then its values.
   template <class F>
   void for_each_span(Index l, F&& f) const {
     const layer_state& L = at(l, "for_each_span");
     const layer_record r = record(l);
-    Format::for_each_span(L.units, 0, L.sink_n, f);
-    Format::for_each_span(L.units, plan_.sink_units + L.ring_start, r.first_run, f);
-    Format::for_each_span(L.units, plan_.sink_units, L.ring_n - r.first_run, f);
+    detail::for_each_unit_span<Format>(L.units, 0, L.sink_n, f);
+    detail::for_each_unit_span<Format>(L.units, plan_.sink_units + L.ring_start, r.first_run, f);
+    detail::for_each_unit_span<Format>(L.units, plan_.sink_units, L.ring_n - r.first_run, f);
     const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
     f(static_cast<const void*>(L.tail_k.data()), bytes);
     f(static_cast<const void*>(L.tail_v.data()), bytes);
@@ -503,17 +517,25 @@ class kv_cache {
   }
 
   /// Replaces layer `l` by one of record `r` (checked with check_record first), whose contents
-  /// `fill(void* data, std::size_t bytes)` writes in for_each_span's order. Strong guarantee
-  /// as far as `fill` gives it: the layer changes only after fill returned for every span.
+  /// `fill(void* data, std::size_t bytes)` writes in for_each_span's order. Reuses the layer's
+  /// memory when it has the room (a fixed or ring layout always has). When `fill` throws, the
+  /// layer is left empty; io::load restores into a scratch cache for that reason.
   template <class F>
   void restore_layer(Index l, const layer_record& r, F&& fill) {
     layer_state& L = at(l, "restore_layer");
     check_record(r);
+    const Index ring_slots = plan_.grows ? std::max(r.ring_units, Index(1)) : plan_.ring_units;
     layer_state fresh;
-    allocate(fresh, plan_.grows ? std::max(r.ring_units, Index(1)) : plan_.ring_units);
-    Format::for_each_span(fresh.units, 0, r.sink_units, fill);
-    Format::for_each_span(fresh.units, plan_.sink_units, r.first_run, fill);
-    Format::for_each_span(fresh.units, plan_.sink_units + r.first_run, r.ring_units - r.first_run,
+    if (L.ring_slots == ring_slots && L.units.slots != 0) {
+      fresh = std::move(L);
+      L = layer_state{};
+      fresh.sink_n = fresh.ring_start = fresh.ring_n = fresh.tail_n = fresh.next = 0;
+    } else {
+      allocate(fresh, ring_slots);
+    }
+    detail::for_each_unit_span<Format>(fresh.units, 0, r.sink_units, fill);
+    detail::for_each_unit_span<Format>(fresh.units, plan_.sink_units, r.first_run, fill);
+    detail::for_each_unit_span<Format>(fresh.units, plan_.sink_units + r.first_run, r.ring_units - r.first_run,
                           fill);
     const auto bytes = static_cast<std::size_t>(r.tail_tokens * shape_.kv_width()) * sizeof(compute_type);
     if (uses_tail_) {
@@ -585,6 +607,13 @@ class kv_cache {
     }
   }
 
+  void check_reserve(Index tokens) const {
+    if (tokens > plan_.max_tokens) {
+      detail::fail<std::length_error>("reserve: ", tokens, " tokens exceed max_tokens = ",
+                                      plan_.max_tokens);
+    }
+  }
+
   // Throws std::length_error when `n` more tokens do not fit layer l or its positions.
   void check_room(const char* fn, Index l, const layer_state& L, Index n) const {
     detail::checked_add(L.next, n, "append: position");
@@ -620,11 +649,11 @@ class kv_cache {
     fresh.sink_n = L.sink_n;
     fresh.next = L.next;
     fresh.tail_n = L.tail_n;
-    format_.copy_units(fresh.units, 0, L.units, 0, L.sink_n);
+    detail::copy_units<Format>(fresh.units, 0, L.units, 0, L.sink_n);
     // The rolling units, oldest first, from slot 0 of the new rolling region.
     const Index a = std::min(L.ring_n, L.ring_slots - L.ring_start);
-    format_.copy_units(fresh.units, plan_.sink_units, L.units, plan_.sink_units + L.ring_start, a);
-    format_.copy_units(fresh.units, plan_.sink_units + a, L.units, plan_.sink_units, L.ring_n - a);
+    detail::copy_units<Format>(fresh.units, plan_.sink_units, L.units, plan_.sink_units + L.ring_start, a);
+    detail::copy_units<Format>(fresh.units, plan_.sink_units + a, L.units, plan_.sink_units, L.ring_n - a);
     fresh.ring_n = L.ring_n;
     if (L.tail_n > 0) {
       const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
@@ -640,10 +669,7 @@ class kv_cache {
       out.next = L.next;
       return;
     }
-    layer_state fresh;
-    regrow(fresh, L, L.ring_slots);
-    fresh.ring_start = 0;
-    out = std::move(fresh);
+    regrow(out, L, L.ring_slots);
   }
 
   // Whether layer L of a growing layout must grow to hold `tokens` tokens.
@@ -846,22 +872,6 @@ class kv_cache {
     }
   }
 
-  void apply_crop(layer_state& L, Index n) noexcept {
-    const Index tail_start = L.next - L.tail_n;
-    if (n >= tail_start) {
-      L.tail_n = n - tail_start;
-    } else {
-      Index drop = (tail_start - n) / unit_;
-      L.tail_n = 0;
-      const Index from_ring = std::min(drop, L.ring_n);
-      L.ring_n -= from_ring;
-      drop -= from_ring;
-      L.sink_n -= std::min(drop, L.sink_n);
-      if (L.ring_n == 0) L.ring_start = 0;
-    }
-    L.next = n;
-  }
-
   // The position from which shift(first, ...) rewrites layer L: the start of the stored unit
   // that holds `first`, or of the tail.
   Index rebuild_from(const layer_state& L, Index first) const noexcept {
@@ -897,7 +907,7 @@ class kv_cache {
     v.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(L.tail_v.data(), L.tail_n, width);
     n += L.tail_n;
     // Drop them from the layer, then append back the kept ones at their new positions.
-    apply_crop_raw(L, from);
+    drop_from(L, from);
     const Index keep_before = std::clamp<Index>(first - pos0, 0, n);
     // The first token appended back: the oldest kept one, at its new position (past evicted
     // tokens, if any, which only an emptied ring can skip).
@@ -909,9 +919,9 @@ class kv_cache {
     write(L, k.middleRows(keep_before + dropped, after), v.middleRows(keep_before + dropped, after));
   }
 
-  // Drops every held token at or after position `from` (a unit boundary or in the tail),
-  // exactness aside.
-  void apply_crop_raw(layer_state& L, Index from) noexcept {
+  // Drops every held token at or after position `from`, a unit boundary or a position in the
+  // tail (crop checks before that the result is exact; shift rebuilds what follows).
+  void drop_from(layer_state& L, Index from) noexcept {
     const Index tail_start = L.next - L.tail_n;
     if (from >= tail_start) {
       L.tail_n = from - tail_start;

@@ -12,9 +12,9 @@ template <class View>
 using view_compute_t = compute_t<typename View::scalar_type>;
 }  // namespace detail
 
-/// Sizes `ws` so that decode_attention over views of up to `tokens` tokens of `format_is_T`
-/// storage allocates nothing and cannot fail for want of memory. `convert` is whether the
-/// view's storage type differs from T.
+/// Sizes `ws` so that decode_attention over views of up to `tokens` tokens allocates nothing
+/// and cannot fail for want of memory. `convert` is whether the view's storage type differs
+/// from T.
 template <class T>
 void prepare_decode(attention_workspace<T>& ws, const attention_shape& shape, Index tokens,
                     bool convert, const attention_options& opt = {}) {

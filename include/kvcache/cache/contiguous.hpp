@@ -68,9 +68,9 @@ class kv_layer {
   void reserve(Index tokens) { c_.reserve(tokens); }
   /// A copy of this layer with room for `tokens` tokens. Throws as reserve() does.
   kv_layer reserved(Index tokens) const {
-    kv_layer copy(*this);
-    copy.reserve(tokens);
-    return copy;
+    kv_layer out(n_kv_heads(), head_dim(), max_tokens());
+    static_cast<typename cache_type::kv_cache&>(out.c_) = c_.reserved(tokens);
+    return out;
   }
   /// Frees the capacity beyond size().
   void shrink_to_fit() { c_.shrink_to_fit(); }

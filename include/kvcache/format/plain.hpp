@@ -7,15 +7,14 @@
 #include "kvcache/types.hpp"
 #include "kvcache/view.hpp"
 
-#include <cstring>
 #include <string>
 
 namespace kvcache {
 
 /// Keys and values stored as `Scalar` (float, double, Eigen::half, Eigen::bfloat16), read by
 /// the kernels in place and widened in registers. A format is a policy of the whole-model
-/// cache: it says how a run of stored units is laid out, written, read back and handed to
-/// attention. Here a unit is one token, and nothing is kept in a full-precision tail.
+/// cache: it says how a run of stored units is laid out (for_each_array), written, read back
+/// and handed to attention. Here a unit is one token, and nothing is kept in a full-precision tail.
 ///
 /// Non-finite values are stored as they come (NaN stays NaN, a value beyond a 16-bit type's
 /// range becomes infinite).
@@ -68,17 +67,12 @@ class plain_format {
     return s;
   }
 
-  /// Copies units [src_slot, src_slot + n) of `src` to [dst_slot, dst_slot + n) of `dst`.
-  void copy_units(storage& dst, Index dst_slot, const storage& src, Index src_slot,
-                  Index n) const noexcept {
-    if (n <= 0) return;
-    const std::size_t bytes = static_cast<std::size_t>(n * src.dim) * sizeof(Scalar);
-    for (Index h = 0; h < src.heads; ++h) {
-      std::memmove(dst.keys.data() + (h * dst.slots + dst_slot) * dst.dim,
-                   src.keys.data() + (h * src.slots + src_slot) * src.dim, bytes);
-      std::memmove(dst.values.data() + (h * dst.slots + dst_slot) * dst.dim,
-                   src.values.data() + (h * src.slots + src_slot) * src.dim, bytes);
-    }
+  /// Calls f(elements per unit, the array of each storage) for keys, then values: the arrays
+  /// that format/units.hpp copies and visits.
+  template <class F, class S0, class... S>
+  static void for_each_array(F&& f, S0& s0, S&... s) {
+    f(s0.dim, s0.keys, s.keys...);
+    f(s0.dim, s0.values, s.values...);
   }
 
   /// Writes the rows of `k` and `v` (`n x heads*head_dim`, heads side by side) as units
@@ -112,14 +106,6 @@ class plain_format {
     return {s.keys.data() + at, s.values.data() + at, n, s.dim};
   }
 
-  /// Calls f(pointer, bytes) for every array that holds units [slot, slot + n), in a fixed
-  /// order: the bytes of those units, for saving and loading.
-  template <class Storage, class F>
-  static void for_each_span(Storage& s, Index slot, Index n, F&& f) {
-    const std::size_t bytes = static_cast<std::size_t>(n * s.dim) * sizeof(Scalar);
-    for (Index h = 0; h < s.heads; ++h) f(s.keys.data() + (h * s.slots + slot) * s.dim, bytes);
-    for (Index h = 0; h < s.heads; ++h) f(s.values.data() + (h * s.slots + slot) * s.dim, bytes);
-  }
 };
 
 }  // namespace kvcache

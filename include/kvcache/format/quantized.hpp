@@ -128,11 +128,18 @@ class quantized_format {
     return s;
   }
 
-  void copy_units(storage& dst, Index dst_slot, const storage& src, Index src_slot,
-                  Index n) const noexcept {
-    if (n <= 0) return;
-    for_each_pair(dst, dst_slot, src, src_slot, n,
-                  [](void* to, const void* from, std::size_t bytes) { std::memmove(to, from, bytes); });
+  /// Calls f(elements per unit, the array of each storage) for every array of the format, in
+  /// the order format/units.hpp copies and visits them.
+  template <class F, class S0, class... S>
+  static void for_each_array(F&& f, S0& s0, S&... s) {
+    const Index d = s0.dim, g = s0.group, codes = g * code_row_bytes(d);
+    const Index scales = g * value_groups_of(d, g);
+    f(codes, s0.key_codes, s.key_codes...);
+    f(codes, s0.value_codes, s.value_codes...);
+    f(d, s0.key_scales, s.key_scales...);
+    f(d, s0.key_zeros, s.key_zeros...);
+    f(scales, s0.value_scales, s.value_scales...);
+    f(scales, s0.value_zeros, s.value_zeros...);
   }
 
   /// Quantizes the rows of `k` and `v` (`n * group_size x heads*head_dim`) into units
@@ -184,50 +191,13 @@ class quantized_format {
     return b;
   }
 
-  template <class Storage, class F>
-  static void for_each_span(Storage& s, Index slot, Index n, F&& f) {
-    const Index d = s.dim, g = s.group, row = code_row_bytes(d), vg = value_groups_of(d, g);
-    const auto spans = [&](auto& buf, Index per_unit) {
-      for (Index h = 0; h < s.heads; ++h) {
-        f(buf.data() + (h * s.slots + slot) * per_unit,
-          static_cast<std::size_t>(n * per_unit) * sizeof(*buf.data()));
-      }
-    };
-    spans(s.key_codes, g * row);
-    spans(s.value_codes, g * row);
-    spans(s.key_scales, d);
-    spans(s.key_zeros, d);
-    spans(s.value_scales, g * vg);
-    spans(s.value_zeros, g * vg);
-  }
-
   /// Bytes of one token's codes for one kv head: head_dim for int8, ceil(head_dim / 2) for int4.
   static constexpr Index code_row_bytes(Index d) noexcept { return detail::code_row_bytes<Bits>(d); }
   /// Value groups per token and kv head: ceil(head_dim / group_size).
   Index value_groups(Index d) const noexcept { return value_groups_of(d, group_); }
 
  private:
-  static Index value_groups_of(Index d, Index g) noexcept { return d / g + (d % g != 0 ? 1 : 0); }
-
-  // Calls f(dst, src, bytes) for every array of units, as for_each_span orders them.
-  template <class F>
-  void for_each_pair(storage& dst, Index dst_slot, const storage& src, Index src_slot, Index n,
-                     F&& f) const {
-    const Index d = src.dim, g = group_, row = code_row_bytes(d), vg = value_groups(d);
-    const auto pair = [&](auto& to, const auto& from, Index per_unit) {
-      for (Index h = 0; h < src.heads; ++h) {
-        f(to.data() + (h * dst.slots + dst_slot) * per_unit,
-          from.data() + (h * src.slots + src_slot) * per_unit,
-          static_cast<std::size_t>(n * per_unit) * sizeof(*from.data()));
-      }
-    };
-    pair(dst.key_codes, src.key_codes, g * row);
-    pair(dst.value_codes, src.value_codes, g * row);
-    pair(dst.key_scales, src.key_scales, d);
-    pair(dst.key_zeros, src.key_zeros, d);
-    pair(dst.value_scales, src.value_scales, g * vg);
-    pair(dst.value_zeros, src.value_zeros, g * vg);
-  }
+  static Index value_groups_of(Index d, Index g) noexcept { return detail::ceil_div(d, g); }
 
   // Code of x for a group whose stored scale and zero point are `scale` and `zero`:
   // round((x - zero) / scale), ties away from zero, clamped to [0, max_code]; 0 for a

@@ -90,7 +90,8 @@ void load(kv_cache<Layout, Format>& cache, std::istream& in, std::string name = 
     }
     head.expect_end();
   }
-  cache_type fresh(cache);  // filled in, then swapped in: the cache changes only on success
+  // Filled in, then moved in: the cache changes only on success.
+  cache_type fresh(cache.shape(), cache.layout(), cache.format());
   for (Index l = 0; l < cache.n_layers(); ++l) {
     section sec = r.expect_section(fourcc("LAYR"));
     sec.expect_i64("layer", l);
