@@ -260,6 +260,17 @@ TYPED_TEST(CacheOps, SaveAndLoadRoundTrip) {
   using T = typename TypeParam::cache::compute_type;
   const attention_shape s(8, 2, 24);
   const auto k = random_matrix<float>(90, s.kv_width(), 10), v = random_matrix<float>(90, s.kv_width(), 11);
+  {
+    // A cache that never held a token (a growing one has allocated nothing yet).
+    const auto empty = TypeParam::make(cache_shape(3, s));
+    std::stringstream file;
+    io::save(empty, file, "empty.kv");
+    auto loaded = TypeParam::make(cache_shape(3, s));
+    loaded.append(1, k.topRows(3), v.topRows(3));
+    io::load(loaded, file, "empty.kv");
+    EXPECT_EQ(loaded.size(1), 0);
+    EXPECT_EQ(loaded.position(1), 0);
+  }
   auto cache = TypeParam::make(cache_shape(3, s));
   for (Index l = 0; l < 3; ++l) cache.append(l, k.topRows(70 + l), v.topRows(70 + l));
   std::stringstream file;

@@ -4,6 +4,8 @@
 // order its own bytes choose; the only exception allowed out is io::format_error. The same input
 // also describes sections that are written, read back field by field (any difference traps) and
 // then cut short at a point it chooses (which must be refused).
+#include "checksums.hpp"
+
 #include <kvcache/io/state_file.hpp>
 
 #include <cstddef>
@@ -83,22 +85,6 @@ void read_file(const std::string& bytes) {
   } catch (const io::format_error&) {
     // The file refused: what the reader is for.
   }
-}
-
-// `bytes` with the checksum of every section whose length fits rewritten to match: so that
-// mutated payloads, which a real checksum would stop at once, reach the field reads.
-std::string with_checksums_fixed(std::string bytes) {
-  auto* b = reinterpret_cast<unsigned char*>(bytes.data());
-  std::size_t pos = 12;
-  while (pos + 20 <= bytes.size()) {
-    const std::uint64_t length = kvcache::detail::load_le(b + pos + 4, 8);
-    if (length > bytes.size() - pos - 20) break;
-    const auto n = static_cast<Index>(length);
-    kvcache::detail::store_le(b + pos + 12 + length,
-                              kvcache::detail::section_checksum(b + pos, b + pos + 12, n), 8);
-    pos += 20 + static_cast<std::size_t>(length);
-  }
-  return bytes;
 }
 
 // The input as a stream of bytes, zeros once it runs out.
@@ -248,7 +234,7 @@ void round_trip(input in) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);
   read_file(bytes);
-  read_file(with_checksums_fixed(bytes));
+  read_file(kvcache::fuzz::with_checksums_fixed(bytes));
   round_trip(input{data, size});
   return 0;
 }

@@ -132,6 +132,7 @@ class quantized_format {
   /// the order format/units.hpp copies and visits them.
   template <class F, class S0, class... S>
   static void for_each_array(F&& f, S0& s0, S&... s) {
+    if (s0.slots == 0) return;  // nothing allocated yet (group 0): no array holds a unit
     const Index d = s0.dim, g = s0.group, codes = g * code_row_bytes(d);
     const Index scales = g * value_groups_of(d, g);
     f(codes, s0.key_codes, s.key_codes...);
