@@ -245,7 +245,8 @@ void attend_block(const layer_block<StoredBlock, T>& blk, Index lo, Index hi, In
 }
 
 // Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
-// `st`. Blocks whose first position lies after `max_pos` are skipped: no row can see them.
+// `st`. Keys whose position lies after `max_pos` are skipped, not masked: no row can see them
+// (so causal prefill does half the work of the full square).
 template <class View, class T>
 void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
                   Index max_pos, Index tile, typename attention_workspace<T>::worker_scratch& ws,
@@ -256,7 +257,8 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
     const auto blk = view.block(h, b);
     const Index first = view.position(b);
     if (first > max_pos) break;
-    const Index lo = std::max(k0, offset), hi = std::min(k1, offset + blk.tokens);
+    const Index seen = std::min(blk.tokens, max_pos - first + 1);  // keys at or before max_pos
+    const Index lo = std::max(k0, offset), hi = std::min(k1, offset + seen);
     if (lo < hi) {
       attend_block<T>(blk, lo - offset, hi - offset, first, view.head_dim(), rows, row_pos, mask,
                       tile, ws, st);
