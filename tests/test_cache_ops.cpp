@@ -5,6 +5,7 @@
 
 #include <kvcache/io/cache_file.hpp>
 
+#include <algorithm>
 #include <sstream>
 
 namespace {
@@ -130,6 +131,16 @@ TYPED_TEST(CacheOps, PrefillAndDecodeMatchTheReference) {
     }
     for (; at < n; ++at) {
       cache.append(1, k.row(at), v.row(at));
+      // Every token the mask lets the newest position see is held, whatever the layout keeps.
+      const attention_mask mask = cache.view(1).mask();
+      const std::vector<Index> positions = cache.positions(1);
+      for (Index p = 0; p <= at; ++p) {
+        const bool visible = mask.window == 0 || p > at - mask.window || p < mask.sinks;
+        if (visible) {
+          ASSERT_TRUE(std::binary_search(positions.begin(), positions.end(), p))
+              << "position " << p << " missing at " << at;
+        }
+      }
       row_vector<T> out(s.q_width());
       decode_attention(s, q.row(at).template cast<T>(), cache.view(1), out, ws, opt);
       const auto want = reference_over(s, q.row(at), held(cache, 1, true), held(cache, 1, false),

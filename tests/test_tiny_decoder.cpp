@@ -109,6 +109,34 @@ TEST(Decoder, SlidingWindowCacheEqualsMaskedRecomputation) {
   }
 }
 
+// A ring of int8 groups computes the windowed model up to quantization: teacher-forced on the
+// windowed f32 model's tokens, its logits stay close, past the point where the ring wraps.
+TEST(Decoder, QuantizedSlidingWindowStaysCloseToTheWindowedModel) {
+  const config cfg = small_gqa(120);
+  const weights w = random_weights(cfg, 5);
+  const std::vector<int> prompt = {5, 17, 33, 2, 90, 41, 7, 7, 64, 11};
+  kvcache::attention_mask mask;
+  mask.window = 24;
+  mask.sinks = 4;
+  using ring_f32 = kvcache::kv_cache<kvcache::ring_layout, kvcache::plain_format<float>>;
+  using ring_int8 = kvcache::kv_cache<kvcache::ring_layout, kvcache::quantized_format<8>>;
+  decoder<ring_f32> f32(cfg, w, ring_f32(cfg.cache(), kvcache::ring_layout{24, 4}), 1, mask);
+  const auto reference = generate(f32, prompt, 100, mode::cached, sampler());
+  decoder<ring_int8> int8(cfg, w,
+                          ring_int8(cfg.cache(), kvcache::ring_layout{24, 4},
+                                    kvcache::quantized_format<8>(8, 4)),
+                          1, mask);
+  const auto r = generate(int8, prompt, 100, mode::cached, sampler(), {}, &reference.tokens);
+  double worst = 0;
+  for (std::size_t s = 0; s < r.logits.size(); ++s) {
+    worst = std::max(worst, double((r.logits[s] - reference.logits[s]).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>()));
+  }
+  // int8 steps of 1/255 of each group's range, through a few layers: about 0.01 here.
+  EXPECT_LT(worst, 0.1);
+  EXPECT_GT(worst, 0.0) << "an int8 cache that matches f32 exactly is not quantizing";
+  EXPECT_LT(r.kv_bytes, reference.kv_bytes);
+}
+
 // 16-bit caches are the f32 model up to storage rounding.
 TEST(Decoder, HalfPrecisionCachesStayClose) {
   const config cfg = small_gqa(80);

@@ -5,6 +5,7 @@
 #include "llama2c.hpp"
 
 #include <kvcache/cache/quantized.hpp>
+#include <kvcache/layout/ring.hpp>
 #include <kvcache/detail/checked.hpp>
 #include <kvcache/thread_pool.hpp>
 
@@ -42,9 +43,9 @@ compares them.
   --kv-type T         cache storage: f32 (default), f16, bf16, int8, int4; other than f32,
                       also reports the logit difference and KL divergence against an f32 cache
   --group N           int8/int4: elements per scale and zero point (default 32)
-  --residual N        int8/int4: newest tokens kept unquantized, a multiple of --group and at
-                      most the sequence length (default 0)
-  --window W          sliding-window cache of the last W tokens (f32, f16, bf16)
+  --residual N        int8/int4: newest tokens kept unquantized, at most the sequence length
+                      (default 0)
+  --window W          sliding-window cache of the last W tokens (any --kv-type)
   --sinks S           with --window: the first S tokens are kept too (attention sinks)
   --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
@@ -218,9 +219,6 @@ options parse(int argc, char** argv) {
   if (o.window > 0 && o.sinks >= o.window) {
     die("--sinks " + std::to_string(o.sinks) + " must be smaller than --window " + std::to_string(o.window));
   }
-  if (o.window > 0 && (o.kv_type == "int8" || o.kv_type == "int4")) {
-    die("--window works with --kv-type f32, f16 or bf16, not " + o.kv_type);
-  }
   if (!o.checkpoint) check_shape(o.cfg);
   return o;
 }
@@ -321,21 +319,23 @@ tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg
                              const std::function<void(Index)>& progress,
                              const std::vector<int>* forced = nullptr) {
   auto go = [&](auto cache) { return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced); };
-  if (o.window > 0) {
-    if (kv_type == "f16") return go(kvcache::sliding_window_cache<Eigen::half>(cfg.cache(), o.window, o.sinks));
-    if (kv_type == "bf16") return go(kvcache::sliding_window_cache<Eigen::bfloat16>(cfg.cache(), o.window, o.sinks));
-    return go(kvcache::sliding_window_cache<float>(cfg.cache(), o.window, o.sinks));
-  }
-  auto contiguous = [&](auto scalar) {
-    kvcache::contiguous_cache<decltype(scalar)> cache(cfg.cache(), cfg.seq_len);
+  // Any format in either layout: a ring with --window, a contiguous cache otherwise.
+  auto in_layout = [&](auto format) {
+    using Format = decltype(format);
+    if (o.window > 0) {
+      return go(kvcache::kv_cache<kvcache::ring_layout, Format>(
+          cfg.cache(), kvcache::ring_layout{o.window, o.sinks}, format));
+    }
+    kvcache::kv_cache<kvcache::contiguous_layout, Format> cache(
+        cfg.cache(), kvcache::contiguous_layout{cfg.seq_len}, format);
     cache.reserve(cfg.seq_len);
     return go(std::move(cache));
   };
-  if (kv_type == "f16") return contiguous(Eigen::half());
-  if (kv_type == "bf16") return contiguous(Eigen::bfloat16());
-  if (kv_type == "int8") return go(kvcache::quantized_cache<8>(cfg.cache(), o.group, o.residual));
-  if (kv_type == "int4") return go(kvcache::quantized_cache<4>(cfg.cache(), o.group, o.residual));
-  return contiguous(float());
+  if (kv_type == "f16") return in_layout(kvcache::plain_format<Eigen::half>());
+  if (kv_type == "bf16") return in_layout(kvcache::plain_format<Eigen::bfloat16>());
+  if (kv_type == "int8") return in_layout(kvcache::quantized_format<8>(o.group, o.residual));
+  if (kv_type == "int4") return in_layout(kvcache::quantized_format<4>(o.group, o.residual));
+  return in_layout(kvcache::plain_format<float>());
 }
 
 // KL(p || q) of the softmax distributions of two logit vectors, in nats.

@@ -51,8 +51,8 @@ struct ring_layout {
     layout_plan p;
     p.sink_units = sinks / unit_tokens + (sinks % unit_tokens != 0 ? 1 : 0);
     // With units of several tokens, one more slot keeps the window whole whatever the
-    // alignment of its oldest token.
-    p.ring_units = unit_tokens == 1 ? kept : kept / unit_tokens + 2;
+    // alignment of its oldest token (the tail may be empty right after a unit is stored).
+    p.ring_units = unit_tokens == 1 ? kept : detail::ceil_div(kept, unit_tokens) + 1;
     p.evicts = true;
     p.mask.window = window;
     p.mask.sinks = sinks;
