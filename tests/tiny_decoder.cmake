@@ -45,3 +45,24 @@ tiny_decoder_exits(residual_too_large 2 "--residual 4611686018427387904 is more 
   --residual 4611686018427387904 --kv-type int8 --group 16)
 tiny_decoder_exits(group_out_of_range 2 "--group must be <= 33554431"
   --group 4611686018427387904 --kv-type int8)
+
+# The prompt's cache saved to a file, then loaded instead of the prefill: the same tokens, for
+# a contiguous f32 cache and a ring of int4 groups with sinks.
+foreach(kind IN ITEMS f32 int4_window)
+  set(extra "")
+  if(kind STREQUAL "int4_window")
+    set(extra "--kv-type|int4|--window|12|--sinks|2|--group|4")
+  endif()
+  add_test(NAME tiny_decoder.prompt_cache_${kind}
+    COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder>
+      -DFILE=${CMAKE_CURRENT_BINARY_DIR}/prompt_cache_${kind}.kv "-DARGS=${extra}"
+      -P ${CMAKE_CURRENT_LIST_DIR}/cmake/prompt_cache.cmake)
+  set_tests_properties(tiny_decoder.prompt_cache_${kind} PROPERTIES LABELS tiny_decoder)
+endforeach()
+set_tests_properties(tiny_decoder.prompt_cache_f32 PROPERTIES FIXTURES_SETUP prompt_cache_file)
+# A file saved from another kind of cache is a bad argument, named.
+tiny_decoder_exits(prompt_cache_other_kind 2 "format is \"f32\" in the file, \"int8\" in this cache"
+  --gen 4 --mode cached --kv-type int8 --load-cache ${CMAKE_CURRENT_BINARY_DIR}/prompt_cache_f32.kv)
+set_tests_properties(tiny_decoder.prompt_cache_other_kind PROPERTIES FIXTURES_REQUIRED prompt_cache_file)
+tiny_decoder_exits(prompt_cache_both 2 "--save-cache and --load-cache exclude each other"
+  --save-cache a.kv --load-cache b.kv)

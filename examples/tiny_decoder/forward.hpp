@@ -56,6 +56,10 @@ class decoder {
 
   const config& cfg() const { return cfg_; }
   const Cache& cache() const { return cache_; }
+  /// The cache, to load a saved state into; call resume() after.
+  Cache& cache() { return cache_; }
+  /// Continues from the cache's position, after a saved cache was loaded into it.
+  void resume() { pos_ = cache_.position(); }
   /// Tokens run through the cached path since the last reset: the next token's position.
   Index position() const { return pos_; }
 

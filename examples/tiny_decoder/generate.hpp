@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <functional>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace tiny {
@@ -71,15 +73,28 @@ struct run_result {
   Index tokens_cached = 0;           // tokens that went through the cache (some may be evicted)
 };
 
+/// Where a cached run keeps the cache of its prompt: all of it but the last token, whose forward
+/// pass then gives the first token's logits (the cache holds keys and values, not logits).
+/// `save` is called with the cache after that prefill; `load`, when set, replaces the prefill
+/// and must leave the cache at position prompt.size() - 1.
+template <class Cache>
+struct prompt_cache_io {
+  std::function<void(const Cache&)> save;
+  std::function<void(Cache&)> load;
+};
+
 /// Generates `n_gen` tokens after `prompt`: one forward pass over the prompt gives the first
 /// token, then each of n_gen - 1 steps runs one more forward pass (one token with the cache,
 /// the whole sequence so far without it). `on_step(done)` is called after each token. With
 /// `forced`, the tokens fed back are forced[0], forced[1], ... instead of the sampled ones
-/// (teacher forcing, to compare two caches' distributions on the same sequence).
+/// (teacher forcing, to compare two caches' distributions on the same sequence). With
+/// `prompt_io` (cached mode), the prompt's cache is saved or loaded as prompt_cache_io says;
+/// prefill_ms is then the time to the first token's logits, saving excluded.
 template <class Cache>
 run_result generate(decoder<Cache>& dec, const std::vector<int>& prompt, Index n_gen, mode m,
                     sampler pick, const std::function<void(Index)>& on_step = {},
-                    const std::vector<int>* forced = nullptr) {
+                    const std::vector<int>* forced = nullptr,
+                    const prompt_cache_io<Cache>* prompt_io = nullptr) {
   using clock = std::chrono::steady_clock;
   const auto ms = [](clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
   if (prompt.empty()) throw std::invalid_argument("generate: the prompt is empty");
@@ -91,8 +106,29 @@ run_result generate(decoder<Cache>& dec, const std::vector<int>& prompt, Index n
   dec.reset();
   std::vector<int> seq = prompt;
   auto t0 = clock::now();
-  const vector* logits = m == mode::cached ? &dec.forward_cached(prompt) : &dec.forward_uncached(seq);
-  r.prefill_ms = ms(clock::now() - t0);
+  const vector* logits = nullptr;
+  if (m == mode::cached && prompt_io != nullptr) {
+    double saving_ms = 0;
+    if (prompt_io->load) {
+      prompt_io->load(dec.cache());
+      dec.resume();
+      if (dec.position() != Index(prompt.size()) - 1) {
+        throw std::invalid_argument("generate: the loaded cache holds " +
+                                    std::to_string(dec.position()) + " tokens, the prompt less its "
+                                    "last token " + std::to_string(prompt.size() - 1));
+      }
+    } else {
+      if (prompt.size() > 1) dec.forward_cached(std::vector<int>(prompt.begin(), prompt.end() - 1));
+      const auto s0 = clock::now();
+      if (prompt_io->save) prompt_io->save(dec.cache());
+      saving_ms = ms(clock::now() - s0);
+    }
+    logits = &dec.forward_cached(prompt.back());
+    r.prefill_ms = ms(clock::now() - t0) - saving_ms;
+  } else {
+    logits = m == mode::cached ? &dec.forward_cached(prompt) : &dec.forward_uncached(seq);
+    r.prefill_ms = ms(clock::now() - t0);
+  }
   for (Index step = 0;; ++step) {
     r.logits.push_back(*logits);
     const int picked = pick(*logits);

@@ -5,6 +5,7 @@
 #include "llama2c.hpp"
 
 #include <kvcache/cache/quantized.hpp>
+#include <kvcache/io/cache_file.hpp>
 #include <kvcache/layout/ring.hpp>
 #include <kvcache/detail/checked.hpp>
 #include <kvcache/thread_pool.hpp>
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <optional>
@@ -47,6 +49,9 @@ compares them.
                       (default 0)
   --window W          sliding-window cache of the last W tokens (any --kv-type)
   --sinks S           with --window: the first S tokens are kept too (attention sinks)
+  --save-cache FILE   cached run: save the prompt's KV cache (all but its last token) to FILE
+  --load-cache FILE   cached run: load the prompt's KV cache from FILE instead of prefilling it
+                      (saved with the same model, prompt, --kv-type and --window flags)
   --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
@@ -79,6 +84,7 @@ struct options {
   std::string kv_type = "f32";
   Index window = 0, sinks = 0;
   Index group = 32, residual = 0;
+  std::optional<std::string> save_cache, load_cache;
 };
 
 Index parse_int(const std::string& flag, const std::string& value, Index min,
@@ -191,6 +197,10 @@ options parse(int argc, char** argv) {
       o.window = parse_int(flag, value, 1);
     } else if (flag == "--sinks") {
       o.sinks = parse_int(flag, value, 0);
+    } else if (flag == "--save-cache") {
+      o.save_cache = value;
+    } else if (flag == "--load-cache") {
+      o.load_cache = value;
     } else if (flag == "--checkpoint") {
       o.checkpoint = value;
     } else if (flag == "--tokenizer") {
@@ -216,6 +226,10 @@ options parse(int argc, char** argv) {
   }
   if (o.prompt_text && !o.tokenizer_path) die("--prompt needs --tokenizer to turn text into tokens");
   if (o.sinks > 0 && o.window == 0) die("--sinks needs --window");
+  if (o.save_cache && o.load_cache) die("--save-cache and --load-cache exclude each other");
+  if ((o.save_cache || o.load_cache) && o.mode == "uncached") {
+    die("--save-cache and --load-cache need a cached run (--mode cached or compare)");
+  }
   if (o.window > 0 && o.sinks >= o.window) {
     die("--sinks " + std::to_string(o.sinks) + " must be smaller than --window " + std::to_string(o.window));
   }
@@ -304,11 +318,31 @@ template <class Cache>
 tiny::run_result run_cached(const tiny::config& cfg, const tiny::weights& w, Cache cache,
                             const options& o, const kvcache::attention_mask& mask,
                             const std::vector<int>& prompt, const std::function<void(Index)>& progress,
-                            const std::vector<int>* forced) {
+                            const std::vector<int>* forced, bool prompt_cache) {
   tiny::decoder<Cache> dec(cfg, w, std::move(cache), o.threads, mask);
   tiny::generate(dec, prompt, std::min<Index>(o.gen, 2), tiny::mode::cached, tiny::sampler());
+  tiny::prompt_cache_io<Cache> io;
+  if (prompt_cache && o.save_cache) {
+    io.save = [&](const Cache& c) {
+      std::ofstream out(*o.save_cache, std::ios::binary | std::ios::trunc);
+      if (!out) die("--save-cache " + *o.save_cache + ": cannot open it for writing");
+      kvcache::io::save(c, out, *o.save_cache);
+    };
+  }
+  if (prompt_cache && o.load_cache) {
+    io.load = [&](Cache& c) {
+      std::ifstream in(*o.load_cache, std::ios::binary);
+      if (!in) die("--load-cache " + *o.load_cache + ": cannot open it");
+      try {
+        kvcache::io::load(c, in, *o.load_cache);
+      } catch (const kvcache::io::format_error& e) {
+        die(std::string("--load-cache: ") + e.what());
+      }
+    };
+  }
   return tiny::generate(dec, prompt, o.gen, tiny::mode::cached,
-                        tiny::sampler(o.temperature, o.top_p, o.seed), progress, forced);
+                        tiny::sampler(o.temperature, o.top_p, o.seed), progress, forced,
+                        io.save || io.load ? &io : nullptr);
 }
 
 // The cached run with storage `kv_type`: a sliding window cache with --window, a contiguous
@@ -317,8 +351,10 @@ tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg
                              const tiny::weights& w, const options& o,
                              const kvcache::attention_mask& mask, const std::vector<int>& prompt,
                              const std::function<void(Index)>& progress,
-                             const std::vector<int>* forced = nullptr) {
-  auto go = [&](auto cache) { return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced); };
+                             const std::vector<int>* forced = nullptr, bool prompt_cache = false) {
+  auto go = [&](auto cache) {
+    return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced, prompt_cache);
+  };
   // Any format in either layout: a ring with --window, a contiguous cache otherwise.
   auto in_layout = [&](auto format) {
     using Format = decltype(format);
@@ -378,7 +414,8 @@ int main(int argc, char** argv) {
     };
     std::optional<mode_report> cached, uncached;
     if (o.mode != "uncached") {
-      cached = summarize(run_kv_type(o.kv_type, cfg, w, o, mask, prompt, progress_for("cached")));
+      cached = summarize(run_kv_type(o.kv_type, cfg, w, o, mask, prompt, progress_for("cached"),
+                                     nullptr, /*prompt_cache=*/true));
     }
     if (o.mode != "cached") {
       // The uncached run keeps no cache; the decoder's own is never written.
@@ -452,6 +489,8 @@ int main(int argc, char** argv) {
          << ",\"prompt_len\":" << prompt.size() << ",\"gen\":" << o.gen << ",\"threads\":" << o.threads
          << ",\"kv_type\":\"" << o.kv_type << "\",\"window\":" << o.window
          << ",\"sinks\":" << o.sinks << ",\"kv_bytes\":" << (cached ? cached->run.kv_bytes : 0)
+         << ",\"prompt_cache\":\"" << (o.save_cache ? "saved" : o.load_cache ? "loaded" : "none")
+         << "\"" << ",\"time_to_first_token_ms\":" << (cached ? cached->run.prefill_ms : 0.0)
          << ",\"modes\":{";
       bool first = true;
       for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
@@ -502,6 +541,11 @@ int main(int argc, char** argv) {
                                     std::to_string(o.sinks) + " sinks").c_str()
                                  : "",
                     r->run.kv_bytes, r->run.tokens_cached, formula_bytes);
+        if (o.save_cache || o.load_cache) {
+          std::printf("          prompt cache %s %s; time to first token %.2f ms\n",
+                      o.save_cache ? "saved to" : "loaded from",
+                      (o.save_cache ? o.save_cache : o.load_cache)->c_str(), r->run.prefill_ms);
+        }
       } else {
         std::printf("          no cache: every step recomputes K and V of all earlier tokens\n");
       }
