@@ -25,6 +25,25 @@
 
 namespace kvcache {
 
+namespace detail {
+// Refuses k and v unless both are `tokens x width` with the same number of rows, naming `fn`.
+template <class DerivedK, class DerivedV>
+void check_kv_input(const char* fn, Index width, const Eigen::MatrixBase<DerivedK>& k,
+                    const Eigen::MatrixBase<DerivedV>& v) {
+  if (k.cols() != width) {
+    fail<std::invalid_argument>(fn, ": k has ", k.cols(),
+                                " columns, expected n_kv_heads*head_dim = ", width);
+  }
+  if (v.cols() != width) {
+    fail<std::invalid_argument>(fn, ": v has ", v.cols(),
+                                " columns, expected n_kv_heads*head_dim = ", width);
+  }
+  if (k.rows() != v.rows()) {
+    fail<std::invalid_argument>(fn, ": k has ", k.rows(), " rows (tokens) but v has ", v.rows());
+  }
+}
+}  // namespace detail
+
 /// One layer of a kv_cache as attention reads it: per kv head up to three runs of the format's
 /// stored units (the sinks, then the rolling region in at most two runs where it wrapped) and
 /// the full-precision tail, each with the position of its first token. A non-owning, trivially
@@ -195,7 +214,7 @@ class kv_cache {
   template <class DerivedK, class DerivedV>
   void append(Index l, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v) {
     layer_state& L = at(l, "append");
-    check_input("append", k, v);
+    detail::check_kv_input("append", shape_.kv_width(), k, v);
     check_room("append", l, L, k.rows());
     reserve_layer(L, held(L) + k.rows());
     write(L, k, v);
@@ -251,7 +270,7 @@ class kv_cache {
     }
     layer_state& L = at(l, "concat");
     const layer_state& S = src.at(l, "concat");
-    check_input("concat", k, v);
+    detail::check_kv_input("concat", shape_.kv_width(), k, v);
     check_room("concat", l, S, k.rows());
     layer_state fresh;
     regrow(fresh, S, units_for(held(S) + k.rows()));
@@ -426,7 +445,7 @@ class kv_cache {
       detail::fail<std::invalid_argument>("prefill_attention: q has ", q.rows(),
                                           " rows (tokens) but k has ", k.rows());
     }
-    check_input("prefill_attention", k, v);
+    detail::check_kv_input("prefill_attention", shape_.kv_width(), k, v);
     if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
       detail::fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ",
                                           out.cols(), ", expected ", q.rows(), " x ",
@@ -587,24 +606,6 @@ class kv_cache {
   Index max_view_tokens(Index tokens) const noexcept {
     if (!plan_.evicts) return tokens;
     return std::min(tokens, (plan_.sink_units + plan_.ring_units) * unit_ + tail_cap_);
-  }
-
-  template <class DerivedK, class DerivedV>
-  void check_input(const char* fn, const Eigen::MatrixBase<DerivedK>& k,
-                   const Eigen::MatrixBase<DerivedV>& v) const {
-    const Index width = shape_.kv_width();
-    if (k.cols() != width) {
-      detail::fail<std::invalid_argument>(fn, ": k has ", k.cols(),
-                                          " columns, expected n_kv_heads*head_dim = ", width);
-    }
-    if (v.cols() != width) {
-      detail::fail<std::invalid_argument>(fn, ": v has ", v.cols(),
-                                          " columns, expected n_kv_heads*head_dim = ", width);
-    }
-    if (k.rows() != v.rows()) {
-      detail::fail<std::invalid_argument>(fn, ": k has ", k.rows(), " rows (tokens) but v has ",
-                                          v.rows());
-    }
   }
 
   void check_reserve(Index tokens) const {

@@ -2,6 +2,7 @@
 // Umbrella header: everything kvcache offers.
 #pragma once
 
+#include "kvcache/attention/batch.hpp"
 #include "kvcache/attention/decode.hpp"
 #include "kvcache/attention/kernel.hpp"
 #include "kvcache/attention/online_softmax.hpp"
@@ -18,8 +19,13 @@
 #include "kvcache/io/state_file.hpp"
 #include "kvcache/layout/contiguous.hpp"
 #include "kvcache/layout/fixed.hpp"
+#include "kvcache/layout/paged.hpp"
 #include "kvcache/layout/ring.hpp"
 #include "kvcache/memory.hpp"
+#include "kvcache/paged/cache.hpp"
+#include "kvcache/paged/pool.hpp"
+#include "kvcache/paged/prefix_hash.hpp"
+#include "kvcache/paged/view.hpp"
 #include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/thread_pool.hpp"

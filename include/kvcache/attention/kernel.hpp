@@ -38,6 +38,19 @@ struct attention_options {
   thread_pool* pool = nullptr;
 };
 
+namespace detail {
+// A unit of batched attention: rows [q0, q0 + nq) of sequence `seq`'s queries, for kv head
+// `head`, over its keys [k0, k1).
+struct work_item {
+  Index seq = 0;
+  Index head = 0;
+  Index q0 = 0;
+  Index nq = 0;
+  Index k0 = 0;
+  Index k1 = 0;
+};
+}  // namespace detail
+
 /// Scratch memory of the attention kernels. Reusing one across calls makes them allocation
 /// free after the first call of the largest shape (the warm-up).
 ///
@@ -87,6 +100,10 @@ class attention_workspace {
   }
   worker_scratch& worker(Index w) { return workers_[static_cast<std::size_t>(w)]; }
   softmax_state<T>& partial(Index i) { return partials_[static_cast<std::size_t>(i)]; }
+  /// The work items of a batched call; keeps its capacity between calls.
+  std::vector<detail::work_item>& items() noexcept { return items_; }
+  /// Query offsets of a batched decode call; keeps its capacity between calls.
+  std::vector<Index>& indptr() noexcept { return indptr_; }
 
   /// Marks the workspace busy for the lifetime of the returned guard; throws std::logic_error
   /// naming `fn` when another call holds it.
@@ -116,6 +133,8 @@ class attention_workspace {
 
   std::vector<worker_scratch> workers_;
   std::vector<softmax_state<T>> partials_;
+  std::vector<detail::work_item> items_;
+  std::vector<Index> indptr_;
   std::atomic<bool> busy_{false};
 };
 

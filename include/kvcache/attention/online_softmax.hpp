@@ -48,8 +48,10 @@ struct softmax_state {
   /// Folds `other` (the same rows over other keys) into this state. Exact up to rounding,
   /// commutative and associative; an empty state is the identity. Both weights lie in [0, 1],
   /// so the merged output stays within the range of the two outputs.
-  void merge(const softmax_state& other) {
-    for (Index r = 0; r < rows(); ++r) {
+  /// Only the first `n_rows` rows when given (-1: all).
+  void merge(const softmax_state& other, Index n_rows = -1) {
+    const Index n = n_rows < 0 ? rows() : n_rows;
+    for (Index r = 0; r < n; ++r) {
       const T mo = other.m(r);
       if (mo == -std::numeric_limits<T>::infinity()) continue;  // other saw no key for r
       const T mn = std::max(m(r), mo);

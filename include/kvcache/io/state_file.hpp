@@ -4,6 +4,7 @@
 
 #include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
+#include "kvcache/detail/xxhash.hpp"
 #include "kvcache/types.hpp"
 
 #include <cstddef>
@@ -20,16 +21,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-// xxHash compiled into each translation unit as static functions: nothing to link, and a
-// consumer's own #include <xxhash.h>, before or after this one, still works.
-#ifndef XXH_INLINE_ALL
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-#undef XXH_INLINE_ALL
-#else
-#include <xxhash.h>
-#endif
 
 namespace kvcache::io {
 

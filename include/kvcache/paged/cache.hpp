@@ -1,0 +1,801 @@
+// SPDX-License-Identifier: Apache-2.0
+// The paged KV cache: many sequences on one page pool, with copy-on-write forks, rollback,
+// sliding windows over pages, prefix caching and batches for batched attention.
+#pragma once
+
+#include "kvcache/attention/prefill.hpp"
+#include "kvcache/cache.hpp"
+#include "kvcache/detail/buffer.hpp"
+#include "kvcache/detail/checked.hpp"
+#include "kvcache/detail/error.hpp"
+#include "kvcache/layout/paged.hpp"
+#include "kvcache/paged/pool.hpp"
+#include "kvcache/paged/prefix_hash.hpp"
+#include "kvcache/paged/view.hpp"
+#include "kvcache/shape.hpp"
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace kvcache {
+
+/// Many sequences' KV caches on one pool of pages (vLLM's PagedAttention, Kwon et al., 2023):
+/// each sequence is a block table, the ids of its pages oldest first, of which only the last
+/// may be partly filled, so memory follows the tokens held, in steps of one page, whatever the
+/// sequences' lengths. Every format works (plain f64/f32/f16/bf16, KIVI int8/int4, whose
+/// newest tokens wait in a per-sequence full-precision tail until a group is complete), and
+/// attention reads a sequence through view(seq, l) or many at once through batch().
+///
+/// - Forks share every page; the first write into a shared page copies it (copy-on-write), so
+///   beam search and parallel sampling cost a page per branch, not a cache.
+/// - Prefix caching (vLLM's automatic prefix caching): publish() names each full page by a
+///   chained XXH3-128 hash of its tokens (paged/prefix_hash.hpp), under an extra key that
+///   keeps models, adapters or tenants apart; create(tokens) adopts the longest run of cached
+///   pages of a prompt, and the caller prefills only the rest. A published page that no
+///   sequence holds stays cached until the pool needs it, least recently used first.
+/// - With a window (paged_layout), a page that falls wholly out of the window and holds no
+///   sink returns to the pool at the sequence's next append.
+///
+/// Running out of pages is an answer: an append or prefill that needs more pages than are
+/// free or cached throws std::length_error before anything changes; free() or crop() a
+/// sequence and retry. Every member that throws leaves the cache, its pool and its sequences
+/// exactly as they were. Other errors: std::out_of_range for a sequence, layer or position
+/// that does not exist, std::invalid_argument for shapes that do not fit.
+///
+/// Positions: as in kv_cache, each layer of a sequence counts the tokens appended to it, and
+/// between the layers of one forward pass their counts differ.
+///
+/// Thread safety: const members may run concurrently; a non-const member needs the cache to
+/// itself. A moved-from cache holds no sequence and no page.
+template <class Format>
+class paged_kv_cache {
+ public:
+  using format_type = Format;
+  using scalar_type = typename Format::scalar_type;
+  using compute_type = compute_t<scalar_type>;
+  using view_type = paged_view<Format>;
+  using batch_type = paged_batch<Format>;
+
+  /// A pool of layout.n_pages pages of layout.page_size tokens, allocated now. Throws
+  /// std::invalid_argument for a layout that does not fit the format (page_size must be a
+  /// multiple of a quantized format's group), std::length_error when sizes overflow,
+  /// std::bad_alloc when memory is short.
+  paged_kv_cache(const cache_shape& shape, paged_layout layout, Format format = Format())
+      : shape_(shape), layout_((layout.check(), layout)), format_(format),
+        pool_(shape, layout.page_size, layout.n_pages, format) {
+    unit_ = format_.unit_tokens();
+    uses_tail_ = unit_ > 1 || format_.residual() > 0;
+    tail_cap_ = uses_tail_ ? detail::checked_add(format_.residual(), unit_, "residual") : 0;
+    detail::checked_product({tail_cap_, shape.kv_width(), 2 * Index(sizeof(compute_type)),
+                             shape.n_layers()}, "paged_kv_cache: residual");
+  }
+
+  paged_kv_cache(const paged_kv_cache&) = delete;
+  paged_kv_cache& operator=(const paged_kv_cache&) = delete;
+  paged_kv_cache(paged_kv_cache&&) noexcept = default;
+  paged_kv_cache& operator=(paged_kv_cache&&) noexcept = default;
+
+  const cache_shape& shape() const noexcept { return shape_; }
+  Index n_layers() const noexcept { return shape_.n_layers(); }
+  const paged_layout& layout() const noexcept { return layout_; }
+  const Format& format() const noexcept { return format_; }
+  Index page_size() const noexcept { return layout_.page_size; }
+  const page_pool<Format>& pool() const noexcept { return pool_; }
+  pool_stats stats() const noexcept { return pool_.stats(); }
+
+  // ---- sequences --------------------------------------------------------------------------
+
+  /// A new, empty sequence; returns its id. Ids of freed sequences are reused. Needs no page.
+  Index create() {
+    const Index id = new_id();
+    sequence& s = seq_ref(id);
+    try {
+      init(s);
+    } catch (...) {
+      drop_id(id);
+      throw;
+    }
+    return id;
+  }
+
+  /// A new sequence for a prompt of `n` tokens that adopts the longest run of cached full
+  /// pages holding the prompt's first tokens under `extra_key` (at most n - 1 tokens, so that
+  /// at least the last token is left to compute the next token's logits from). Its layers then
+  /// hold prefix_hit(id) tokens at positions 0.. and the caller prefills the rest. The adopted
+  /// pages are shared, not copied. Cost: one hash per page of the prompt, a few ns per token.
+  /// Throws std::invalid_argument for n < 0 or a null `tokens` with n > 0.
+  Index create(const std::int32_t* tokens, Index n, std::string_view extra_key = {}) {
+    check_tokens("create", tokens, n);
+    std::vector<Index> hit;
+    std::vector<page_hash> hashes;
+    const page_hash root = prefix_root(extra_key);
+    match(tokens, n > 0 ? n - 1 : 0, root, &hit, &hashes);
+    const Index id = new_id();
+    sequence& s = seq_ref(id);
+    try {
+      init(s);
+      s.pages.reserve(hit.size());
+      s.first.reserve(hit.size());
+    } catch (...) {
+      drop_id(id);
+      throw;
+    }
+    const Index P = page_size();
+    for (std::size_t i = 0; i < hit.size(); ++i) {
+      pool_.retain(hit[i]);
+      s.pages.push_back(hit[i]);
+      s.first.push_back(Index(i) * P);
+    }
+    const Index cached = Index(hit.size()) * P;
+    s.table_end = cached;
+    s.hashes = std::move(hashes);
+    s.root = root;
+    s.rooted = true;
+    s.prefix_hit = cached;
+    for (auto& L : s.layers) L.next = cached;
+    return id;
+  }
+
+  /// A new sequence sharing every page of `seq` and a copy of its tail: the same tokens at the
+  /// same positions (beam search, parallel sampling). Needs no page; the first write of either
+  /// into a shared page copies it. Throws std::out_of_range for a sequence that does not exist.
+  Index fork(Index seq) {
+    seq_at(seq, "fork");
+    const Index id = new_id();
+    try {
+      sequence copy = copy_of(seq_ref(seq));
+      seq_ref(id) = std::move(copy);
+    } catch (...) {
+      drop_id(id);
+      throw;
+    }
+    for (const Index p : seq_ref(id).pages) pool_.retain(p);
+    return id;
+  }
+
+  /// Ends a sequence: its pages lose a reference (free, or cached when published) and its id
+  /// may be reused. Throws std::out_of_range for a sequence that does not exist.
+  void free(Index seq) {
+    sequence& s = seq_at(seq, "free");
+    for (const Index p : s.pages) pool_.release(p);
+    s = sequence{};
+    free_ids_.push_back(seq);  // capacity reserved in new_id
+  }
+
+  /// Whether `seq` is a live sequence.
+  bool contains(Index seq) const noexcept {
+    return seq >= 0 && seq < Index(seqs_.size()) && seqs_[static_cast<std::size_t>(seq)].live;
+  }
+  /// Live sequences.
+  Index n_sequences() const noexcept { return Index(seqs_.size() - free_ids_.size()); }
+
+  /// The next token's position in layer l of `seq`: the tokens appended to it.
+  Index position(Index seq, Index l) const { return layer_at(seq_at(seq, "position"), l, "position").next; }
+  /// The smallest position over the layers of `seq`.
+  Index position(Index seq) const {
+    const sequence& s = seq_at(seq, "position");
+    Index p = s.layers.empty() ? 0 : s.layers.front().next;
+    for (const auto& L : s.layers) p = std::min(p, L.next);
+    return p;
+  }
+  /// Tokens layer l of `seq` holds for attention (fewer than its position once a window
+  /// dropped pages).
+  Index size(Index seq, Index l) const { return view(seq, l).size(); }
+  /// Tokens of `seq` that came from the prefix cache when it was created.
+  Index prefix_hit(Index seq) const { return seq_at(seq, "prefix_hit").prefix_hit; }
+  /// The block table of `seq`: its page ids, oldest first.
+  const std::vector<Index>& block_table(Index seq) const { return seq_at(seq, "block_table").pages; }
+  /// The position of the first token of each page of block_table(seq).
+  const std::vector<Index>& page_positions(Index seq) const {
+    return seq_at(seq, "page_positions").first;
+  }
+
+  // ---- appending --------------------------------------------------------------------------
+
+  /// Pages an append of `n` more tokens to every layer of `seq` would take from the pool: new
+  /// pages, plus one when its last page is shared and must be copied first. Not counting the
+  /// pages a window would give back. Throws std::out_of_range for a bad sequence.
+  Index pages_needed(Index seq, Index n) const {
+    const sequence& s = seq_at(seq, "pages_needed");
+    Index most = 0;
+    for (const auto& L : s.layers) {
+      const auto plan = plan_append(s, L, n);
+      most = std::max(most, plan.new_pages + plan.copies);
+    }
+    return most;
+  }
+
+  /// Appends `k.rows()` tokens to layer `l` of `seq` at positions position(seq, l).. . `k` and
+  /// `v` are `(tokens x n_kv_heads*head_dim)`, heads side by side, of any scalar type
+  /// convertible to the compute type. Takes pages from the pool as the layer crosses into
+  /// them (the first layer of a forward pass takes them for all layers), copies a shared last
+  /// page before writing into it, and with a window first returns the pages no query from
+  /// this position on can see. O(tokens) amortized. Throws std::out_of_range for a bad
+  /// sequence or layer, std::invalid_argument for a wrong shape, std::length_error when the
+  /// pool has too few free or cached pages or positions overflow; nothing changes then.
+  template <class DerivedK, class DerivedV>
+  void append(Index seq, Index l, const Eigen::MatrixBase<DerivedK>& k,
+              const Eigen::MatrixBase<DerivedV>& v) {
+    sequence& s = seq_at(seq, "append");
+    layer_state& L = layer_at(s, l, "append");
+    detail::check_kv_input("append", shape_.kv_width(), k, v);
+    const Index n = k.rows();
+    if (n == 0) return;
+    const append_plan plan = claim(seq, s, L, n, "append");
+    apply(s, plan);
+    write(s, L, k, v);
+  }
+
+  /// Prefill of a chunk of `n` tokens onto layer `l` of `seq`, which may hold tokens already
+  /// (chunked prefill; a prompt after a prefix hit): appends `k` and `v` and writes to `out`
+  /// (`n x n_heads*head_dim`) the attention of each row of `q` over what the sequence holds
+  /// for it, as decode steps at those positions would see it (a quantized format's chunk is
+  /// cut where its tail would store a group). Pages are claimed for the whole chunk first.
+  /// Throws as append does, and std::invalid_argument for a q or out that does not fit.
+  template <class DerivedK, class DerivedV>
+  void prefill(const attention_shape& heads, const Eigen::Ref<const row_matrix<compute_type>>& q,
+               const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+               Index seq, Index l, Eigen::Ref<row_matrix<compute_type>> out,
+               attention_workspace<compute_type>& ws, const attention_options& opt = {}) {
+    sequence& s = seq_at(seq, "prefill_attention");
+    layer_state& L = layer_at(s, l, "prefill_attention");
+    detail::check_view("prefill_attention", heads, view_of(s, L));
+    if (q.cols() != heads.q_width() || q.rows() != k.rows()) {
+      detail::fail<std::invalid_argument>("prefill_attention: q is ", q.rows(), " x ", q.cols(),
+                                          ", expected ", k.rows(), " x ", heads.q_width());
+    }
+    detail::check_kv_input("prefill_attention", shape_.kv_width(), k, v);
+    if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
+      detail::fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ",
+                                          out.cols(), ", expected ", q.rows(), " x ",
+                                          heads.q_width());
+    }
+    detail::check_options("prefill_attention", opt);
+    const Index n = q.rows();
+    if (n == 0) return;
+    const append_plan plan = claim(seq, s, L, n, "prefill_attention");
+    const bool convert = !std::is_same_v<scalar_type, compute_type>;
+    const Index seen = detail::checked_add(view_of(s, L).size(), n);
+    prepare_causal(ws, heads, n, seen, convert, opt);
+    apply(s, plan);
+    for (Index i = 0; i < n;) {
+      Index piece = n - i;
+      if (uses_tail_) piece = std::min(piece, std::max<Index>(1, tail_cap_ - 1 - L.tail_n));
+      write(s, L, k.middleRows(i, piece), v.middleRows(i, piece));
+      causal_attention(heads, q.middleRows(i, piece), view_of(s, L), L.next - piece,
+                       out.middleRows(i, piece), ws, opt);
+      i += piece;
+    }
+  }
+
+  // ---- rollback ---------------------------------------------------------------------------
+
+  /// Keeps the first `n` tokens of every layer of `seq` (rollback of rejected speculative
+  /// tokens, or of a turn), returning the pages past them. Exact or refused: throws
+  /// std::out_of_range when n is negative or beyond position(seq), when a quantized format
+  /// would have to cut a stored group (n must then be a multiple of the group, or not below
+  /// the stored tokens), or when a window already gave back tokens the new newest position
+  /// would see; nothing changes then.
+  void crop(Index seq, Index n) {
+    sequence& s = seq_at(seq, "crop");
+    check_crop(seq, s, n);
+    Index stored_end = 0;
+    for (auto& L : s.layers) {
+      const Index E = L.next - L.tail_n;
+      if (n >= E) {
+        L.tail_n = n - E;
+      } else {
+        L.tail_n = 0;
+      }
+      L.next = n;
+      stored_end = std::max(stored_end, L.next - L.tail_n);
+    }
+    while (!s.pages.empty() && s.first.back() >= stored_end) {
+      pool_.release(s.pages.back());
+      s.pages.pop_back();
+      s.first.pop_back();
+    }
+    if (!s.pages.empty()) s.table_end = s.first.back() + page_size();
+    const Index whole = s.pages.empty() ? 0 : stored_end / page_size();
+    if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
+  }
+  /// Drops the newest `k` tokens of every layer of `seq`: crop(seq, position(seq) - k).
+  void rollback(Index seq, Index k) {
+    const Index p = position(seq);
+    if (k < 0 || k > p) {
+      detail::fail<std::out_of_range>("rollback: k = ", k, " must be in [0, ", p, "]");
+    }
+    crop(seq, p - k);
+  }
+
+  // ---- prefix caching ---------------------------------------------------------------------
+
+  /// Tokens of the prompt `tokens[0..n)` held in cached full pages under `extra_key`: the
+  /// longest run from the start, a multiple of page_size. Every hit is checked against the
+  /// page's stored tokens and parent hash. Changes nothing. Throws std::invalid_argument for
+  /// n < 0 or null tokens.
+  Index match_prefix(const std::int32_t* tokens, Index n, std::string_view extra_key = {}) const {
+    check_tokens("match_prefix", tokens, n);
+    return match(tokens, n, prefix_root(extra_key), nullptr, nullptr) * page_size();
+  }
+
+  /// Publishes the full pages of `seq` that hold `tokens[0..n)` (the ids of its tokens from
+  /// position 0; the pages of a window's gap and after it are not published) under
+  /// `extra_key`, so that later sequences find them. Pages published before are skipped;
+  /// a page whose hash another page holds already stays private. Returns the pages newly
+  /// published. Cost: one hash per new full page. Throws std::out_of_range for a bad sequence,
+  /// std::invalid_argument for n < 0 or null tokens.
+  Index publish(Index seq, const std::int32_t* tokens, Index n, std::string_view extra_key = {}) {
+    sequence& s = seq_at(seq, "publish");
+    check_tokens("publish", tokens, n);
+    const page_hash root = prefix_root(extra_key);
+    if (!s.rooted || s.root != root) {
+      s.hashes.clear();
+      s.root = root;
+      s.rooted = true;
+    }
+    const Index P = page_size();
+    Index stored = n;
+    for (const auto& L : s.layers) stored = std::min(stored, L.next - L.tail_n);
+    Index full = stored / P;
+    for (Index i = 0; i < std::min(full, Index(s.pages.size())); ++i) {
+      if (s.first[static_cast<std::size_t>(i)] != i * P) full = i;  // a window's gap
+    }
+    full = std::min(full, Index(s.pages.size()));
+    s.hashes.reserve(static_cast<std::size_t>(std::max<Index>(full, 0)));
+    Index published = 0;
+    for (Index i = Index(s.hashes.size()); i < full; ++i) {
+      const page_hash parent = i == 0 ? root : s.hashes[static_cast<std::size_t>(i - 1)];
+      const page_hash h = chain_hash(parent, tokens + i * P, P);
+      if (pool_.publish(s.pages[static_cast<std::size_t>(i)], h, parent, tokens + i * P)) {
+        ++published;
+      }
+      s.hashes.push_back(h);
+    }
+    return published;
+  }
+
+  // ---- reading ----------------------------------------------------------------------------
+
+  /// Layer l of `seq` as attention reads it. O(1). Throws std::out_of_range for a bad sequence
+  /// or layer.
+  view_type view(Index seq, Index l) const {
+    const sequence& s = seq_at(seq, "view");
+    return view_of(s, layer_at(s, l, "view"));
+  }
+
+  /// Fills `out` with layer l of the sequences `seqs` (in that order) as one CSR batch, for
+  /// batch_attention. Reuses out's memory. Throws std::out_of_range for a bad sequence or
+  /// layer (out is then empty).
+  void batch(const std::vector<Index>& seqs, Index l, batch_type& out) const {
+    out.clear();
+    out.format = format_;
+    out.page_size = page_size();
+    out.unit = unit_;
+    out.kv_heads = shape_.n_kv_heads();
+    out.dim = shape_.head_dim();
+    out.mask = layout_.mask();
+    if (l < 0 || l >= n_layers()) {
+      detail::fail<std::out_of_range>("batch: layer ", l, " out of range [0, ", n_layers(), ")");
+    }
+    out.storage = &pool_.storage(l);
+    for (const Index seq : seqs) {
+      if (!contains(seq)) {
+        out.clear();
+        detail::fail<std::out_of_range>("batch: sequence ", seq, " does not exist");
+      }
+      const sequence& s = seq_ref(seq);
+      const view_type v = view_of(s, s.layers[static_cast<std::size_t>(l)]);
+      for (Index i = 0; i < v.n_pages; ++i) {
+        out.indices.push_back(v.pages[i]);
+        out.page_positions.push_back(v.page_positions[i]);
+      }
+      out.indptr.push_back(Index(out.indices.size()));
+      out.last_page_len.push_back(v.last_page_units * unit_);
+      out.end_positions.push_back(v.end);
+      out.tail_keys.push_back(v.tail_keys);
+      out.tail_values.push_back(v.tail_values);
+      out.tail_tokens.push_back(v.tail_tokens);
+    }
+  }
+
+  /// Every key layer l of `seq` holds, oldest first, as attention reads it (quantized ones
+  /// dequantized): `size(seq, l) x n_kv_heads*head_dim`. For tests; allocates.
+  row_matrix<compute_type> keys(Index seq, Index l) const { return held_rows(seq, l, true); }
+  /// Every value layer l of `seq` holds, as keys().
+  row_matrix<compute_type> values(Index seq, Index l) const { return held_rows(seq, l, false); }
+
+  // ---- accounting -------------------------------------------------------------------------
+
+  /// Bytes of the pages in use (each page once, however many sequences share it) plus the
+  /// sequences' full-precision tails.
+  Index bytes() const noexcept {
+    Index tails = 0;
+    for (const auto& s : seqs_) {
+      for (const auto& L : s.layers) tails += L.tail_n;
+    }
+    return pool_.stats().used_bytes + tails * tail_token_bytes();
+  }
+  /// Bytes of the pages `seq` holds, shared ones included, plus its tail: what it would cost
+  /// alone.
+  Index bytes(Index seq) const {
+    const sequence& s = seq_at(seq, "bytes");
+    Index tails = 0;
+    for (const auto& L : s.layers) tails += L.tail_n;
+    return Index(s.pages.size()) * pool_.page_bytes() + tails * tail_token_bytes();
+  }
+
+ private:
+  struct layer_state {
+    Index next = 0;    // tokens appended: the next token's position
+    Index tail_n = 0;  // of them, the newest not yet stored in pages
+    detail::buffer<compute_type> tail_k;  // [tail slot][kv_head * head_dim]
+    detail::buffer<compute_type> tail_v;
+  };
+  struct sequence {
+    bool live = false;
+    std::vector<Index> pages;  // the block table, oldest first
+    std::vector<Index> first;  // [page] position of its first token
+    Index table_end = 0;       // one past the last position the table's pages cover
+    bool gap = false;          // a window gave pages back
+    std::vector<page_hash> hashes;  // chain hashes of the leading full pages
+    page_hash root{};
+    bool rooted = false;
+    Index prefix_hit = 0;
+    std::vector<layer_state> layers;
+  };
+  // What an append of n tokens to one layer takes, decided before anything changes.
+  struct append_plan {
+    Index drop = 0;       // pages after the sinks the window gives back, from `drop_at`
+    Index drop_at = 0;
+    Index freed = 0;      // of them, pages no other sequence holds
+    Index copies = 0;     // 1 when the page written first is shared
+    Index copy_index = 0;
+    Index new_pages = 0;
+  };
+
+  Index tail_token_bytes() const noexcept {
+    return 2 * shape_.kv_width() * Index(sizeof(compute_type));
+  }
+
+  Index new_id() {
+    if (free_ids_.empty()) {
+      seqs_.emplace_back();
+      try {
+        free_ids_.reserve(seqs_.size());
+      } catch (...) {
+        seqs_.pop_back();
+        throw;
+      }
+      seqs_.back().live = true;
+      return Index(seqs_.size()) - 1;
+    }
+    const Index id = free_ids_.back();
+    free_ids_.pop_back();
+    seq_ref(id).live = true;
+    return id;
+  }
+  void drop_id(Index id) noexcept {
+    seq_ref(id) = sequence{};
+    free_ids_.push_back(id);
+  }
+  sequence& seq_ref(Index id) noexcept { return seqs_[static_cast<std::size_t>(id)]; }
+  const sequence& seq_ref(Index id) const noexcept { return seqs_[static_cast<std::size_t>(id)]; }
+
+  void init(sequence& s) const {
+    s.layers.resize(static_cast<std::size_t>(n_layers()));
+    if (uses_tail_) {
+      const Index n = tail_cap_ * shape_.kv_width();
+      for (auto& L : s.layers) {
+        L.tail_k = detail::buffer<compute_type>(n);
+        L.tail_v = detail::buffer<compute_type>(n);
+      }
+    }
+    s.live = true;
+  }
+
+  sequence copy_of(const sequence& from) const {
+    sequence s;
+    s.live = true;
+    s.pages = from.pages;
+    s.first = from.first;
+    s.table_end = from.table_end;
+    s.gap = from.gap;
+    s.hashes = from.hashes;
+    s.root = from.root;
+    s.rooted = from.rooted;
+    init(s);
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      const layer_state& a = from.layers[l];
+      layer_state& b = s.layers[l];
+      b.next = a.next;
+      b.tail_n = a.tail_n;
+      if (a.tail_n > 0) {
+        const auto bytes = static_cast<std::size_t>(a.tail_n * shape_.kv_width()) * sizeof(compute_type);
+        std::memcpy(b.tail_k.data(), a.tail_k.data(), bytes);
+        std::memcpy(b.tail_v.data(), a.tail_v.data(), bytes);
+      }
+    }
+    return s;
+  }
+
+  sequence& seq_at(Index seq, const char* fn) {
+    return const_cast<sequence&>(static_cast<const paged_kv_cache&>(*this).seq_at(seq, fn));
+  }
+  const sequence& seq_at(Index seq, const char* fn) const {
+    if (!contains(seq)) detail::fail<std::out_of_range>(fn, ": sequence ", seq, " does not exist");
+    return seq_ref(seq);
+  }
+  layer_state& layer_at(sequence& s, Index l, const char* fn) {
+    return const_cast<layer_state&>(layer_at(static_cast<const sequence&>(s), l, fn));
+  }
+  const layer_state& layer_at(const sequence& s, Index l, const char* fn) const {
+    if (l < 0 || l >= n_layers()) {
+      detail::fail<std::out_of_range>(fn, ": layer ", l, " out of range [0, ", n_layers(), ")");
+    }
+    return s.layers[static_cast<std::size_t>(l)];
+  }
+
+  static void check_tokens(const char* fn, const std::int32_t* tokens, Index n) {
+    if (n < 0 || (n > 0 && tokens == nullptr)) {
+      detail::fail<std::invalid_argument>(fn, ": ", n, " tokens at ",
+                                          tokens == nullptr ? "null" : "an address",
+                                          "; expected n >= 0 tokens");
+    }
+  }
+
+  // The number of leading pages of tokens[0..n) the prefix index holds under `root`; their
+  // ids and hashes when asked for.
+  Index match(const std::int32_t* tokens, Index n, const page_hash& root,
+              std::vector<Index>* pages, std::vector<page_hash>* hashes) const {
+    const Index P = page_size();
+    page_hash parent = root;
+    Index i = 0;
+    for (; (i + 1) * P <= n; ++i) {
+      const page_hash h = chain_hash(parent, tokens + i * P, P);
+      const Index p = pool_.find(h, parent, tokens + i * P);
+      if (p < 0) break;
+      if (pages != nullptr) pages->push_back(p);
+      if (hashes != nullptr) hashes->push_back(h);
+      parent = h;
+    }
+    return i;
+  }
+
+  // Pages at the front of the table that hold a sink.
+  Index sink_pages(const sequence& s) const noexcept {
+    Index i = 0;
+    while (i < Index(s.pages.size()) && s.first[static_cast<std::size_t>(i)] < layout_.sinks) ++i;
+    return i;
+  }
+
+  // The index in the table of the page holding stored position `pos` (which lies at or after
+  // the window's gap).
+  Index page_index(const sequence& s, Index pos) const noexcept {
+    const Index P = page_size();
+    return Index(s.pages.size()) - 1 - (s.first.back() - pos / P * P) / P;
+  }
+
+  append_plan plan_append(const sequence& s, const layer_state& L, Index n) const {
+    append_plan plan;
+    const Index P = page_size();
+    const Index E = L.next - L.tail_n;
+    Index flushed = n;  // tokens this append stores in pages
+    if (uses_tail_) {
+      const Index total = L.tail_n + n;
+      flushed = total >= tail_cap_ ? ((total - tail_cap_) / unit_ + 1) * unit_ : 0;
+    }
+    const Index E2 = E + flushed;
+    if (layout_.window > 0) {
+      Index oldest_next = L.next;
+      for (const auto& M : s.layers) oldest_next = std::min(oldest_next, M.next);
+      const Index stale_end = oldest_next - layout_.window;  // last position no query sees
+      plan.drop_at = sink_pages(s);
+      for (Index i = plan.drop_at; i < Index(s.pages.size()); ++i) {
+        if (s.first[static_cast<std::size_t>(i)] + P - 1 > stale_end) break;
+        ++plan.drop;
+        if (pool_.ref_count(s.pages[static_cast<std::size_t>(i)]) == 1) ++plan.freed;
+      }
+    }
+    if (flushed > 0 && E < s.table_end) {
+      plan.copy_index = page_index(s, E);
+      if (plan.copy_index >= plan.drop_at + plan.drop &&
+          !pool_.writable(s.pages[static_cast<std::size_t>(plan.copy_index)])) {
+        plan.copies = 1;
+      }
+    }
+    if (E2 > s.table_end) plan.new_pages = detail::ceil_div(E2 - s.table_end, P);
+    return plan;
+  }
+
+  // Checks that an append of n tokens to layer L of s can be carried out and reserves what
+  // could fail to allocate, changing nothing observable.
+  append_plan claim(Index seq, sequence& s, const layer_state& L, Index n, const char* fn) {
+    detail::checked_add(L.next, n, fn);
+    const append_plan plan = plan_append(s, L, n);
+    const Index need = plan.new_pages + plan.copies;
+    if (need > pool_.available() + plan.freed) {
+      detail::fail<std::length_error>(fn, ": sequence ", seq, " needs ", need, " more page",
+                                      need == 1 ? "" : "s", " but the pool has ",
+                                      pool_.available() + plan.freed, " free or cached of ",
+                                      pool_.n_pages(), "; free or preempt a sequence");
+    }
+    s.pages.reserve(s.pages.size() + static_cast<std::size_t>(plan.new_pages));
+    s.first.reserve(s.first.size() + static_cast<std::size_t>(plan.new_pages));
+    return plan;
+  }
+
+  // Carries out a claimed plan: gives back the stale pages, copies a shared page, takes new
+  // ones. Cannot throw.
+  void apply(sequence& s, const append_plan& plan) noexcept {
+    const Index P = page_size();
+    if (plan.drop > 0) {
+      const auto a = s.pages.begin() + plan.drop_at;
+      for (auto it = a; it != a + plan.drop; ++it) pool_.release(*it);
+      s.pages.erase(a, a + plan.drop);
+      s.first.erase(s.first.begin() + plan.drop_at, s.first.begin() + plan.drop_at + plan.drop);
+      s.gap = true;
+      if (Index(s.hashes.size()) > plan.drop_at) s.hashes.resize(static_cast<std::size_t>(plan.drop_at));
+    }
+    if (plan.copies > 0) {
+      auto& slot = s.pages[static_cast<std::size_t>(plan.copy_index - plan.drop)];
+      const Index fresh = pool_.allocate();
+      pool_.copy_page(fresh, slot);
+      pool_.release(slot);
+      slot = fresh;
+    }
+    for (Index i = 0; i < plan.new_pages; ++i) {
+      s.pages.push_back(pool_.allocate());
+      s.first.push_back(s.table_end);
+      s.table_end += P;
+    }
+  }
+
+  // Writes rows whose pages exist, as if one at a time. Cannot throw.
+  template <class K, class V>
+  void write(sequence& s, layer_state& L, const Eigen::MatrixBase<K>& k,
+             const Eigen::MatrixBase<V>& v) {
+    const Index n = k.rows(), P = page_size(), upp = pool_.units_per_page();
+    auto& storage = pool_.storage(layer_index(s, L));
+    if (!uses_tail_) {
+      for (Index i = 0; i < n;) {
+        const Index pos = L.next + i;
+        const Index idx = page_index(s, pos);
+        const Index within = pos - s.first[static_cast<std::size_t>(idx)];
+        const Index r = std::min(n - i, P - within);
+        format_.write(storage, s.pages[static_cast<std::size_t>(idx)] * upp + within,
+                      k.middleRows(i, r), v.middleRows(i, r));
+        i += r;
+      }
+      L.next += n;
+      return;
+    }
+    const Index width = shape_.kv_width();
+    for (Index i = 0; i < n; ++i) {
+      Eigen::Map<row_vector<compute_type>>(L.tail_k.data() + L.tail_n * width, width) =
+          k.row(i).template cast<compute_type>();
+      Eigen::Map<row_vector<compute_type>>(L.tail_v.data() + L.tail_n * width, width) =
+          v.row(i).template cast<compute_type>();
+      ++L.tail_n;
+      ++L.next;
+      if (L.tail_n == tail_cap_) {
+        // Store the tail's oldest unit in its page, then drop it from the tail.
+        const Index E = L.next - L.tail_n, idx = page_index(s, E);
+        const Index within = (E - s.first[static_cast<std::size_t>(idx)]) / unit_;
+        using rows = Eigen::Map<const row_matrix<compute_type>>;
+        format_.write(storage, s.pages[static_cast<std::size_t>(idx)] * upp + within,
+                      rows(L.tail_k.data(), unit_, width), rows(L.tail_v.data(), unit_, width));
+        L.tail_n -= unit_;
+        const auto bytes = static_cast<std::size_t>(L.tail_n * width) * sizeof(compute_type);
+        std::memmove(L.tail_k.data(), L.tail_k.data() + unit_ * width, bytes);
+        std::memmove(L.tail_v.data(), L.tail_v.data() + unit_ * width, bytes);
+      }
+    }
+  }
+
+  Index layer_index(const sequence& s, const layer_state& L) const noexcept {
+    return Index(&L - s.layers.data());
+  }
+
+  view_type view_of(const sequence& s, const layer_state& L) const noexcept {
+    view_type w;
+    const Index E = L.next - L.tail_n;
+    Index n = Index(s.pages.size());
+    while (n > 0 && s.first[static_cast<std::size_t>(n - 1)] >= E) --n;  // pages ahead of l
+    w.format = format_;
+    w.storage = &pool_.storage(layer_index(s, L));
+    w.pages = s.pages.data();
+    w.page_positions = s.first.data();
+    w.n_pages = n;
+    w.units_per_page = pool_.units_per_page();
+    w.unit = unit_;
+    w.last_page_units = n > 0 ? (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_ : 0;
+    w.tail_keys = L.tail_k.data();
+    w.tail_values = L.tail_v.data();
+    w.tail_tokens = L.tail_n;
+    w.kv_heads = shape_.n_kv_heads();
+    w.dim = shape_.head_dim();
+    w.tokens = (n > 0 ? (n - 1) * page_size() + w.last_page_units * unit_ : 0) + L.tail_n;
+    w.end = L.next;
+    w.mask_ = layout_.mask();
+    return w;
+  }
+
+  row_matrix<compute_type> held_rows(Index seq, Index l, bool keys) const {
+    const view_type w = view(seq, l);
+    const Index width = shape_.kv_width(), upp = pool_.units_per_page();
+    row_matrix<compute_type> out(w.size(), width), other(w.size(), width);
+    Index row = 0;
+    for (Index i = 0; i < w.n_pages; ++i) {
+      const Index units = i + 1 < w.n_pages ? upp : w.last_page_units;
+      const Index t = units * unit_;
+      format_.read(*w.storage, w.pages[i] * upp, units, out.middleRows(row, t),
+                   other.middleRows(row, t));
+      if (!keys) out.middleRows(row, t) = other.middleRows(row, t);
+      row += t;
+    }
+    if (w.tail_tokens > 0) {
+      using rows = Eigen::Map<const row_matrix<compute_type>>;
+      out.middleRows(row, w.tail_tokens) =
+          rows(keys ? w.tail_keys : w.tail_values, w.tail_tokens, width);
+    }
+    return out;
+  }
+
+  void check_crop(Index seq, const sequence& s, Index n) const {
+    Index lowest = s.layers.empty() ? 0 : s.layers.front().next;
+    for (const auto& L : s.layers) lowest = std::min(lowest, L.next);
+    if (n < 0 || n > lowest) {
+      detail::fail<std::out_of_range>("crop: n = ", n, " must be in [0, ", lowest,
+                                      "] for sequence ", seq);
+    }
+    for (const auto& L : s.layers) {
+      const Index E = L.next - L.tail_n;
+      if (n < E && n % unit_ != 0) {
+        detail::fail<std::out_of_range>("crop: n = ", n, " would cut a stored group of ", unit_,
+                                        " tokens of sequence ", seq, "; n must be a multiple of ",
+                                        unit_, " or at least ", E);
+      }
+    }
+    if (s.gap) {
+      const Index d = sink_pages(s);
+      const Index held_from = d < Index(s.pages.size()) ? s.first[static_cast<std::size_t>(d)] : s.table_end;
+      const Index lowest_ok = held_from + layout_.window - 1;
+      if (n < lowest_ok) {
+        detail::fail<std::out_of_range>("crop: sequence ", seq, " gave back the tokens before ",
+                                        "position ", held_from, " to its window; it can be cut ",
+                                        "to ", lowest_ok, " tokens at least, not ", n);
+      }
+    }
+  }
+
+  cache_shape shape_;
+  paged_layout layout_;
+  Format format_;
+  page_pool<Format> pool_;
+  Index unit_ = 1;
+  bool uses_tail_ = false;
+  Index tail_cap_ = 0;
+  std::vector<sequence> seqs_;
+  std::vector<Index> free_ids_;
+};
+
+/// prefill_attention for a sequence of a paged cache: paged_kv_cache::prefill.
+template <class Format, class DerivedK, class DerivedV>
+void prefill_attention(const attention_shape& shape,
+                       const Eigen::Ref<const row_matrix<compute_t<typename Format::scalar_type>>>& q,
+                       const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+                       paged_kv_cache<Format>& cache, Index seq, Index l,
+                       Eigen::Ref<row_matrix<compute_t<typename Format::scalar_type>>> out,
+                       attention_workspace<compute_t<typename Format::scalar_type>>& ws,
+                       const attention_options& opt = {}) {
+  cache.prefill(shape, q, k, v, seq, l, out, ws, opt);
+}
+
+}  // namespace kvcache

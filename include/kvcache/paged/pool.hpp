@@ -1,0 +1,307 @@
+// SPDX-License-Identifier: Apache-2.0
+// The page pool of a paged KV cache: fixed-size pages of every layer in one format, reference
+// counts, a free list, and the prefix index of published pages with its LRU of cached ones.
+#pragma once
+
+#include "kvcache/detail/checked.hpp"
+#include "kvcache/detail/error.hpp"
+#include "kvcache/format/units.hpp"
+#include "kvcache/paged/prefix_hash.hpp"
+#include "kvcache/shape.hpp"
+#include "kvcache/types.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace kvcache {
+
+/// What a page pool holds, in pages and bytes.
+struct pool_stats {
+  Index total = 0;       ///< pages in the pool
+  Index used = 0;        ///< pages referenced by at least one sequence
+  Index free = 0;        ///< pages on the free list
+  Index cached = 0;      ///< published pages no sequence references: kept for prefix hits,
+                         ///< evicted least recently used first when the free list is empty
+  Index page_bytes = 0;  ///< bytes of one page: page_size tokens of every layer and kv head
+  Index used_bytes = 0;  ///< used * page_bytes
+  Index total_bytes = 0; ///< total * page_bytes, allocated up front
+  Index evictions = 0;   ///< cached pages taken back for new allocations so far
+};
+
+/// A pool of `n_pages` pages, each holding `page_size` tokens of every layer and kv head in
+/// `Format` (vLLM's PagedAttention block pool; FlashInfer's paged KV data). The memory is
+/// allocated once, in the constructor, and a page never moves: page p of layer l and kv head h
+/// is units [p * units_per_page, (p + 1) * units_per_page) of kv head h in storage(l).
+///
+/// Pages are reference-counted. A page whose count falls to 0 goes back to the free list, or,
+/// when it is published in the prefix index, to the LRU list of cached pages, from which it is
+/// taken again by a prefix hit or, when the free list is empty, evicted for a new allocation.
+/// allocate, retain, release, publish and the lookups are O(1) (the index is a hash map).
+///
+/// Thread safety: const members may run concurrently; a non-const member needs the pool to
+/// itself. The pool is normally owned by a paged_kv_cache, which keeps these rules for it.
+template <class Format>
+class page_pool {
+ public:
+  using format_type = Format;
+  using storage_type = typename Format::storage;
+
+  /// Throws std::invalid_argument unless page_size >= 1 is a multiple of the format's
+  /// unit_tokens() (a quantized format stores whole groups) and n_pages >= 1,
+  /// std::length_error when the pool's bytes overflow, std::bad_alloc when memory is short.
+  page_pool(const cache_shape& shape, Index page_size, Index n_pages, Format format = Format())
+      : shape_(shape), format_(format), page_size_(page_size), n_pages_(n_pages) {
+    format_.check("page_pool", shape.head_dim());
+    const Index unit = format_.unit_tokens();
+    if (page_size < 1 || page_size % unit != 0) {
+      detail::fail<std::invalid_argument>("page_pool: page_size must be a positive multiple of ",
+                                          "the format's ", unit, "-token unit, got ", page_size);
+    }
+    if (n_pages < 1) {
+      detail::fail<std::invalid_argument>("page_pool: n_pages must be >= 1, got ", n_pages);
+    }
+    upp_ = page_size / unit;
+    const Index unit_bytes = format_.unit_bytes(shape.n_kv_heads(), shape.head_dim());
+    page_bytes_ = detail::checked_product({upp_, unit_bytes, shape.n_layers()}, "page_pool: page bytes");
+    detail::checked_mul(page_bytes_, n_pages, "page_pool: pool bytes");
+    const Index slots = detail::checked_mul(n_pages, upp_, "page_pool: slots");
+    detail::checked_mul(n_pages, page_size, "page_pool: token ids");
+    storage_.reserve(static_cast<std::size_t>(shape.n_layers()));
+    for (Index l = 0; l < shape.n_layers(); ++l) {
+      storage_.push_back(format_.allocate(shape.n_kv_heads(), shape.head_dim(), slots));
+    }
+    const auto n = static_cast<std::size_t>(n_pages);
+    refs_.assign(n, 0);
+    published_.assign(n, 0);
+    hash_.assign(n, page_hash{});
+    parent_.assign(n, page_hash{});
+    tokens_.assign(static_cast<std::size_t>(n_pages * page_size), 0);
+    // The LRU list of cached pages is circular through a sentinel, n_pages.
+    prev_.assign(n + 1, n_pages);
+    next_.assign(n + 1, n_pages);
+    free_.reserve(n);
+    for (Index p = n_pages - 1; p >= 0; --p) free_.push_back(p);  // page 0 is taken first
+    index_.reserve(n);
+  }
+
+  page_pool(const page_pool&) = delete;
+  page_pool& operator=(const page_pool&) = delete;
+  /// A moved-from pool has no pages.
+  page_pool(page_pool&& other) noexcept
+      : shape_(other.shape_), format_(other.format_), page_size_(other.page_size_),
+        n_pages_(std::exchange(other.n_pages_, 0)), upp_(other.upp_),
+        page_bytes_(other.page_bytes_), storage_(std::move(other.storage_)),
+        refs_(std::move(other.refs_)), published_(std::move(other.published_)),
+        hash_(std::move(other.hash_)), parent_(std::move(other.parent_)),
+        tokens_(std::move(other.tokens_)), prev_(std::move(other.prev_)),
+        next_(std::move(other.next_)), free_(std::move(other.free_)),
+        cached_(std::exchange(other.cached_, 0)), evictions_(std::exchange(other.evictions_, 0)),
+        index_(std::move(other.index_)) {
+    other.clear_moved();
+  }
+  page_pool& operator=(page_pool&& other) noexcept {
+    if (this != &other) {
+      this->~page_pool();
+      new (this) page_pool(std::move(other));
+    }
+    return *this;
+  }
+  ~page_pool() = default;
+
+  const cache_shape& shape() const noexcept { return shape_; }
+  const Format& format() const noexcept { return format_; }
+  /// Tokens per page.
+  Index page_size() const noexcept { return page_size_; }
+  /// Stored units per page (page_size / unit_tokens).
+  Index units_per_page() const noexcept { return upp_; }
+  Index n_pages() const noexcept { return n_pages_; }
+  /// Bytes of one page, every layer and kv head.
+  Index page_bytes() const noexcept { return page_bytes_; }
+
+  pool_stats stats() const noexcept {
+    pool_stats s;
+    s.total = n_pages_;
+    s.free = Index(free_.size());
+    s.cached = cached_;
+    s.used = n_pages_ - s.free - s.cached;
+    s.page_bytes = page_bytes_;
+    s.used_bytes = s.used * page_bytes_;
+    s.total_bytes = n_pages_ * page_bytes_;
+    s.evictions = evictions_;
+    return s;
+  }
+  /// Pages an allocation may take now: the free ones and the cached ones it would evict.
+  Index available() const noexcept { return Index(free_.size()) + cached_; }
+
+  /// A page with reference count 1, from the free list, or else the least recently used
+  /// cached page, which leaves the prefix index. O(1). Throws std::length_error when no page
+  /// is free or cached; nothing changes then.
+  Index allocate() {
+    Index p;
+    if (!free_.empty()) {
+      p = free_.back();
+      free_.pop_back();
+    } else if (cached_ > 0) {
+      p = next_[sentinel()];
+      unlink(p);
+      unpublish(p);
+      ++evictions_;
+    } else {
+      detail::fail<std::length_error>("page_pool: all ", n_pages_,
+                                      " pages are in use; free or preempt a sequence");
+    }
+    refs_[at(p)] = 1;
+    return p;
+  }
+
+  /// Adds a reference to page p (a fork, or a prefix hit on a cached page, which leaves the
+  /// LRU list). O(1). Throws std::out_of_range for a page that does not exist or is not in use
+  /// or cached.
+  void retain(Index p) {
+    check_page("retain", p);
+    if (refs_[at(p)] == 0) {
+      if (!published_[at(p)]) {
+        detail::fail<std::out_of_range>("page_pool: retain of page ", p, ", which is free");
+      }
+      unlink(p);
+    }
+    ++refs_[at(p)];
+  }
+
+  /// Drops a reference to page p; at 0 it becomes cached (published) or free. O(1). Throws
+  /// std::out_of_range for a page that does not exist or has no reference.
+  void release(Index p) {
+    check_page("release", p);
+    if (refs_[at(p)] <= 0) {
+      detail::fail<std::out_of_range>("page_pool: release of page ", p, ", which has no reference");
+    }
+    if (--refs_[at(p)] > 0) return;
+    if (published_[at(p)]) {
+      link_newest(p);
+    } else {
+      free_.push_back(p);
+    }
+  }
+
+  Index ref_count(Index p) const {
+    check_page("ref_count", p);
+    return refs_[at(p)];
+  }
+  /// Whether page p is in the prefix index. A published page is never written again.
+  bool published(Index p) const {
+    check_page("published", p);
+    return published_[at(p)] != 0;
+  }
+  /// Whether a sequence holding page p may write into it: it alone holds it, unpublished.
+  bool writable(Index p) const noexcept { return refs_[at(p)] == 1 && !published_[at(p)]; }
+
+  /// The stored units of layer l: [kv_head][page * units_per_page + unit][...].
+  const storage_type& storage(Index l) const noexcept { return storage_[static_cast<std::size_t>(l)]; }
+  storage_type& storage(Index l) noexcept { return storage_[static_cast<std::size_t>(l)]; }
+
+  /// Copies every unit of page `src` to page `dst`, every layer (copy-on-write).
+  void copy_page(Index dst, Index src) noexcept {
+    for (auto& s : storage_) detail::copy_units<Format>(s, dst * upp_, s, src * upp_, upp_);
+  }
+
+  /// Publishes page p, holding tokens[0..page_size) after the prefix that hashed to `parent`,
+  /// under `hash` (chain_hash(parent, tokens, page_size)). Returns false, and publishes
+  /// nothing, when p is published already or another page holds `hash`. Throws
+  /// std::out_of_range for a page not in use; std::bad_alloc leaves the pool unchanged.
+  bool publish(Index p, const page_hash& hash, const page_hash& parent, const std::int32_t* tokens) {
+    check_page("publish", p);
+    if (refs_[at(p)] <= 0) {
+      detail::fail<std::out_of_range>("page_pool: publish of page ", p, ", which is not in use");
+    }
+    if (published_[at(p)] || index_.count(hash) != 0) return false;
+    index_.emplace(hash, p);
+    published_[at(p)] = 1;
+    hash_[at(p)] = hash;
+    parent_[at(p)] = parent;
+    std::copy(tokens, tokens + page_size_, tokens_.begin() + p * page_size_);
+    return true;
+  }
+
+  /// The published page holding exactly tokens[0..page_size) after the prefix that hashed to
+  /// `parent`, or -1. A hit is checked against the stored tokens and parent hash, not trusted
+  /// on `hash` alone. O(page_size). Changes nothing (the LRU order moves on retain).
+  Index find(const page_hash& hash, const page_hash& parent, const std::int32_t* tokens) const {
+    const auto it = index_.find(hash);
+    if (it == index_.end()) return -1;
+    const Index p = it->second;
+    if (parent_[at(p)] != parent ||
+        !std::equal(tokens, tokens + page_size_, tokens_.begin() + p * page_size_)) {
+      return -1;
+    }
+    return p;
+  }
+
+  /// Published pages, in use or cached.
+  Index n_published() const noexcept { return Index(index_.size()); }
+
+ private:
+  static std::size_t at(Index p) noexcept { return static_cast<std::size_t>(p); }
+  std::size_t sentinel() const noexcept { return static_cast<std::size_t>(n_pages_); }
+
+  void check_page(const char* fn, Index p) const {
+    if (p < 0 || p >= n_pages_) {
+      detail::fail<std::out_of_range>("page_pool: ", fn, " of page ", p, ", expected 0..",
+                                      n_pages_ - 1);
+    }
+  }
+  // Leaves a moved-from pool without pages, every member consistent.
+  void clear_moved() noexcept {
+    storage_.clear();
+    refs_.clear();
+    published_.clear();
+    hash_.clear();
+    parent_.clear();
+    tokens_.clear();
+    prev_.clear();
+    next_.clear();
+    free_.clear();
+    index_.clear();
+  }
+  void unlink(Index p) noexcept {
+    next_[at(prev_[at(p)])] = next_[at(p)];
+    prev_[at(next_[at(p)])] = prev_[at(p)];
+    --cached_;
+  }
+  void link_newest(Index p) noexcept {
+    const Index last = prev_[sentinel()];
+    prev_[at(p)] = last;
+    next_[at(p)] = n_pages_;
+    next_[at(last)] = p;
+    prev_[sentinel()] = p;
+    ++cached_;
+  }
+  void unpublish(Index p) noexcept {
+    index_.erase(hash_[at(p)]);
+    published_[at(p)] = 0;
+  }
+
+  cache_shape shape_;
+  Format format_;
+  Index page_size_ = 1;
+  Index n_pages_ = 0;
+  Index upp_ = 1;
+  Index page_bytes_ = 0;
+  std::vector<storage_type> storage_;         // [layer]
+  std::vector<Index> refs_;                   // [page] reference count
+  std::vector<unsigned char> published_;      // [page] in the prefix index
+  std::vector<page_hash> hash_;               // [page] its hash, when published
+  std::vector<page_hash> parent_;             // [page] its parent's hash, when published
+  std::vector<std::int32_t> tokens_;          // [page][page_size] its token ids, when published
+  std::vector<Index> prev_, next_;            // [page + sentinel] the LRU list, oldest first
+  std::vector<Index> free_;                   // the free list, a stack
+  Index cached_ = 0;
+  Index evictions_ = 0;
+  std::unordered_map<page_hash, Index, page_hash_hasher> index_;
+};
+
+}  // namespace kvcache
