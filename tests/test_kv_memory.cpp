@@ -719,6 +719,21 @@ TEST(KvMemory, BadInputExitsWith2AndNamesTheFlag) {
       {{"--list", "--group", "2000000000"}, {"--group", "too large"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--layers", "3"}, {"--model", "--layers"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--seq-len", "6"}, {"--seq-len given twice"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "0"}, {"--page-size", "'0'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "-16"}, {"--page-size", "'-16'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "abc"}, {"--page-size", "'abc'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "1e3"}, {"--page-size", "'1e3'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size=16.5"}, {"--page-size", "'16.5'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size"},
+       {"--page-size is missing its value"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int8", "--page-size", "48"},
+       {"--page-size 48 is not a multiple of the group 32", "int8"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int4", "--group", "64",
+        "--page-size", "96"},
+       {"--page-size 96 is not a multiple of --group 64"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "9223372036854775807"},
+       {"too large to count", "--page-size"}},
+      {{"--list", "--page-size", "16"}, {"--list takes only --group", "--page-size"}},
       {{"--layers", "3", "--seq-len", "5"}, {"--kv-heads", "--head-dim"}},
       {{"stray"}, {"'stray'"}},
       {{"--layers", "4000000000", "--kv-heads", "4000000000", "--head-dim", "4000000", "--seq-len",
@@ -763,6 +778,138 @@ TEST(KvMemory, GroupsThatDoNotDivideHeadDim) {
   EXPECT_EQ(list.status, 0) << list.err;
   EXPECT_NE(list.out.find("int8/g48"), std::string::npos) << list.out;
   EXPECT_NE(list.out.find("524288 |    285355 |    154283 |"), std::string::npos) << list.out;
+}
+
+TEST(KvMemory, PagedCache) {
+  // Llama-2-7B in f16, 4100 tokens in pages of 16: 257 pages of 16 x 524288 bytes, 12 slots of
+  // the last unused. The 1e10-byte budget holds 1192 pages, 19072 tokens: 4 such sequences.
+  const auto r = report_for({"--model", "llama-2-7b", "--seq-len", "4100", "--page-size", "16",
+                             "--device-mem", "24GB", "--weights", "14GB"});
+  ASSERT_TRUE(r.paged);
+  EXPECT_EQ(r.paged->page_size, 16);
+  EXPECT_EQ(r.paged->page_bytes, 8388608);
+  EXPECT_EQ(r.paged->pages_per_sequence, 257);
+  EXPECT_EQ(r.paged->total_pages, 257);
+  EXPECT_EQ(r.paged->unused_slots, 12);
+  EXPECT_EQ(r.paged->paged_bytes, 257LL * 8388608);
+  EXPECT_EQ(r.paged->waste_bytes, 12 * 524288);
+  EXPECT_EQ(r.paged->paged_bytes - r.paged->waste_bytes, r.total_bytes);
+  EXPECT_EQ(r.paged->max_pages, 1192);
+  EXPECT_EQ(r.paged->max_tokens, 19072);
+  EXPECT_EQ(r.paged->max_batch, 4);
+
+  // Llama-3-8B, batch 64 of 1000 tokens: 63 pages a sequence (1008 slots), 4032 in all. 8e9
+  // bytes hold 3814 pages of 2 MiB: 60 sequences of 63 pages, where contiguously 61 fit.
+  const auto batch = report_for({"--model", "llama-3-8b", "--seq-len", "1000", "--batch", "64",
+                                 "--page-size", "16", "--device-mem", "24GB", "--weights",
+                                 "16GB"});
+  ASSERT_TRUE(batch.paged && batch.fit);
+  EXPECT_EQ(batch.paged->pages_per_sequence, 63);
+  EXPECT_EQ(batch.paged->total_pages, 64 * 63);
+  EXPECT_EQ(batch.paged->unused_slots, 8);
+  EXPECT_EQ(batch.paged->paged_bytes, 64LL * 63 * 16 * 131072);
+  EXPECT_EQ(batch.paged->waste_bytes, 64LL * 8 * 131072);
+  EXPECT_EQ(batch.paged->max_pages, 8'000'000'000LL / 2097152);  // 3814
+  EXPECT_EQ(batch.paged->max_batch, 3814 / 63);                   // 60
+  EXPECT_EQ(batch.fit->max_batch, 61);
+
+  // A sliding window: the cached 4096 tokens are paged, not the 32768 of the sequence.
+  const auto window =
+      report_for({"--model", "mistral-7b", "--seq-len", "32768", "--page-size", "16"});
+  ASSERT_TRUE(window.paged);
+  EXPECT_EQ(window.paged->pages_per_sequence, 256);
+  EXPECT_EQ(window.paged->waste_bytes, 0);
+  EXPECT_FALSE(window.paged->max_pages);
+
+  // int4 at group 48 in pages of 96: 2 x 7232 bytes a layer and kv head; 43 pages hold the
+  // window, the last with 32 slots unused.
+  const auto groups = report_for({"--model", "mistral-7b", "--seq-len", "32768", "--dtype", "int4",
+                                  "--group", "48", "--page-size", "96"});
+  ASSERT_TRUE(groups.paged);
+  EXPECT_EQ(groups.paged->page_bytes, 2 * 7232 * 256);
+  EXPECT_EQ(groups.paged->pages_per_sequence, 43);
+  EXPECT_EQ(groups.paged->unused_slots, 32);
+  EXPECT_EQ(groups.paged->waste_bytes, 43LL * 2 * 7232 * 256 - groups.total_bytes);
+
+  // MLA groups its latents within a token: any page size, here 50 at group 32.
+  const auto mla = report_for({"--model", "deepseek-v2", "--seq-len", "1000", "--dtype", "int8",
+                               "--page-size", "50"});
+  ASSERT_TRUE(mla.paged);
+  EXPECT_EQ(mla.paged->page_bytes, 50 * 38880);
+  EXPECT_EQ(mla.paged->pages_per_sequence, 20);
+  EXPECT_EQ(mla.paged->waste_bytes, 0);
+
+  EXPECT_FALSE(report_for({"--model", "llama-2-7b", "--seq-len", "4100"}).paged);
+}
+
+TEST(KvMemory, PagedCacheText) {
+  const auto r = run({"--model", "llama-2-7b", "--seq-len", "4100", "--page-size", "16",
+                      "--device-mem", "24GB", "--weights", "14GB"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* line :
+       {"page       8388608 bytes (8 MiB, 8.39 MB) = 16 tokens x 524288 bytes\n",
+        "pages      257 a sequence = ceil(4100 tokens / 16), 257 for batch 1\n",
+        "paged      2155872256 bytes (2.01 GiB, 2.16 GB) = 257 pages x 8388608 bytes, vs "
+        "2149580800 contiguous (+0.29%)\n",
+        "waste      6291456 bytes (6 MiB, 6.29 MB) = batch 1 x 12 unused slots in the last page\n",
+        "in pages   1192 pages of 16 tokens (9999220736 bytes) = 19072 tokens\n",
+        "           batch 4 at seq-len 4100 (1028 pages, 257 a sequence)\n"}) {
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << " in\n" << r.out;
+  }
+  // The page lines follow the cache line, the budget's follow the fit.
+  EXPECT_LT(r.out.find("cache "), r.out.find("page "));
+  EXPECT_LT(r.out.find("waste "), r.out.find("device "));
+  EXPECT_LT(r.out.find("fits "), r.out.find("in pages "));
+
+  const auto whole = run({"--model", "llama-3-8b", "--seq-len", "4096", "--page-size", "16"});
+  EXPECT_EQ(whole.status, 0) << whole.err;
+  EXPECT_NE(whole.out.find("waste      0 bytes: 16 divides the 4096 cached tokens"),
+            std::string::npos)
+      << whole.out;
+  // Without a budget there is nothing to fit.
+  EXPECT_EQ(whole.out.find("in pages"), std::string::npos) << whole.out;
+  // Groups that do not tile a vector: a page is whole bytes, a token alone is not.
+  const auto groups = run({"--model", "llama-3-8b", "--seq-len", "100", "--dtype", "int4",
+                           "--group", "48", "--page-size", "48"});
+  EXPECT_EQ(groups.status, 0) << groups.err;
+  EXPECT_NE(groups.out.find("page       1851392 bytes (1.77 MiB, 1.85 MB) = 48 tokens x "
+                            "38570.67 bytes"),
+            std::string::npos)
+      << groups.out;
+  EXPECT_NE(groups.out.find("= 3 pages x 1851392 bytes"), std::string::npos) << groups.out;
+
+  // Without --page-size, no page lines.
+  const auto plain = run({"--model", "llama-2-7b", "--seq-len", "4100", "--device-mem", "24GB",
+                          "--weights", "14GB"});
+  EXPECT_EQ(plain.status, 0);
+  for (const char* label : {"page ", "pages ", "paged ", "waste ", "in pages "}) {
+    EXPECT_EQ(plain.out.find(label), std::string::npos) << label << " in\n" << plain.out;
+  }
+}
+
+TEST(KvMemory, PagedCacheJson) {
+  const auto r = run({"--model", "llama-3-8b", "--seq-len", "1000", "--batch", "64",
+                      "--page-size", "16", "--device-mem", "24GB", "--weights", "16GB", "--json"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* field :
+       {"\"page_size\": 16", "\"page_bytes\": 2097152", "\"pages_per_sequence\": 63",
+        "\"total_pages\": 4032", "\"unused_slots_per_sequence\": 8",
+        "\"paged_bytes\": 8455716864", "\"paged_waste_bytes\": 67108864",
+        "\"total_bytes\": 8388608000", "\"max_batch\": 61", "\"max_pages\": 3814",
+        "\"max_paged_tokens\": 61024", "\"max_paged_batch\": 60"}) {
+    EXPECT_NE(r.out.find(field), std::string::npos) << field << " in\n" << r.out;
+  }
+  EXPECT_EQ(r.out.substr(r.out.size() - 2), "}\n");
+  // Without a budget: the page fields, none of the budget's.
+  const auto no_budget =
+      run({"--model", "llama-3-8b", "--seq-len", "1000", "--page-size", "16", "--json"});
+  EXPECT_NE(no_budget.out.find("\"paged_bytes\": 132120576"), std::string::npos)
+      << no_budget.out;
+  EXPECT_EQ(no_budget.out.find("max_pages"), std::string::npos) << no_budget.out;
+  // Without --page-size: none of them.
+  const auto plain = run({"--model", "llama-3-8b", "--seq-len", "1000", "--device-mem", "24GB",
+                          "--json"});
+  EXPECT_EQ(plain.out.find("page"), std::string::npos) << plain.out;
 }
 
 TEST(KvMemory, HugeSizesAreTooLargeNotMalformed) {
