@@ -80,3 +80,37 @@ kv_memory_rejects(list_with_a_model "--list takes only --group, got --model"
 kv_memory_rejects(latent_overflow "too large to count.*latent_dim \\+ rope_dim"
   --layers 3 --latent-dim 6148914691236517206 --rope-dim 6148914691236517206 --seq-len 1
   --device-mem 1GB)
+
+# --page-size: a paged cache (vLLM's PagedAttention). Llama-2-7B in f16, 4100 tokens in pages
+# of 16: 257 pages of 16 x 524288 bytes, 12 slots of the last unused; 1e10 bytes hold 1192
+# pages, 4 sequences of 257.
+kv_memory_accepts(paged_page "page       8388608 bytes \\(8 MiB, 8.39 MB\\) = 16 tokens x 524288 bytes"
+  --model llama-2-7b --seq-len 4100 --page-size 16)
+kv_memory_accepts(paged_pages "pages      257 a sequence = ceil\\(4100 tokens / 16\\), 25700 for batch 100"
+  --model llama-2-7b --seq-len 4100 --batch 100 --page-size 16)
+kv_memory_accepts(paged_bytes "paged      2155872256 bytes .* = 257 pages x 8388608 bytes, vs 2149580800 contiguous"
+  --model llama-2-7b --seq-len 4100 --page-size 16)
+kv_memory_accepts(paged_waste "waste      6291456 bytes .* = batch 1 x 12 unused slots in the last page"
+  --model llama-2-7b --seq-len 4100 --page-size 16)
+kv_memory_accepts(paged_fit "in pages   1192 pages of 16 tokens \\(9999220736 bytes\\) = 19072 tokens\n +batch 4 at seq-len 4100 \\(1028 pages, 257 a sequence\\)"
+  --model llama-2-7b --seq-len 4100 --page-size 16 --device-mem 24GB --weights 14GB)
+kv_memory_accepts(paged_json "\"pages_per_sequence\": 63,\n  \"total_pages\": 4032,.*\"paged_waste_bytes\": 67108864,.*\"max_pages\": 3814,\n  \"max_paged_tokens\": 61024,\n  \"max_paged_batch\": 60"
+  --model llama-3-8b --seq-len 1000 --batch 64 --page-size 16 --device-mem 24GB --weights 16GB --json)
+# int8 at group 32 in pages of 64: whole groups of keys.
+kv_memory_accepts(paged_int8 "page       4718592 bytes"
+  --model llama-3-8b --seq-len 100 --dtype int8 --page-size 64)
+
+kv_memory_rejects(page_size_zero "--page-size: expected a positive integer, got '0'"
+  --model llama-3-8b --seq-len 8 --page-size 0)
+kv_memory_rejects(page_size_negative "--page-size: expected a positive integer, got '-16'"
+  --model llama-3-8b --seq-len 8 --page-size -16)
+kv_memory_rejects(page_size_not_a_number "--page-size: expected a positive integer, got 'sixteen'"
+  --model llama-3-8b --seq-len 8 --page-size sixteen)
+kv_memory_rejects(page_size_missing "--page-size is missing its value"
+  --model llama-3-8b --seq-len 8 --page-size)
+kv_memory_rejects(page_size_not_whole_groups "--page-size 48 is not a multiple of the group 32"
+  --model llama-3-8b --seq-len 8 --dtype int8 --page-size 48)
+kv_memory_rejects(page_size_not_whole_groups_of_group "--page-size 96 is not a multiple of --group 64"
+  --model llama-3-8b --seq-len 8 --dtype int4 --group 64 --page-size 96)
+kv_memory_rejects(page_size_too_large "too large to count.*reduce --batch, --seq-len, --page-size"
+  --model llama-3-8b --seq-len 8 --page-size 9223372036854775807)

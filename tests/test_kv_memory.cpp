@@ -234,6 +234,261 @@ TEST(KvDtype, LatentCaches) {
                std::length_error);
 }
 
+// Paged caches (vLLM's PagedAttention): whole pages of page_size tokens of every layer and kv
+// head; the last page of a sequence partly filled.
+static_assert(kvcache::kv_page_bytes(16, 32, 32, 128, kv_dtype::f16()) == 16 * 524288);
+static_assert(kvcache::kv_pages_for_tokens(4100, 16) == 257);
+
+TEST(KvPaged, PagesForTokensRoundUp) {
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(0, 16), 0);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(1, 16), 1);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(15, 16), 1);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(16, 16), 1);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(17, 16), 2);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(4096, 16), 256);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(4100, 16), 257);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(7, 1), 7);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(7, 1000), 1);
+  // No overflow at the limit: (2^63 - 1) / 2 rounded up is 2^62.
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(max64, 1), max64);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(max64, 2), std::int64_t{1} << 62);
+  EXPECT_EQ(kvcache::kv_pages_for_tokens(max64, max64), 1);
+}
+
+TEST(KvPaged, PageBytesByHand) {
+  // Llama-2-7B in f16, 16 tokens a page: 16 x 2 x 32 x 32 x 128 x 2 bytes = 8 MiB.
+  EXPECT_EQ(kvcache::kv_page_bytes(16, 32, 32, 128, kv_dtype::f16()), 8388608);
+  // Llama-3-8B in f32, one token a page: 2 x 32 x 8 x 128 x 4.
+  EXPECT_EQ(kvcache::kv_page_bytes(1, 32, 8, 128, kv_dtype::f32()), 262144);
+  // Llama-3-8B in int8 at group 32, 32 tokens a page: per layer and kv head, 32 tokens x
+  // (2 x 128 B codes + 4 x 4 B value scales) + 128 x 4 B key scales = 9216 bytes; x 256 rows.
+  EXPECT_EQ(kvcache::kv_page_bytes(32, 32, 8, 128, kv_dtype::int8(32)), 9216 * 256);
+  EXPECT_EQ(9216 * 256, 32 * 73728);
+  // Two key groups a page: 2 x 9216 bytes a row.
+  EXPECT_EQ(kvcache::kv_page_bytes(64, 32, 8, 128, kv_dtype::int8(32)), 2 * 9216 * 256);
+  // int4 at group 48, which does not divide head_dim: per row 48 x (2 x 64 B codes + 3 x 4 B
+  // value scales) + 128 x 4 B key scales = 7232 bytes, where a token alone rounds to 38571.
+  EXPECT_EQ(kvcache::kv_page_bytes(48, 32, 8, 128, kv_dtype::int4(48)), 7232 * 256);
+  EXPECT_EQ(kvcache::kv_page_bytes(96, 32, 8, 128, kv_dtype::int4(48)), 2 * 7232 * 256);
+  // Falcon-7B (MQA), bf16, 256 tokens: 256 x 2 x 32 x 1 x 64 x 2.
+  EXPECT_EQ(kvcache::kv_page_bytes(256, 32, 1, 64, kv_dtype::bf16()), 2097152);
+  // MLA: DeepSeek-V2 in f16, 16 tokens of 60 x (512 + 64) x 2 bytes.
+  EXPECT_EQ(kvcache::kv_latent_page_bytes(16, 60, 512, 64, kv_dtype::f16()), 16 * 69120);
+  // MLA groups run along each token's channels: a page of 10 tokens at group 48 is whole
+  // groups, 10 x 60 x 340 bytes (see LatentCaches).
+  EXPECT_EQ(kvcache::kv_latent_page_bytes(10, 60, 512, 64, kv_dtype::int4(48)), 10 * 60 * 340);
+  // A page is what a cache of page_size tokens takes.
+  for (const kv_dtype& dtype : {kv_dtype::f32(), kv_dtype::f16(), kv_dtype::int8(16),
+                                kv_dtype::int4(32), kv_dtype::int8(48), kv_dtype::int4(7)}) {
+    for (const std::int64_t groups : {1, 2, 5}) {
+      const std::int64_t page = groups * (dtype.quantized() ? dtype.group_size : 16);
+      EXPECT_EQ(kvcache::kv_page_bytes(page, 32, 8, 100, dtype),
+                kvcache::kv_cache_bytes(1, page, 32, 8, 100, dtype))
+          << dtype.name << "/" << dtype.group_size << " page " << page;
+    }
+  }
+}
+
+TEST(KvPaged, PagedBytesAndWasteByHand) {
+  // Llama-3-8B in f16 (131072 bytes a token), 3 sequences of 17 tokens in pages of 16: two pages
+  // each, 15 slots of the second unused.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(3, 17, 16, 32, 8, 128, kv_dtype::f16()),
+            3 * 2 * 16 * 131072);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(3, 17, 16, 32, 8, 128, kv_dtype::f16()),
+            3 * 15 * 131072);
+  // Llama-2-7B, one sequence of 4100 tokens in pages of 16: 257 pages of 8 MiB, 12 slots unused.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(1, 4100, 16, 32, 32, 128, kv_dtype::f16()),
+            257LL * 8388608);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(1, 4100, 16, 32, 32, 128, kv_dtype::f16()),
+            12 * 524288);
+  // int8 at group 32, pages of 64: 2 sequences of 100 tokens take 2 pages each, 28 slots unused.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(2, 100, 64, 32, 8, 128, kv_dtype::int8(32)),
+            2 * 2 * 64 * 73728);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(2, 100, 64, 32, 8, 128, kv_dtype::int8(32)),
+            2 * 28 * 73728);
+  // A page size that divides the sequence wastes nothing.
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(5, 4096, 16, 32, 8, 128, kv_dtype::f16()), 0);
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(5, 4096, 16, 32, 8, 128, kv_dtype::int4(16)),
+            kvcache::kv_cache_bytes(5, 4096, 32, 8, 128, kv_dtype::int4(16)));
+  // A page larger than the sequence: one page, mostly empty.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(1, 1, 1024, 1, 1, 8, kv_dtype::f16()), 1024 * 32);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(1, 1, 1024, 1, 1, 8, kv_dtype::f16()), 1023 * 32);
+  // No sequences, or empty ones: no pages.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(0, 100, 16, 32, 8, 128, kv_dtype::f16()), 0);
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(4, 0, 16, 32, 8, 128, kv_dtype::f16()), 0);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(4, 0, 16, 32, 8, 128, kv_dtype::f16()), 0);
+  // MLA: DeepSeek-V2 in f16, 2 sequences of 1000 tokens in pages of 64: 16 pages each, 24 slots
+  // unused.
+  EXPECT_EQ(kvcache::kv_latent_paged_cache_bytes(2, 1000, 64, 60, 512, 64, kv_dtype::f16()),
+            2 * 16 * 64 * 69120);
+  EXPECT_EQ(kvcache::kv_latent_paged_waste_bytes(2, 1000, 64, 60, 512, 64, kv_dtype::f16()),
+            2 * 24 * 69120);
+}
+
+TEST(KvPaged, PagedIsPagesTimesPageAndWasteIsUnderAPageASequence) {
+  for (const kv_dtype& dtype : {kv_dtype::f32(), kv_dtype::f16(), kv_dtype::bf16(),
+                                kv_dtype::int8(32), kv_dtype::int4(32), kv_dtype::int8(48),
+                                kv_dtype::int4(7)}) {
+    for (const std::int64_t groups : {1, 3, 16}) {
+      const std::int64_t page = groups * (dtype.quantized() ? dtype.group_size : 1);
+      const std::int64_t page_bytes = kvcache::kv_page_bytes(page, 32, 8, 100, dtype);
+      for (const std::int64_t batch : {1, 3}) {
+        for (const std::int64_t n : {1, 17, 48, 4096, 100001}) {
+          SCOPED_TRACE(std::string(dtype.name) + "/" + std::to_string(dtype.group_size) +
+                       " page " + std::to_string(page) + " batch " + std::to_string(batch) +
+                       " n " + std::to_string(n));
+          const std::int64_t pages = kvcache::kv_pages_for_tokens(n, page);
+          const std::int64_t paged =
+              kvcache::kv_paged_cache_bytes(batch, n, page, 32, 8, 100, dtype);
+          const std::int64_t waste =
+              kvcache::kv_paged_waste_bytes(batch, n, page, 32, 8, 100, dtype);
+          EXPECT_EQ(paged, batch * pages * page_bytes);
+          EXPECT_EQ(waste, paged - kvcache::kv_cache_bytes(batch, n, 32, 8, 100, dtype));
+          EXPECT_GE(waste, 0);
+          EXPECT_LT(waste, batch * page_bytes);
+          if (n % page == 0) {
+            EXPECT_EQ(waste, 0);
+          }
+          // The pages of `batch` sequences are what that budget holds.
+          EXPECT_EQ(kvcache::kv_pages_that_fit(paged, page, 32, 8, 100, dtype), batch * pages);
+          EXPECT_EQ(kvcache::kv_pages_that_fit(paged - 1, page, 32, 8, 100, dtype),
+                    batch * pages - 1);
+        }
+      }
+    }
+  }
+}
+
+TEST(KvPaged, WhatABudgetHolds) {
+  // 24 GB card, 14 GB of weights, Llama-2-7B in f16, pages of 16 tokens (8 MiB): 1e10 / 2^23 =
+  // 1192.09 pages, 19072 tokens, one token less than a contiguous cache holds.
+  EXPECT_EQ(kvcache::kv_pages_that_fit(10'000'000'000LL, 16, 32, 32, 128, kv_dtype::f16()), 1192);
+  EXPECT_EQ(kvcache::kv_paged_tokens_that_fit(10'000'000'000LL, 16, 32, 32, 128, kv_dtype::f16()),
+            19072);
+  EXPECT_EQ(kvcache::kv_tokens_that_fit(10'000'000'000LL, 1, 32, 32, 128, kv_dtype::f16()), 19073);
+  // Exactly one page, one byte short of one, nothing.
+  EXPECT_EQ(kvcache::kv_pages_that_fit(8388608, 16, 32, 32, 128, kv_dtype::f16()), 1);
+  EXPECT_EQ(kvcache::kv_pages_that_fit(8388607, 16, 32, 32, 128, kv_dtype::f16()), 0);
+  EXPECT_EQ(kvcache::kv_paged_tokens_that_fit(8388607, 16, 32, 32, 128, kv_dtype::f16()), 0);
+  EXPECT_EQ(kvcache::kv_pages_that_fit(0, 16, 32, 32, 128, kv_dtype::f16()), 0);
+  // int4 at group 48 in pages of 96: 1 GiB / (2 x 7232 x 256) = 289.95 pages of 96 tokens.
+  EXPECT_EQ(kvcache::kv_pages_that_fit(1LL << 30, 96, 32, 8, 128, kv_dtype::int4(48)), 289);
+  EXPECT_EQ(kvcache::kv_paged_tokens_that_fit(1LL << 30, 96, 32, 8, 128, kv_dtype::int4(48)),
+            289 * 96);
+  // MLA: 1 GB / (16 x 69120) = 904.2 pages.
+  EXPECT_EQ(kvcache::kv_latent_pages_that_fit(1'000'000'000, 16, 60, 512, 64, kv_dtype::f16()),
+            904);
+  EXPECT_EQ(
+      kvcache::kv_latent_paged_tokens_that_fit(1'000'000'000, 16, 60, 512, 64, kv_dtype::f16()),
+      904 * 16);
+  // The largest budget: (2^63 - 1) / 2^23 pages.
+  EXPECT_EQ(kvcache::kv_pages_that_fit(max64, 16, 32, 32, 128, kv_dtype::f16()), max64 >> 23);
+}
+
+TEST(KvPaged, BadPageSizes) {
+  const auto expect_message = [](auto call, std::vector<std::string> parts) {
+    try {
+      call();
+      ADD_FAILURE() << "expected std::invalid_argument";
+    } catch (const std::invalid_argument& e) {
+      const std::string what = e.what();
+      for (const std::string& part : parts) {
+        EXPECT_NE(what.find(part), std::string::npos) << "'" << part << "' not in: " << what;
+      }
+    }
+  };
+  for (const std::int64_t page : {std::int64_t{0}, std::int64_t{-16}, -max64}) {
+    SCOPED_TRACE(page);
+    const std::string got = "got " + std::to_string(page);
+    expect_message([&] { kvcache::kv_page_bytes(page, 32, 8, 128, kv_dtype::f16()); },
+                   {"kv_page_bytes", "page_size", "positive", got});
+    expect_message([&] { kvcache::kv_pages_for_tokens(100, page); },
+                   {"kv_pages_for_tokens", "page_size", "positive", got});
+    expect_message(
+        [&] { kvcache::kv_paged_cache_bytes(1, 100, page, 32, 8, 128, kv_dtype::f16()); },
+        {"kv_paged_cache_bytes", "page_size", got});
+    expect_message(
+        [&] { kvcache::kv_paged_waste_bytes(1, 100, page, 32, 8, 128, kv_dtype::int8(32)); },
+        {"kv_paged_waste_bytes", "page_size", got});
+    expect_message([&] { kvcache::kv_pages_that_fit(1000, page, 32, 8, 128, kv_dtype::f16()); },
+                   {"kv_pages_that_fit", "page_size", got});
+    expect_message(
+        [&] { kvcache::kv_paged_tokens_that_fit(1000, page, 32, 8, 128, kv_dtype::f16()); },
+        {"kv_paged_tokens_that_fit", "page_size", got});
+    expect_message([&] { kvcache::kv_latent_page_bytes(page, 60, 512, 64, kv_dtype::f16()); },
+                   {"kv_latent_page_bytes", "page_size", got});
+  }
+  // A quantized page holds whole groups of keys.
+  expect_message([] { kvcache::kv_page_bytes(48, 32, 8, 128, kv_dtype::int8(32)); },
+                 {"kv_page_bytes", "page_size", "multiple", "int8 group of 32", "got 48"});
+  expect_message([] { kvcache::kv_page_bytes(16, 32, 8, 128, kv_dtype::int4(32)); },
+                 {"page_size", "multiple", "int4 group of 32", "got 16"});
+  expect_message([] { kvcache::kv_paged_cache_bytes(1, 64, 64, 32, 8, 128, kv_dtype::int4(48)); },
+                 {"kv_paged_cache_bytes", "multiple", "group of 48", "got 64"});
+  expect_message([] { kvcache::kv_pages_that_fit(1LL << 30, 1, 32, 8, 128, kv_dtype::int8(2)); },
+                 {"kv_pages_that_fit", "multiple", "group of 2", "got 1"});
+  // Other arguments are named too.
+  expect_message([] { kvcache::kv_pages_for_tokens(-1, 16); }, {"tokens", ">= 0", "got -1"});
+  expect_message([] { kvcache::kv_paged_cache_bytes(-1, 10, 16, 32, 8, 128, kv_dtype::f16()); },
+                 {"batch and seq_len", "got -1 and 10"});
+  expect_message([] { kvcache::kv_paged_waste_bytes(1, -10, 16, 32, 8, 128, kv_dtype::f16()); },
+                 {"batch and seq_len", "got 1 and -10"});
+  expect_message([] { kvcache::kv_pages_that_fit(-1, 16, 32, 8, 128, kv_dtype::f16()); },
+                 {"kv_pages_that_fit", "budget", "got -1"});
+  expect_message([] { kvcache::kv_page_bytes(16, 0, 8, 128, kv_dtype::f16()); },
+                 {"kv_page_bytes", "layers"});
+  expect_message([] { kvcache::kv_page_bytes(16, 32, 8, 128, kv_dtype::int8(-32)); },
+                 {"kv_page_bytes", "group_size = -32"});
+  expect_message(
+      [] { kvcache::kv_latent_paged_cache_bytes(1, 10, 16, 60, 512, -1, kv_dtype::f16()); },
+      {"kv_latent_paged_cache_bytes", "rope_dim"});
+  // Whole groups: multiples of the group pass.
+  EXPECT_NO_THROW(kvcache::kv_page_bytes(96, 32, 8, 128, kv_dtype::int4(48)));
+  EXPECT_NO_THROW(kvcache::kv_page_bytes(7, 32, 8, 128, kv_dtype::int4(1)));
+  EXPECT_NO_THROW(kvcache::kv_page_bytes(7, 32, 8, 128, kv_dtype::f16()));
+}
+
+TEST(KvPaged, Overflow) {
+  // A page of 2^45 tokens of 2^19 bytes is 2^64 bytes.
+  EXPECT_THROW(kvcache::kv_page_bytes(1LL << 45, 32, 32, 128, kv_dtype::f16()), std::length_error);
+  EXPECT_THROW(kvcache::kv_page_bytes(max64, 1, 1, 1, kv_dtype::f16()), std::length_error);
+  EXPECT_THROW(kvcache::kv_page_bytes(max64 / 32 * 32, 1, 1, 1, kv_dtype::int4(32)),
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_latent_page_bytes(1LL << 50, 60, 512, 64, kv_dtype::f16()),
+               std::length_error);
+  // The tokens fit a contiguous count; one page per token does not.
+  EXPECT_EQ(kvcache::kv_cache_bytes(1, 1, 32, 32, 128, kv_dtype::f16()), 524288);
+  EXPECT_THROW(kvcache::kv_paged_cache_bytes(1, 1, 1LL << 45, 32, 32, 128, kv_dtype::f16()),
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_paged_waste_bytes(1, 1, 1LL << 45, 32, 32, 128, kv_dtype::f16()),
+               std::length_error);
+  // Pages each of which fits, too many of them: batch x pages, then x page bytes.
+  EXPECT_THROW(kvcache::kv_paged_cache_bytes(1LL << 40, 1LL << 40, 1, 1, 1, 1, kv_dtype::f16()),
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_paged_cache_bytes(1LL << 20, 1LL << 30, 16, 32, 32, 128,
+                                             kv_dtype::f16()),
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_latent_paged_cache_bytes(max64, 2, 1, 1, 1, 0, kv_dtype::f16()),
+               std::length_error);
+  EXPECT_THROW(kvcache::kv_pages_that_fit(max64, 1LL << 45, 32, 32, 128, kv_dtype::f16()),
+               std::length_error);
+  // Rows of a page: page_size x layers x kv_heads.
+  EXPECT_THROW(kvcache::kv_pages_that_fit(100, 1LL << 32, 1LL << 16, 1LL << 16, 1,
+                                          kv_dtype::f16()),
+               std::length_error);
+  // A 1-bit element: 2 bits a token, a page of 8 tokens is 2 bytes; 2^62 - 1 pages fit the
+  // largest budget, and their 8 x (2^62 - 1) token slots do not fit 64 bits.
+  const kv_dtype one_bit{"b1", 1, 0, 0};
+  EXPECT_EQ(kvcache::kv_page_bytes(8, 1, 1, 1, one_bit), 2);
+  EXPECT_EQ(kvcache::kv_pages_that_fit(max64, 8, 1, 1, 1, one_bit), max64 / 2);
+  EXPECT_THROW(kvcache::kv_paged_tokens_that_fit(max64, 8, 1, 1, 1, one_bit), std::length_error);
+  EXPECT_EQ(kvcache::kv_paged_tokens_that_fit(1LL << 60, 8, 1, 1, 1, one_bit), 1LL << 62);
+  // Near the limit, exact: 2^63 - 1 tokens in 2^60 pages of 2 bytes; contiguous, their
+  // 2^64 - 2 bits round up to the same 2^61 bytes.
+  EXPECT_EQ(kvcache::kv_paged_cache_bytes(1, max64, 8, 1, 1, 1, one_bit), 1LL << 61);
+  EXPECT_EQ(kvcache::kv_paged_waste_bytes(1, max64, 8, 1, 1, 1, one_bit), 0);
+}
+
 TEST(KvMemoryPresets, BytesPerTokenByHand) {
   struct expected {
     const char* model;
@@ -464,6 +719,21 @@ TEST(KvMemory, BadInputExitsWith2AndNamesTheFlag) {
       {{"--list", "--group", "2000000000"}, {"--group", "too large"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--layers", "3"}, {"--model", "--layers"}},
       {{"--model", "llama-3-8b", "--seq-len", "5", "--seq-len", "6"}, {"--seq-len given twice"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "0"}, {"--page-size", "'0'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "-16"}, {"--page-size", "'-16'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "abc"}, {"--page-size", "'abc'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "1e3"}, {"--page-size", "'1e3'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size=16.5"}, {"--page-size", "'16.5'"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size"},
+       {"--page-size is missing its value"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int8", "--page-size", "48"},
+       {"--page-size 48 is not a multiple of the group 32", "int8"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--dtype", "int4", "--group", "64",
+        "--page-size", "96"},
+       {"--page-size 96 is not a multiple of --group 64"}},
+      {{"--model", "llama-3-8b", "--seq-len", "5", "--page-size", "9223372036854775807"},
+       {"too large to count", "--page-size"}},
+      {{"--list", "--page-size", "16"}, {"--list takes only --group", "--page-size"}},
       {{"--layers", "3", "--seq-len", "5"}, {"--kv-heads", "--head-dim"}},
       {{"stray"}, {"'stray'"}},
       {{"--layers", "4000000000", "--kv-heads", "4000000000", "--head-dim", "4000000", "--seq-len",
@@ -508,6 +778,138 @@ TEST(KvMemory, GroupsThatDoNotDivideHeadDim) {
   EXPECT_EQ(list.status, 0) << list.err;
   EXPECT_NE(list.out.find("int8/g48"), std::string::npos) << list.out;
   EXPECT_NE(list.out.find("524288 |    285355 |    154283 |"), std::string::npos) << list.out;
+}
+
+TEST(KvMemory, PagedCache) {
+  // Llama-2-7B in f16, 4100 tokens in pages of 16: 257 pages of 16 x 524288 bytes, 12 slots of
+  // the last unused. The 1e10-byte budget holds 1192 pages, 19072 tokens: 4 such sequences.
+  const auto r = report_for({"--model", "llama-2-7b", "--seq-len", "4100", "--page-size", "16",
+                             "--device-mem", "24GB", "--weights", "14GB"});
+  ASSERT_TRUE(r.paged);
+  EXPECT_EQ(r.paged->page_size, 16);
+  EXPECT_EQ(r.paged->page_bytes, 8388608);
+  EXPECT_EQ(r.paged->pages_per_sequence, 257);
+  EXPECT_EQ(r.paged->total_pages, 257);
+  EXPECT_EQ(r.paged->unused_slots, 12);
+  EXPECT_EQ(r.paged->paged_bytes, 257LL * 8388608);
+  EXPECT_EQ(r.paged->waste_bytes, 12 * 524288);
+  EXPECT_EQ(r.paged->paged_bytes - r.paged->waste_bytes, r.total_bytes);
+  EXPECT_EQ(r.paged->max_pages, 1192);
+  EXPECT_EQ(r.paged->max_tokens, 19072);
+  EXPECT_EQ(r.paged->max_batch, 4);
+
+  // Llama-3-8B, batch 64 of 1000 tokens: 63 pages a sequence (1008 slots), 4032 in all. 8e9
+  // bytes hold 3814 pages of 2 MiB: 60 sequences of 63 pages, where contiguously 61 fit.
+  const auto batch = report_for({"--model", "llama-3-8b", "--seq-len", "1000", "--batch", "64",
+                                 "--page-size", "16", "--device-mem", "24GB", "--weights",
+                                 "16GB"});
+  ASSERT_TRUE(batch.paged && batch.fit);
+  EXPECT_EQ(batch.paged->pages_per_sequence, 63);
+  EXPECT_EQ(batch.paged->total_pages, 64 * 63);
+  EXPECT_EQ(batch.paged->unused_slots, 8);
+  EXPECT_EQ(batch.paged->paged_bytes, 64LL * 63 * 16 * 131072);
+  EXPECT_EQ(batch.paged->waste_bytes, 64LL * 8 * 131072);
+  EXPECT_EQ(batch.paged->max_pages, 8'000'000'000LL / 2097152);  // 3814
+  EXPECT_EQ(batch.paged->max_batch, 3814 / 63);                   // 60
+  EXPECT_EQ(batch.fit->max_batch, 61);
+
+  // A sliding window: the cached 4096 tokens are paged, not the 32768 of the sequence.
+  const auto window =
+      report_for({"--model", "mistral-7b", "--seq-len", "32768", "--page-size", "16"});
+  ASSERT_TRUE(window.paged);
+  EXPECT_EQ(window.paged->pages_per_sequence, 256);
+  EXPECT_EQ(window.paged->waste_bytes, 0);
+  EXPECT_FALSE(window.paged->max_pages);
+
+  // int4 at group 48 in pages of 96: 2 x 7232 bytes a layer and kv head; 43 pages hold the
+  // window, the last with 32 slots unused.
+  const auto groups = report_for({"--model", "mistral-7b", "--seq-len", "32768", "--dtype", "int4",
+                                  "--group", "48", "--page-size", "96"});
+  ASSERT_TRUE(groups.paged);
+  EXPECT_EQ(groups.paged->page_bytes, 2 * 7232 * 256);
+  EXPECT_EQ(groups.paged->pages_per_sequence, 43);
+  EXPECT_EQ(groups.paged->unused_slots, 32);
+  EXPECT_EQ(groups.paged->waste_bytes, 43LL * 2 * 7232 * 256 - groups.total_bytes);
+
+  // MLA groups its latents within a token: any page size, here 50 at group 32.
+  const auto mla = report_for({"--model", "deepseek-v2", "--seq-len", "1000", "--dtype", "int8",
+                               "--page-size", "50"});
+  ASSERT_TRUE(mla.paged);
+  EXPECT_EQ(mla.paged->page_bytes, 50 * 38880);
+  EXPECT_EQ(mla.paged->pages_per_sequence, 20);
+  EXPECT_EQ(mla.paged->waste_bytes, 0);
+
+  EXPECT_FALSE(report_for({"--model", "llama-2-7b", "--seq-len", "4100"}).paged);
+}
+
+TEST(KvMemory, PagedCacheText) {
+  const auto r = run({"--model", "llama-2-7b", "--seq-len", "4100", "--page-size", "16",
+                      "--device-mem", "24GB", "--weights", "14GB"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* line :
+       {"page       8388608 bytes (8 MiB, 8.39 MB) = 16 tokens x 524288 bytes\n",
+        "pages      257 a sequence = ceil(4100 tokens / 16), 257 for batch 1\n",
+        "paged      2155872256 bytes (2.01 GiB, 2.16 GB) = 257 pages x 8388608 bytes, vs "
+        "2149580800 contiguous (+0.29%)\n",
+        "waste      6291456 bytes (6 MiB, 6.29 MB) = batch 1 x 12 unused slots in the last page\n",
+        "in pages   1192 pages of 16 tokens (9999220736 bytes) = 19072 tokens\n",
+        "           batch 4 at seq-len 4100 (1028 pages, 257 a sequence)\n"}) {
+    EXPECT_NE(r.out.find(line), std::string::npos) << line << " in\n" << r.out;
+  }
+  // The page lines follow the cache line, the budget's follow the fit.
+  EXPECT_LT(r.out.find("cache "), r.out.find("page "));
+  EXPECT_LT(r.out.find("waste "), r.out.find("device "));
+  EXPECT_LT(r.out.find("fits "), r.out.find("in pages "));
+
+  const auto whole = run({"--model", "llama-3-8b", "--seq-len", "4096", "--page-size", "16"});
+  EXPECT_EQ(whole.status, 0) << whole.err;
+  EXPECT_NE(whole.out.find("waste      0 bytes: 16 divides the 4096 cached tokens"),
+            std::string::npos)
+      << whole.out;
+  // Without a budget there is nothing to fit.
+  EXPECT_EQ(whole.out.find("in pages"), std::string::npos) << whole.out;
+  // Groups that do not tile a vector: a page is whole bytes, a token alone is not.
+  const auto groups = run({"--model", "llama-3-8b", "--seq-len", "100", "--dtype", "int4",
+                           "--group", "48", "--page-size", "48"});
+  EXPECT_EQ(groups.status, 0) << groups.err;
+  EXPECT_NE(groups.out.find("page       1851392 bytes (1.77 MiB, 1.85 MB) = 48 tokens x "
+                            "38570.67 bytes"),
+            std::string::npos)
+      << groups.out;
+  EXPECT_NE(groups.out.find("= 3 pages x 1851392 bytes"), std::string::npos) << groups.out;
+
+  // Without --page-size, no page lines.
+  const auto plain = run({"--model", "llama-2-7b", "--seq-len", "4100", "--device-mem", "24GB",
+                          "--weights", "14GB"});
+  EXPECT_EQ(plain.status, 0);
+  for (const char* label : {"page ", "pages ", "paged ", "waste ", "in pages "}) {
+    EXPECT_EQ(plain.out.find(label), std::string::npos) << label << " in\n" << plain.out;
+  }
+}
+
+TEST(KvMemory, PagedCacheJson) {
+  const auto r = run({"--model", "llama-3-8b", "--seq-len", "1000", "--batch", "64",
+                      "--page-size", "16", "--device-mem", "24GB", "--weights", "16GB", "--json"});
+  EXPECT_EQ(r.status, 0) << r.err;
+  for (const char* field :
+       {"\"page_size\": 16", "\"page_bytes\": 2097152", "\"pages_per_sequence\": 63",
+        "\"total_pages\": 4032", "\"unused_slots_per_sequence\": 8",
+        "\"paged_bytes\": 8455716864", "\"paged_waste_bytes\": 67108864",
+        "\"total_bytes\": 8388608000", "\"max_batch\": 61", "\"max_pages\": 3814",
+        "\"max_paged_tokens\": 61024", "\"max_paged_batch\": 60"}) {
+    EXPECT_NE(r.out.find(field), std::string::npos) << field << " in\n" << r.out;
+  }
+  EXPECT_EQ(r.out.substr(r.out.size() - 2), "}\n");
+  // Without a budget: the page fields, none of the budget's.
+  const auto no_budget =
+      run({"--model", "llama-3-8b", "--seq-len", "1000", "--page-size", "16", "--json"});
+  EXPECT_NE(no_budget.out.find("\"paged_bytes\": 132120576"), std::string::npos)
+      << no_budget.out;
+  EXPECT_EQ(no_budget.out.find("max_pages"), std::string::npos) << no_budget.out;
+  // Without --page-size: none of them.
+  const auto plain = run({"--model", "llama-3-8b", "--seq-len", "1000", "--device-mem", "24GB",
+                          "--json"});
+  EXPECT_EQ(plain.out.find("page"), std::string::npos) << plain.out;
 }
 
 TEST(KvMemory, HugeSizesAreTooLargeNotMalformed) {

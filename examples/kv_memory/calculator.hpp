@@ -85,6 +85,7 @@ struct options {
   std::int64_t batch = 1;
   std::string dtype = "f16";
   std::optional<std::int64_t> group;
+  std::optional<std::int64_t> page_size;
   std::optional<byte_size> device_mem, weights;
   bool json = false;
   bool list = false;
@@ -106,6 +107,21 @@ struct fit_result {
   std::int64_t max_batch;
 };
 
+/// The cache in pages of `page_size` tokens (vLLM's PagedAttention), given --page-size. Each
+/// sequence's cached tokens fill whole pages but the last.
+struct paged_result {
+  std::int64_t page_size;           // tokens a page
+  std::int64_t page_bytes;          // one page: its tokens of every layer and kv head
+  std::int64_t pages_per_sequence;  // ceil(cached_tokens / page_size)
+  std::int64_t total_pages;         // batch x pages_per_sequence
+  std::int64_t unused_slots;        // per sequence, in its last page
+  std::int64_t paged_bytes;         // total_pages x page_bytes
+  std::int64_t waste_bytes;         // paged_bytes - the contiguous total
+  /// Given a budget: whole pages it holds, their token slots, and how many sequences of the
+  /// report's seq_len (pages_per_sequence each) they make.
+  std::optional<std::int64_t> max_pages, max_tokens, max_batch;
+};
+
 /// Everything the calculator prints.
 struct report {
   model_shape model;
@@ -117,6 +133,7 @@ struct report {
   double bits_per_element;  // average, scales included, for this model's vectors
   std::int64_t bytes_per_token;
   std::int64_t total_bytes;
+  std::optional<paged_result> paged;
   std::optional<fit_result> fit;
 };
 
@@ -144,6 +161,12 @@ cache:
   --group N         int8/int4 quantization group (32), any N >= 1: values get a scale and zero
                     point per N channels of a token (the last group shorter), keys per
                     channel per N tokens
+  --page-size N     also count the cache in pages of N tokens (vLLM's PagedAttention blocks,
+                    e.g. 16): page bytes, pages, bytes paged vs contiguous, the waste of each
+                    sequence's partly filled last page, and the pages a budget holds. With
+                    int8/int4, N must be a multiple of --group (a page holds whole groups of
+                    keys; MLA latents are grouped within a token, so any N). A sliding window
+                    counts its cached tokens
 memory:
   --device-mem SIZE device memory, e.g. 24GB (10^9 bytes), 24GiB (2^30 bytes), 14e9, 512MiB;
                     at most 2^63 - 1 bytes
@@ -395,10 +418,10 @@ inline options parse_args(const std::vector<std::string>& args) {
       continue;
     }
 
-    static constexpr std::array<const char*, 13> valued = {
+    static constexpr std::array<const char*, 14> valued = {
         "--model",      "--layers",     "--kv-heads", "--head-dim", "--window",
         "--latent-dim", "--rope-dim",   "--seq-len",  "--batch",    "--dtype",
-        "--group",      "--device-mem", "--weights"};
+        "--group",      "--page-size",  "--device-mem", "--weights"};
     bool known = false;
     for (const char* name : valued) known = known || flag == name;
     if (!known) throw usage_error("unknown flag " + detail::quoted(flag) + " (see --help)");
@@ -423,6 +446,7 @@ inline options parse_args(const std::vector<std::string>& args) {
     if (flag == "--batch") opts.batch = parse_count(flag, value);
     if (flag == "--dtype") opts.dtype = value;
     if (flag == "--group") opts.group = parse_count(flag, value);
+    if (flag == "--page-size") opts.page_size = parse_count(flag, value);
     if (flag == "--device-mem") opts.device_mem = parse_size(flag, value);
     if (flag == "--weights") opts.weights = parse_size(flag, value);
   }
@@ -576,6 +600,62 @@ inline std::int64_t batch_that_fits(const model_shape& model, const kvcache::kv_
                                      dtype);
 }
 
+/// Bytes of one page of `page_size` tokens.
+inline std::int64_t page_bytes(const model_shape& model, const kvcache::kv_dtype& dtype,
+                               std::int64_t page_size) {
+  if (model.mla()) {
+    return kvcache::kv_latent_page_bytes(page_size, model.layers, model.latent_dim,
+                                         model.rope_dim, dtype);
+  }
+  return kvcache::kv_page_bytes(page_size, model.layers, model.kv_heads, model.head_dim, dtype);
+}
+
+/// Bytes of the pages of `batch` sequences of `tokens` cached tokens each.
+inline std::int64_t paged_cache_bytes(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                      std::int64_t batch, std::int64_t tokens,
+                                      std::int64_t page_size) {
+  if (model.mla()) {
+    return kvcache::kv_latent_paged_cache_bytes(batch, tokens, page_size, model.layers,
+                                                model.latent_dim, model.rope_dim, dtype);
+  }
+  return kvcache::kv_paged_cache_bytes(batch, tokens, page_size, model.layers, model.kv_heads,
+                                       model.head_dim, dtype);
+}
+
+/// What those pages take beyond a contiguous cache of the same tokens.
+inline std::int64_t paged_waste_bytes(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                      std::int64_t batch, std::int64_t tokens,
+                                      std::int64_t page_size) {
+  if (model.mla()) {
+    return kvcache::kv_latent_paged_waste_bytes(batch, tokens, page_size, model.layers,
+                                                model.latent_dim, model.rope_dim, dtype);
+  }
+  return kvcache::kv_paged_waste_bytes(batch, tokens, page_size, model.layers, model.kv_heads,
+                                       model.head_dim, dtype);
+}
+
+/// Whole pages of `page_size` tokens that fit `budget`.
+inline std::int64_t pages_that_fit(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                   std::int64_t budget, std::int64_t page_size) {
+  if (model.mla()) {
+    return kvcache::kv_latent_pages_that_fit(budget, page_size, model.layers, model.latent_dim,
+                                             model.rope_dim, dtype);
+  }
+  return kvcache::kv_pages_that_fit(budget, page_size, model.layers, model.kv_heads,
+                                    model.head_dim, dtype);
+}
+
+/// Token slots in the pages that fit `budget`.
+inline std::int64_t paged_tokens_that_fit(const model_shape& model, const kvcache::kv_dtype& dtype,
+                                          std::int64_t budget, std::int64_t page_size) {
+  if (model.mla()) {
+    return kvcache::kv_latent_paged_tokens_that_fit(budget, page_size, model.layers,
+                                                    model.latent_dim, model.rope_dim, dtype);
+  }
+  return kvcache::kv_paged_tokens_that_fit(budget, page_size, model.layers, model.kv_heads,
+                                           model.head_dim, dtype);
+}
+
 /// Tokens one sequence keeps cached: all of them, or the last `window`.
 inline std::int64_t cached_tokens(const model_shape& model, std::int64_t seq_len) {
   return model.window > 0 && seq_len > model.window ? model.window : seq_len;
@@ -597,6 +677,29 @@ inline report make_report(const options& opts) {
   r.bits_per_element = bits_per_element(r.model, r.dtype);
   r.bytes_per_token = bytes_per_token(r.model, r.dtype);
   r.total_bytes = cache_bytes(r.model, r.dtype, r.batch, r.cached_tokens);
+  if (opts.page_size) {
+    const std::int64_t page_size = *opts.page_size;
+    // Keys are grouped along tokens: a page holds whole groups. MLA groups run along the
+    // channels of one token.
+    if (!r.model.mla() && r.dtype.quantized() && page_size % r.dtype.group_size != 0) {
+      throw usage_error("--page-size " + std::to_string(page_size) + " is not a multiple of " +
+                        (opts.group ? "--group " : "the group ") +
+                        std::to_string(r.dtype.group_size) + ": " + r.dtype.name +
+                        " keys are stored in groups of " + std::to_string(r.dtype.group_size) +
+                        " tokens, and a page must hold whole groups");
+    }
+    paged_result paged{};
+    paged.page_size = page_size;
+    paged.page_bytes = page_bytes(r.model, r.dtype, page_size);
+    paged.pages_per_sequence = kvcache::kv_pages_for_tokens(r.cached_tokens, page_size);
+    paged.total_pages = kvcache::detail::checked_mul(r.batch, paged.pages_per_sequence,
+                                                     "batch x pages per sequence");
+    // pages x page_size - cached_tokens, without forming the product: below one page.
+    paged.unused_slots = (page_size - r.cached_tokens % page_size) % page_size;
+    paged.paged_bytes = paged_cache_bytes(r.model, r.dtype, r.batch, r.cached_tokens, page_size);
+    paged.waste_bytes = paged_waste_bytes(r.model, r.dtype, r.batch, r.cached_tokens, page_size);
+    r.paged = paged;
+  }
   if (!opts.device_mem) return r;
 
   const std::int64_t weights = opts.weights ? opts.weights->bytes : 0;
@@ -618,6 +721,12 @@ inline report make_report(const options& opts) {
   }
   fit.max_batch = batch_that_fits(r.model, r.dtype, fit.budget_bytes, r.cached_tokens);
   r.fit = fit;
+  if (r.paged) {
+    paged_result& paged = *r.paged;
+    paged.max_pages = pages_that_fit(r.model, r.dtype, fit.budget_bytes, paged.page_size);
+    paged.max_tokens = paged_tokens_that_fit(r.model, r.dtype, fit.budget_bytes, paged.page_size);
+    paged.max_batch = *paged.max_pages / paged.pages_per_sequence;
+  }
   return r;
 }
 
@@ -691,6 +800,15 @@ inline void write_json(std::ostream& out, const report& r) {
   json.number("elements_per_token", r.elements_per_token);
   json.number("bytes_per_token", r.bytes_per_token);
   json.number("total_bytes", r.total_bytes);
+  if (r.paged) {
+    json.number("page_size", r.paged->page_size);
+    json.number("page_bytes", r.paged->page_bytes);
+    json.number("pages_per_sequence", r.paged->pages_per_sequence);
+    json.number("total_pages", r.paged->total_pages);
+    json.number("unused_slots_per_sequence", r.paged->unused_slots);
+    json.number("paged_bytes", r.paged->paged_bytes);
+    json.number("paged_waste_bytes", r.paged->waste_bytes);
+  }
   if (r.fit) {
     json.number("device_mem_bytes", r.fit->device.bytes);
     json.number("weights_bytes", r.fit->weights ? r.fit->weights->bytes : 0);
@@ -698,6 +816,11 @@ inline void write_json(std::ostream& out, const report& r) {
     json.raw("max_seq_len", r.fit->max_seq_len ? std::to_string(*r.fit->max_seq_len) : "null");
     json.raw("max_seq_len_unbounded", r.fit->max_seq_len ? "false" : "true");
     json.number("max_batch", r.fit->max_batch);
+    if (r.paged) {
+      json.number("max_pages", *r.paged->max_pages);
+      json.number("max_paged_tokens", *r.paged->max_tokens);
+      json.number("max_paged_batch", *r.paged->max_batch);
+    }
   }
   json.close();
 }
@@ -792,6 +915,58 @@ inline std::string both_units(std::int64_t bytes) {
 }
 }  // namespace detail
 
+namespace detail {
+/// "1 page", "257 pages".
+inline std::string pages(std::int64_t count) {
+  return std::to_string(count) + (count == 1 ? " page" : " pages");
+}
+
+/// The page lines of the text report: a page, the pages, their bytes against the contiguous
+/// cache's, and the waste of the partly filled last pages.
+template <class Line>
+void write_paged_text(const Line& line, const report& r) {
+  const paged_result& p = *r.paged;
+  const std::string page_size = std::to_string(p.page_size);
+  // A page of a quantized format whose groups do not tile a vector is whole bytes; its tokens
+  // alone are not.
+  const std::string per_slot =
+      p.page_bytes % p.page_size == 0
+          ? std::to_string(p.page_bytes / p.page_size)
+          : two_decimals(static_cast<double>(p.page_bytes) / static_cast<double>(p.page_size));
+  line("page", std::to_string(p.page_bytes) + " bytes " + both_units(p.page_bytes) + " = " +
+                   page_size + " tokens x " + per_slot + " bytes");
+  line("pages", std::to_string(p.pages_per_sequence) + " a sequence = ceil(" +
+                    std::to_string(r.cached_tokens) + " tokens / " + page_size + "), " +
+                    std::to_string(p.total_pages) + " for batch " + std::to_string(r.batch));
+  const double extra = 100.0 * static_cast<double>(p.waste_bytes) /
+                       static_cast<double>(r.total_bytes > 0 ? r.total_bytes : 1);
+  line("paged", std::to_string(p.paged_bytes) + " bytes " + both_units(p.paged_bytes) + " = " +
+                    pages(p.total_pages) + " x " + std::to_string(p.page_bytes) +
+                    " bytes, vs " + std::to_string(r.total_bytes) + " contiguous (+" +
+                    two_decimals(extra) + "%)");
+  if (p.unused_slots == 0 && p.waste_bytes == 0) {
+    line("waste", "0 bytes: " + page_size + " divides the " + std::to_string(r.cached_tokens) +
+                      " cached tokens of a sequence");
+  } else {
+    line("waste", std::to_string(p.waste_bytes) + " bytes " + both_units(p.waste_bytes) +
+                      " = batch " + std::to_string(r.batch) + " x " +
+                      std::to_string(p.unused_slots) + " unused slots in the last page");
+  }
+}
+
+/// The page lines of the fit: the pages the budget holds and the sequences they make.
+template <class Line>
+void write_paged_fit_text(const Line& line, const report& r) {
+  const paged_result& p = *r.paged;
+  line("in pages", pages(*p.max_pages) + " of " + std::to_string(p.page_size) +
+                       " tokens (" + std::to_string(*p.max_pages * p.page_bytes) + " bytes) = " +
+                       std::to_string(*p.max_tokens) + " tokens");
+  line("", "batch " + std::to_string(*p.max_batch) + " at seq-len " + std::to_string(r.seq_len) +
+               " (" + pages(*p.max_batch * p.pages_per_sequence) + ", " +
+               std::to_string(p.pages_per_sequence) + " a sequence)");
+}
+}  // namespace detail
+
 /// The report as text, one labelled line per figure.
 inline void write_text(std::ostream& out, const report& r) {
   const auto line = [&](const char* label, const std::string& text) {
@@ -819,6 +994,7 @@ inline void write_text(std::ostream& out, const report& r) {
                 " bytes, rounded up";
   line("cache", std::to_string(r.total_bytes) + " bytes " + detail::both_units(r.total_bytes) +
                     " = batch " + std::to_string(r.batch) + " x " + tokens + " x " + per_token);
+  if (r.paged) detail::write_paged_text(line, r);
   if (!r.fit) return;
   const fit_result& fit = *r.fit;
   line("device", detail::describe_size(fit.device));
@@ -839,6 +1015,7 @@ inline void write_text(std::ostream& out, const report& r) {
                " (" +
                std::to_string(cache_bytes(r.model, r.dtype, fit.max_batch, r.cached_tokens)) +
                " bytes)");
+  if (r.paged) detail::write_paged_fit_text(line, r);
 }
 
 /// The presets as a Markdown table: shape and bytes per token in f16, int8 and int4 (at `group`).
@@ -875,6 +1052,7 @@ inline void write_presets(std::ostream& out, int group) {
 /// Runs the calculator on `args` (without the program name): the report on `out`, a message
 /// naming the bad flag and value on `err`. Returns the exit status: 0, or 2 on bad input.
 inline int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  bool paged = false;
   try {
     if (args.empty()) {
       err << usage_text;
@@ -895,6 +1073,7 @@ inline int run(const std::vector<std::string>& args, std::ostream& out, std::ost
       write_presets(out, dtype.group_size);
       return 0;
     }
+    paged = opts.page_size.has_value();
     const report r = make_report(opts);
     if (opts.json) {
       write_json(out, r);
@@ -907,7 +1086,7 @@ inline int run(const std::vector<std::string>& args, std::ostream& out, std::ost
     return 2;
   } catch (const std::length_error& e) {  // a shape or batch too large to count in 64 bits
     err << "kv_memory: the cache is too large to count (" << e.what()
-        << "): reduce --batch, --seq-len or the shape\n";
+        << "): reduce --batch, --seq-len" << (paged ? ", --page-size" : "") << " or the shape\n";
     return 2;
   }
 }

@@ -414,4 +414,221 @@ constexpr std::int64_t kv_latent_batch_that_fits(std::int64_t budget_bytes, std:
       detail::latent_token_rows("kv_latent_batch_that_fits", layers, latent_dim, rope_dim, dtype));
 }
 
+// Paged caches (vLLM's PagedAttention: W. Kwon et al., "Efficient Memory Management for Large
+// Language Model Serving with PagedAttention", SOSP 2023). A sequence's cache is a list of
+// pages (vLLM's blocks) of `page_size` token slots each, allocated one whole page at a time, so
+// only the last page of a sequence is partly filled. A page holds its tokens' K and V of every
+// layer and kv head (one block table serves all layers); it is counted as a whole number of
+// bytes.
+
+namespace detail {
+constexpr void check_tokens(const char* function, std::int64_t batch, std::int64_t seq_len) {
+  if (batch < 0 || seq_len < 0) {
+    fail<std::invalid_argument>(function, ": batch and seq_len must be >= 0, got ", batch,
+                                " and ", seq_len);
+  }
+}
+
+constexpr void check_page_size(const char* function, std::int64_t page_size) {
+  if (page_size <= 0) {
+    fail<std::invalid_argument>(function, ": page_size must be a positive number of tokens, got ",
+                                page_size);
+  }
+}
+
+/// Bytes of one page of `page_size` tokens of `token`, rows of a cache whose dtype is checked.
+constexpr std::int64_t page_bytes_of(std::int64_t page_size, token_rows token) {
+  return bytes_at(checked_mul(page_size, token.rows, "kvcache: rows of a page"), token.rate);
+}
+
+/// One token of a model with kv heads, for a page of `page_size` tokens: checks the shape, the
+/// dtype and that a quantized page holds whole groups of keys (groups of group_size tokens).
+constexpr token_rows kv_page_rows(const char* function, std::int64_t page_size,
+                                  std::int64_t layers, std::int64_t kv_heads,
+                                  std::int64_t head_dim, const kv_dtype& dtype) {
+  check_page_size(function, page_size);
+  const token_rows token = kv_token_rows(function, layers, kv_heads, head_dim, dtype);
+  if (dtype.quantized() && page_size % dtype.group_size != 0) {
+    fail<std::invalid_argument>(function, ": page_size must be a multiple of the ",
+                                dtype_name(dtype), " group of ", dtype.group_size,
+                                " tokens (a page holds whole groups of keys), got ", page_size);
+  }
+  return token;
+}
+
+/// One token of an MLA model, for a page of `page_size` tokens. Its vectors are grouped along
+/// their channels, within one token, so any page size holds whole groups.
+constexpr token_rows latent_page_rows(const char* function, std::int64_t page_size,
+                                      std::int64_t layers, std::int64_t latent_dim,
+                                      std::int64_t rope_dim, const kv_dtype& dtype) {
+  check_page_size(function, page_size);
+  return latent_token_rows(function, layers, latent_dim, rope_dim, dtype);
+}
+
+/// batch x ceil(seq_len / page_size) pages of `token` rows.
+constexpr std::int64_t paged_bytes_of(const char* function, std::int64_t batch,
+                                      std::int64_t seq_len, std::int64_t page_size,
+                                      token_rows token) {
+  check_tokens(function, batch, seq_len);
+  const std::int64_t pages =
+      checked_mul(batch, ceil_div(seq_len, page_size), "kvcache: pages of the cache");
+  return checked_mul(pages, page_bytes_of(page_size, token), "kvcache: bytes of the pages");
+}
+
+/// The paged bytes minus the bytes of the same tokens stored contiguously.
+constexpr std::int64_t paged_waste_of(const char* function, std::int64_t batch,
+                                      std::int64_t seq_len, std::int64_t page_size,
+                                      token_rows token) {
+  const std::int64_t paged = paged_bytes_of(function, batch, seq_len, page_size, token);
+  return paged - cache_bytes_of(function, batch, seq_len, token);
+}
+
+constexpr std::int64_t pages_within(const char* function, std::int64_t budget,
+                                    std::int64_t page_size, token_rows token) {
+  if (budget < 0) fail<std::invalid_argument>(function, ": budget must be >= 0, got ", budget);
+  return budget / page_bytes_of(page_size, token);
+}
+
+constexpr std::int64_t paged_tokens_within(const char* function, std::int64_t budget,
+                                           std::int64_t page_size, token_rows token) {
+  return checked_mul(pages_within(function, budget, page_size, token), page_size,
+                     "kvcache: token slots of the pages");
+}
+}  // namespace detail
+
+/// Pages of `page_size` tokens a sequence of `tokens` tokens takes: ceil(tokens / page_size),
+/// 0 for no tokens. Throws std::invalid_argument for tokens < 0 or page_size <= 0. Never
+/// overflows.
+constexpr std::int64_t kv_pages_for_tokens(std::int64_t tokens, std::int64_t page_size) {
+  if (tokens < 0) {
+    detail::fail<std::invalid_argument>("kv_pages_for_tokens: tokens must be >= 0, got ", tokens);
+  }
+  detail::check_page_size("kv_pages_for_tokens", page_size);
+  return detail::ceil_div(tokens, page_size);
+}
+
+/// Bytes of one page of a paged cache: `page_size` tokens' K and V of every layer and kv head
+/// stored as `dtype`, counted as kv_cache_bytes(1, page_size, ...) counts them. E.g. 16 tokens
+/// of Llama-2-7B in f16: 16 x 2 x 32 x 32 x 128 x 2 = 8388608 bytes (8 MiB). A quantized page
+/// holds whole groups of keys (keys are grouped along tokens, see kv_dtype), so its
+/// page_size must be a multiple of dtype.group_size. Throws std::invalid_argument for
+/// page_size <= 0, a page_size that is not a multiple of the group, a non-positive shape or an
+/// invalid dtype; std::length_error when the count does not fit 64 bits.
+constexpr std::int64_t kv_page_bytes(std::int64_t page_size, std::int64_t layers,
+                                     std::int64_t kv_heads, std::int64_t head_dim,
+                                     const kv_dtype& dtype) {
+  return detail::page_bytes_of(
+      page_size,
+      detail::kv_page_rows("kv_page_bytes", page_size, layers, kv_heads, head_dim, dtype));
+}
+
+/// Bytes of the pages of `batch` sequences of `seq_len` tokens: batch x kv_pages_for_tokens(
+/// seq_len, page_size) x kv_page_bytes(page_size, ...). At least kv_cache_bytes(batch,
+/// seq_len, ...); more by kv_paged_waste_bytes. Throws std::invalid_argument for a negative
+/// batch or seq_len and as kv_page_bytes does; std::length_error when a count does not fit 64
+/// bits.
+constexpr std::int64_t kv_paged_cache_bytes(std::int64_t batch, std::int64_t seq_len,
+                                            std::int64_t page_size, std::int64_t layers,
+                                            std::int64_t kv_heads, std::int64_t head_dim,
+                                            const kv_dtype& dtype) {
+  return detail::paged_bytes_of(
+      "kv_paged_cache_bytes", batch, seq_len, page_size,
+      detail::kv_page_rows("kv_paged_cache_bytes", page_size, layers, kv_heads, head_dim, dtype));
+}
+
+/// What paging costs beyond a contiguous cache: kv_paged_cache_bytes - kv_cache_bytes, the
+/// bytes of the unused token slots in the last page of each sequence, batch x (pages x
+/// page_size - seq_len) slots; 0 when page_size divides seq_len. Below batch x page bytes (at
+/// most one partly filled page a sequence) when a page is whole bytes, as it is for f32, f16,
+/// bf16, int8 and int4; a page of a custom dtype that is not is rounded up to a byte, and that
+/// rounding counts too. Throws as kv_paged_cache_bytes does.
+constexpr std::int64_t kv_paged_waste_bytes(std::int64_t batch, std::int64_t seq_len,
+                                            std::int64_t page_size, std::int64_t layers,
+                                            std::int64_t kv_heads, std::int64_t head_dim,
+                                            const kv_dtype& dtype) {
+  return detail::paged_waste_of(
+      "kv_paged_waste_bytes", batch, seq_len, page_size,
+      detail::kv_page_rows("kv_paged_waste_bytes", page_size, layers, kv_heads, head_dim, dtype));
+}
+
+/// How many whole pages `budget_bytes` holds: floor(budget_bytes / kv_page_bytes(page_size,
+/// ...)). Throws std::invalid_argument for a negative budget and as kv_page_bytes does;
+/// std::length_error when a page's bytes do not fit 64 bits.
+constexpr std::int64_t kv_pages_that_fit(std::int64_t budget_bytes, std::int64_t page_size,
+                                         std::int64_t layers, std::int64_t kv_heads,
+                                         std::int64_t head_dim, const kv_dtype& dtype) {
+  return detail::pages_within(
+      "kv_pages_that_fit", budget_bytes, page_size,
+      detail::kv_page_rows("kv_pages_that_fit", page_size, layers, kv_heads, head_dim, dtype));
+}
+
+/// How many tokens `budget_bytes` holds in pages: kv_pages_that_fit(...) x page_size token
+/// slots, a multiple of page_size, at most kv_tokens_that_fit(budget_bytes, 1, ...). Throws as
+/// kv_pages_that_fit does, and std::length_error when the slots do not fit 64 bits.
+constexpr std::int64_t kv_paged_tokens_that_fit(std::int64_t budget_bytes, std::int64_t page_size,
+                                                std::int64_t layers, std::int64_t kv_heads,
+                                                std::int64_t head_dim, const kv_dtype& dtype) {
+  return detail::paged_tokens_within(
+      "kv_paged_tokens_that_fit", budget_bytes, page_size,
+      detail::kv_page_rows("kv_paged_tokens_that_fit", page_size, layers, kv_heads, head_dim,
+                           dtype));
+}
+
+/// Bytes of one page of an MLA cache: `page_size` tokens counted as kv_latent_cache_bytes(1,
+/// page_size, ...) counts them. Quantized latents are grouped along the channels of each token,
+/// so any page_size holds whole groups. Throws std::invalid_argument for page_size <= 0 and as
+/// kv_latent_bytes_per_token does; std::length_error when the count does not fit 64 bits.
+constexpr std::int64_t kv_latent_page_bytes(std::int64_t page_size, std::int64_t layers,
+                                            std::int64_t latent_dim, std::int64_t rope_dim,
+                                            const kv_dtype& dtype) {
+  return detail::page_bytes_of(
+      page_size, detail::latent_page_rows("kv_latent_page_bytes", page_size, layers, latent_dim,
+                                          rope_dim, dtype));
+}
+
+/// Bytes of the pages of an MLA cache, as kv_paged_cache_bytes for kv_latent_page_bytes.
+constexpr std::int64_t kv_latent_paged_cache_bytes(std::int64_t batch, std::int64_t seq_len,
+                                                   std::int64_t page_size, std::int64_t layers,
+                                                   std::int64_t latent_dim, std::int64_t rope_dim,
+                                                   const kv_dtype& dtype) {
+  return detail::paged_bytes_of(
+      "kv_latent_paged_cache_bytes", batch, seq_len, page_size,
+      detail::latent_page_rows("kv_latent_paged_cache_bytes", page_size, layers, latent_dim,
+                               rope_dim, dtype));
+}
+
+/// kv_latent_paged_cache_bytes - kv_latent_cache_bytes, as kv_paged_waste_bytes.
+constexpr std::int64_t kv_latent_paged_waste_bytes(std::int64_t batch, std::int64_t seq_len,
+                                                   std::int64_t page_size, std::int64_t layers,
+                                                   std::int64_t latent_dim, std::int64_t rope_dim,
+                                                   const kv_dtype& dtype) {
+  return detail::paged_waste_of(
+      "kv_latent_paged_waste_bytes", batch, seq_len, page_size,
+      detail::latent_page_rows("kv_latent_paged_waste_bytes", page_size, layers, latent_dim,
+                               rope_dim, dtype));
+}
+
+/// Whole MLA pages that fit `budget_bytes`, as kv_pages_that_fit.
+constexpr std::int64_t kv_latent_pages_that_fit(std::int64_t budget_bytes, std::int64_t page_size,
+                                                std::int64_t layers, std::int64_t latent_dim,
+                                                std::int64_t rope_dim, const kv_dtype& dtype) {
+  return detail::pages_within(
+      "kv_latent_pages_that_fit", budget_bytes, page_size,
+      detail::latent_page_rows("kv_latent_pages_that_fit", page_size, layers, latent_dim,
+                               rope_dim, dtype));
+}
+
+/// Token slots in the MLA pages that fit `budget_bytes`, as kv_paged_tokens_that_fit.
+constexpr std::int64_t kv_latent_paged_tokens_that_fit(std::int64_t budget_bytes,
+                                                       std::int64_t page_size,
+                                                       std::int64_t layers,
+                                                       std::int64_t latent_dim,
+                                                       std::int64_t rope_dim,
+                                                       const kv_dtype& dtype) {
+  return detail::paged_tokens_within(
+      "kv_latent_paged_tokens_that_fit", budget_bytes, page_size,
+      detail::latent_page_rows("kv_latent_paged_tokens_that_fit", page_size, layers, latent_dim,
+                               rope_dim, dtype));
+}
+
 }  // namespace kvcache
