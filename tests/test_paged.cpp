@@ -45,6 +45,10 @@ TEST(PagePool, AllocatesReleasesAndCounts) {
   pool.release(b);
   EXPECT_EQ(pool.stats().free, 1);
   EXPECT_EQ(pool.allocate(), b);
+  pool.release(c);
+  pool.release(b);
+  EXPECT_EQ(pool.allocate(c), c);  // a free hint is taken
+  EXPECT_EQ(pool.allocate(a), b);  // a hint in use is not: the most recently freed page is
   EXPECT_THROW(pool.release(7), std::out_of_range);
   pool.release(a);
   EXPECT_THROW(pool.release(a), std::out_of_range);
@@ -264,6 +268,22 @@ TYPED_TEST(PagedFormats, CropIsExactOrRefused) {
   EXPECT_EQ(paged.stats().used, 0);
 }
 
+TEST(PagedCache, PagesOfASequenceLieInOrderWhenTheyCan) {
+  paged_kv_cache<plain_format<float>> paged(model, {4, 16});
+  const Index a = paged.create(), b = paged.create();
+  for (Index t = 0; t < 12; t += 4) {  // a and b grow in turn: their pages interleave
+    paged.append(a, 0, rows(0, 4, 1), rows(0, 4, 2));
+    paged.append(b, 0, rows(0, 4, 3), rows(0, 4, 4));
+  }
+  EXPECT_EQ(paged.block_table(a), (std::vector<Index>{0, 2, 4}));
+  paged.free(a);
+  paged.free(b);
+  // Freed pages come back in order, and a sequence takes the page after its last when free.
+  const Index c = paged.create();
+  paged.append(c, 0, rows(0, 24, 1), rows(0, 24, 2));
+  EXPECT_EQ(paged.block_table(c), (std::vector<Index>{1, 2, 3, 4, 5, 6}));
+}
+
 // ---- prefix caching ------------------------------------------------------------------------
 
 TEST(PagedPrefix, ANewSequenceAdoptsTheCachedPagesOfItsPrompt) {
@@ -306,13 +326,13 @@ TEST(PagedPrefix, UnreferencedPagesStayCachedUntilThePoolNeedsThem) {
   EXPECT_EQ(paged.stats().cached, 4);
   EXPECT_EQ(paged.stats().free, 2);
   EXPECT_EQ(paged.match_prefix(prompt.data(), 17), 16);
-  // A sequence of 12 tokens takes the 2 free pages, then evicts the oldest cached one: the
-  // first page of the prompt, least recently released... all four were released together,
-  // oldest first, so page 0 goes, and with it every hit.
+  // A sequence of 12 tokens takes the 2 free pages, then evicts the least recently used cached
+  // one. A freed sequence gives its pages back newest first, so the prompt's last page goes
+  // first (as in vLLM): the rest of the prefix still hits.
   const Index b = paged.create();
   for (Index l = 0; l < model.n_layers(); ++l) paged.append(b, l, rows(l, 12, 3), rows(l, 12, 4));
   EXPECT_EQ(paged.stats().evictions, 1);
-  EXPECT_EQ(paged.match_prefix(prompt.data(), 17), 0);
+  EXPECT_EQ(paged.match_prefix(prompt.data(), 17), 12);
   EXPECT_EQ(paged.stats().cached, 3);
 }
 

@@ -12,9 +12,23 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace kvcache::detail {
 
 inline constexpr std::size_t buffer_alignment = 64;
+
+// Buffers of at least this many bytes are aligned to 2 MiB and, on Linux, offered to the
+// kernel as transparent huge pages: attention over a paged cache jumps between pages scattered
+// over gigabytes, and with 4 KiB pages each jump would miss the TLB.
+inline constexpr std::size_t huge_page_bytes = std::size_t(2) << 20;
+inline constexpr std::size_t huge_buffer_bytes = std::size_t(8) << 20;
+
+inline std::size_t alignment_for(std::size_t bytes) noexcept {
+  return bytes >= huge_buffer_bytes ? huge_page_bytes : buffer_alignment;
+}
 
 template <class T>
 class buffer {
@@ -29,8 +43,12 @@ class buffer {
       throw std::length_error("kvcache: buffer size out of range");
     }
     if (n > 0) {
-      data_ = static_cast<T*>(
-          ::operator new(static_cast<std::size_t>(n) * sizeof(T), std::align_val_t{buffer_alignment}));
+      const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(T);
+      data_ = static_cast<T*>(::operator new(bytes, std::align_val_t{alignment_for(bytes)}));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+      // Advice only: where huge pages are off or unavailable the buffer works as it is.
+      if (bytes >= huge_buffer_bytes) ::madvise(data_, bytes / huge_page_bytes * huge_page_bytes, MADV_HUGEPAGE);
+#endif
     }
   }
   buffer(const buffer&) = delete;
@@ -42,7 +60,9 @@ class buffer {
     return *this;
   }
   ~buffer() {
-    if (data_ != nullptr) ::operator delete(data_, std::align_val_t{buffer_alignment});
+    if (data_ != nullptr) {
+      ::operator delete(data_, std::align_val_t{alignment_for(static_cast<std::size_t>(size_) * sizeof(T))});
+    }
   }
 
   void swap(buffer& other) noexcept {

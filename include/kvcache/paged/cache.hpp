@@ -163,7 +163,8 @@ class paged_kv_cache {
   /// may be reused. Throws std::out_of_range for a sequence that does not exist.
   void free(Index seq) {
     sequence& s = seq_at(seq, "free");
-    for (const Index p : s.pages) pool_.release(p);
+    // Newest first, so that the pages come back oldest first, in order, to the next sequence.
+    for (auto it = s.pages.rbegin(); it != s.pages.rend(); ++it) pool_.release(*it);
     s = sequence{};
     free_ids_.push_back(seq);  // capacity reserved in new_id
   }
@@ -651,7 +652,7 @@ class paged_kv_cache {
       slot = fresh;
     }
     for (Index i = 0; i < plan.new_pages; ++i) {
-      s.pages.push_back(pool_.allocate());
+      s.pages.push_back(pool_.allocate(s.pages.empty() ? -1 : s.pages.back() + 1));
       s.first.push_back(s.table_end);
       s.table_end += P;
     }

@@ -81,11 +81,14 @@ class page_pool {
     hash_.assign(n, page_hash{});
     parent_.assign(n, page_hash{});
     tokens_.assign(static_cast<std::size_t>(n_pages * page_size), 0);
-    // The LRU list of cached pages is circular through a sentinel, n_pages.
-    prev_.assign(n + 1, n_pages);
-    next_.assign(n + 1, n_pages);
-    free_.reserve(n);
-    for (Index p = n_pages - 1; p >= 0; --p) free_.push_back(p);  // page 0 is taken first
+    // Two circular lists through sentinels: cached pages (LRU, oldest first) and free pages.
+    prev_.resize(n + 2);
+    next_.resize(n + 2);
+    for (const Index list : {lru_list(), free_list()}) {
+      prev_[at(list)] = next_[at(list)] = list;
+    }
+    for (Index p = 0; p < n_pages; ++p) push_back(free_list(), p);  // page 0 is taken first
+    free_n_ = n_pages;
     index_.reserve(n);
   }
 
@@ -99,7 +102,7 @@ class page_pool {
         refs_(std::move(other.refs_)), published_(std::move(other.published_)),
         hash_(std::move(other.hash_)), parent_(std::move(other.parent_)),
         tokens_(std::move(other.tokens_)), prev_(std::move(other.prev_)),
-        next_(std::move(other.next_)), free_(std::move(other.free_)),
+        next_(std::move(other.next_)), free_n_(std::exchange(other.free_n_, 0)),
         cached_(std::exchange(other.cached_, 0)), evictions_(std::exchange(other.evictions_, 0)),
         index_(std::move(other.index_)) {
     other.clear_moved();
@@ -126,7 +129,7 @@ class page_pool {
   pool_stats stats() const noexcept {
     pool_stats s;
     s.total = n_pages_;
-    s.free = Index(free_.size());
+    s.free = free_n_;
     s.cached = cached_;
     s.used = n_pages_ - s.free - s.cached;
     s.page_bytes = page_bytes_;
@@ -136,19 +139,25 @@ class page_pool {
     return s;
   }
   /// Pages an allocation may take now: the free ones and the cached ones it would evict.
-  Index available() const noexcept { return Index(free_.size()) + cached_; }
+  Index available() const noexcept { return free_n_ + cached_; }
 
-  /// A page with reference count 1, from the free list, or else the least recently used
-  /// cached page, which leaves the prefix index. O(1). Throws std::length_error when no page
-  /// is free or cached; nothing changes then.
-  Index allocate() {
+  /// A page with reference count 1: page `hint` when it is free (a sequence asks for the page
+  /// after its last one, so that its pages lie in order in memory, where reading them runs at
+  /// full bandwidth), else the most recently freed page, else the least recently used cached
+  /// page, which leaves the prefix index. O(1). Throws std::length_error when no page is free
+  /// or cached; nothing changes then.
+  Index allocate(Index hint = -1) {
     Index p;
-    if (!free_.empty()) {
-      p = free_.back();
-      free_.pop_back();
-    } else if (cached_ > 0) {
-      p = next_[sentinel()];
+    if (free_n_ > 0) {
+      p = hint >= 0 && hint < n_pages_ && refs_[at(hint)] == 0 && !published_[at(hint)]
+              ? hint
+              : next_[at(free_list())];
       unlink(p);
+      --free_n_;
+    } else if (cached_ > 0) {
+      p = next_[at(lru_list())];
+      unlink(p);
+      --cached_;
       unpublish(p);
       ++evictions_;
     } else {
@@ -169,6 +178,7 @@ class page_pool {
         detail::fail<std::out_of_range>("page_pool: retain of page ", p, ", which is free");
       }
       unlink(p);
+      --cached_;
     }
     ++refs_[at(p)];
   }
@@ -182,9 +192,11 @@ class page_pool {
     }
     if (--refs_[at(p)] > 0) return;
     if (published_[at(p)]) {
-      link_newest(p);
+      push_back(lru_list(), p);
+      ++cached_;
     } else {
-      free_.push_back(p);
+      push_front(free_list(), p);
+      ++free_n_;
     }
   }
 
@@ -246,7 +258,8 @@ class page_pool {
 
  private:
   static std::size_t at(Index p) noexcept { return static_cast<std::size_t>(p); }
-  std::size_t sentinel() const noexcept { return static_cast<std::size_t>(n_pages_); }
+  Index lru_list() const noexcept { return n_pages_; }
+  Index free_list() const noexcept { return n_pages_ + 1; }
 
   void check_page(const char* fn, Index p) const {
     if (p < 0 || p >= n_pages_) {
@@ -264,22 +277,22 @@ class page_pool {
     tokens_.clear();
     prev_.clear();
     next_.clear();
-    free_.clear();
     index_.clear();
   }
   void unlink(Index p) noexcept {
     next_[at(prev_[at(p)])] = next_[at(p)];
     prev_[at(next_[at(p)])] = prev_[at(p)];
-    --cached_;
   }
-  void link_newest(Index p) noexcept {
-    const Index last = prev_[sentinel()];
-    prev_[at(p)] = last;
-    next_[at(p)] = n_pages_;
-    next_[at(last)] = p;
-    prev_[sentinel()] = p;
-    ++cached_;
+  // Links p after `before`.
+  void link_after(Index before, Index p) noexcept {
+    const Index after = next_[at(before)];
+    prev_[at(p)] = before;
+    next_[at(p)] = after;
+    next_[at(before)] = p;
+    prev_[at(after)] = p;
   }
+  void push_back(Index list, Index p) noexcept { link_after(prev_[at(list)], p); }
+  void push_front(Index list, Index p) noexcept { link_after(list, p); }
   void unpublish(Index p) noexcept {
     index_.erase(hash_[at(p)]);
     published_[at(p)] = 0;
@@ -297,8 +310,8 @@ class page_pool {
   std::vector<page_hash> hash_;               // [page] its hash, when published
   std::vector<page_hash> parent_;             // [page] its parent's hash, when published
   std::vector<std::int32_t> tokens_;          // [page][page_size] its token ids, when published
-  std::vector<Index> prev_, next_;            // [page + sentinel] the LRU list, oldest first
-  std::vector<Index> free_;                   // the free list, a stack
+  std::vector<Index> prev_, next_;  // [page + 2 sentinels] the LRU and free lists
+  Index free_n_ = 0;
   Index cached_ = 0;
   Index evictions_ = 0;
   std::unordered_map<page_hash, Index, page_hash_hasher> index_;
