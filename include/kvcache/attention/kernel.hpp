@@ -263,39 +263,6 @@ void attend_block(const layer_block<StoredBlock, T>& blk, Index lo, Index hi, In
   }
 }
 
-// Bytes [0, n) from p into the caches, a line at a time.
-inline void prefetch_bytes(const void* p, std::size_t n) noexcept {
-  const char* c = static_cast<const char*>(p);
-  for (std::size_t off = 0; off < n; off += 64) __builtin_prefetch(c + off);
-}
-
-// Blocks of at most this many tokens (pages) are prefetched whole while the block before them
-// is attended: memory latency hides behind that block's arithmetic, where the hardware
-// prefetchers, which follow one address stream, lose every page of a scattered block table.
-inline constexpr Index prefetch_block_tokens = 128;
-
-// Prefetches a block of plain storage; formats may overload it for their blocks (a block type
-// without an overload is not prefetched).
-template <class Scalar>
-void prefetch_block(const kv_block<Scalar>& blk, Index d) noexcept {
-  const auto row = static_cast<std::size_t>(d) * sizeof(Scalar);
-  if (blk.stride == d) {  // one run of rows
-    prefetch_bytes(blk.keys, row * static_cast<std::size_t>(blk.tokens));
-    prefetch_bytes(blk.values, row * static_cast<std::size_t>(blk.tokens));
-    return;
-  }
-  for (Index t = 0; t < blk.tokens; ++t) {
-    prefetch_bytes(blk.keys + t * blk.stride, row);
-    prefetch_bytes(blk.values + t * blk.stride, row);
-  }
-}
-template <class Block>
-void prefetch_block(const Block&, Index) noexcept {}
-template <class StoredBlock, class T>
-void prefetch_block(const layer_block<StoredBlock, T>& blk, Index d) noexcept {
-  if (!blk.in_tail) prefetch_block(blk.stored, d);
-}
-
 // Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
 // `st`. Keys whose position lies after `max_pos` are skipped, not masked: no row can see them
 // (so causal prefill does half the work of the full square).
@@ -305,15 +272,10 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
                   softmax_state<T>& st) {
   const attention_mask mask = view.mask();
   Index offset = 0;  // index of the current block's first token within the view
-  const Index n_blocks = view.n_blocks();
-  for (Index b = 0; b < n_blocks && offset < k1; ++b) {
+  for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
     const Index first = view.position(b);
     if (first > max_pos) break;
-    if (b + 1 < n_blocks && offset + blk.tokens < k1) {
-      const auto next = view.block(h, b + 1);
-      if (next.tokens <= prefetch_block_tokens) prefetch_block(next, view.head_dim());
-    }
     const Index seen = std::min(blk.tokens, max_pos - first + 1);  // keys at or before max_pos
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + seen);
     if (lo < hi) {
