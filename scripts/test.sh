@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Builds and runs every test: the dev build (assertions, warnings as errors), the
-# AddressSanitizer + UndefinedBehaviorSanitizer build, and the release build (-DNDEBUG), whose
-# benchmarks then run once each; then, as an extra stage, the fuzz build (clang, libFuzzer),
+# AddressSanitizer + UndefinedBehaviorSanitizer build, the release build (-DNDEBUG,
+# -march=native), whose benchmarks then run once each, and the kernels' tests built for AVX2
+# without AVX-512 (x86-64-v3); then, as an extra stage, the fuzz build (clang, libFuzzer),
 # whose fuzzers each run for 20 seconds (the CMake cache variable KVCACHE_FUZZ_SECONDS).
 # Installs missing Debian packages first. Usage: scripts/test.sh [preset...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 presets=("$@")
-[ ${#presets[@]} -gt 0 ] || presets=(dev asan release fuzz)
+[ ${#presets[@]} -gt 0 ] || presets=(dev asan release avx2 fuzz)
 
 packages=(g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev
   libbenchmark-dev)
