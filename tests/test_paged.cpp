@@ -266,6 +266,13 @@ TYPED_TEST(PagedFormats, CropIsExactOrRefused) {
   paged.rollback(seq, paged.position(seq));
   EXPECT_EQ(paged.position(seq), 0);
   EXPECT_EQ(paged.stats().used, 0);
+  // And it starts again from position 0 on fresh pages.
+  contiguous_of<F> again(model, {}, F::make());
+  for (Index l = 0; l < model.n_layers(); ++l) {
+    paged.append(seq, l, rows(l, F::page + 1, 5), rows(l, F::page + 1, 6));
+    again.append(l, rows(l, F::page + 1, 5), rows(l, F::page + 1, 6));
+  }
+  expect_same<F>(paged, seq, again, 4);
 }
 
 TEST(PagedCache, PagesOfASequenceLieInOrderWhenTheyCan) {
@@ -509,6 +516,14 @@ TEST(PagedExhaustion, AdoptionTakesNoPageAndCachedPagesAreAvailable) {
   paged.free(a);
   paged.free(b);
   EXPECT_EQ(paged.pool().available(), 4);
+}
+
+TEST(PagedCache, RefusesAWindowShorterThanAPageOrTheTail) {
+  EXPECT_THROW((paged_kv_cache<plain_format<float>>(model, {16, 8, 8, 0})), std::invalid_argument);
+  EXPECT_THROW((paged_kv_cache<quantized_format<8>>(model, {4, 8, 6, 0}, quantized_format<8>(4, 3))),
+               std::invalid_argument);
+  EXPECT_THROW((paged_kv_cache<plain_format<float>>(model, {16, 8, 32, 32})), std::invalid_argument);
+  EXPECT_NO_THROW((paged_kv_cache<plain_format<float>>(model, {16, 8, 16, 4})));
 }
 
 TEST(PagedCache, MovedFromHoldsNothing) {

@@ -64,7 +64,8 @@ class paged_kv_cache {
 
   /// A pool of layout.n_pages pages of layout.page_size tokens, allocated now. Throws
   /// std::invalid_argument for a layout that does not fit the format (page_size must be a
-  /// multiple of a quantized format's group), std::length_error when sizes overflow,
+  /// multiple of a quantized format's group; a window must be at least a page and at least a
+  /// quantized format's residual + group), std::length_error when sizes overflow,
   /// std::bad_alloc when memory is short.
   paged_kv_cache(const cache_shape& shape, paged_layout layout, Format format = Format())
       : shape_(shape), layout_((layout.check(), layout)), format_(format),
@@ -72,6 +73,13 @@ class paged_kv_cache {
     unit_ = format_.unit_tokens();
     uses_tail_ = unit_ > 1 || format_.residual() > 0;
     tail_cap_ = uses_tail_ ? detail::checked_add(format_.residual(), unit_, "residual") : 0;
+    // A window holds at least the page being filled and the full-precision tail, so the page a
+    // sequence writes next is never given back.
+    if (layout.window > 0 && layout.window < std::max(layout.page_size, tail_cap_)) {
+      detail::fail<std::invalid_argument>("paged_kv_cache: window = ", layout.window,
+                                          " must be at least page_size = ", layout.page_size,
+                                          " and residual + group = ", tail_cap_);
+    }
     detail::checked_product({tail_cap_, shape.kv_width(), 2 * Index(sizeof(compute_type)),
                              shape.n_layers()}, "paged_kv_cache: residual");
   }
@@ -302,7 +310,9 @@ class paged_kv_cache {
       s.pages.pop_back();
       s.first.pop_back();
     }
-    if (!s.pages.empty()) s.table_end = s.first.back() + page_size();
+    // The next page starts where the kept tokens' last page ends, or at the page holding the
+    // stored end when none is left.
+    s.table_end = s.pages.empty() ? stored_end / page_size() * page_size() : s.first.back() + page_size();
     const Index whole = s.pages.empty() ? 0 : stored_end / page_size();
     if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
   }
