@@ -15,6 +15,8 @@
 #include "kvcache/view.hpp"
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -263,6 +265,97 @@ void attend_block(const layer_block<StoredBlock, T>& blk, Index lo, Index hi, In
   }
 }
 
+// Short runs of plain rows (the pages of a paged cache) gathered into one tile: their keys,
+// their values, and the position of each run's first token.
+template <class Scalar>
+struct page_tile {
+  static constexpr Index max_runs = 64;
+  std::array<row_run<Scalar>, static_cast<std::size_t>(max_runs)> keys{};
+  std::array<row_run<Scalar>, static_cast<std::size_t>(max_runs)> values{};
+  std::array<Index, static_cast<std::size_t>(max_runs)> first{};
+  Index count = 0;
+  Index tokens = 0;
+};
+
+// Folds a page_tile into `st` as one tile: scores of every run side by side, one online
+// softmax step, then the values of every run, with the queries (then the outputs) held in
+// registers across the runs. Pages of 16 tokens thus cost what one tile of their total does,
+// not a softmax step and a kernel call each. At most the scratch's tile of tokens.
+template <class T, class Scalar>
+void attend_pages(const page_tile<Scalar>& pt, Index d, Index rows, const Index* row_pos,
+                  const attention_mask& mask, typename attention_workspace<T>::worker_scratch& ws,
+                  softmax_state<T>& st) {
+  const bool micro = rows <= micro_kernel_rows;
+  auto S = ws.s.topLeftCorner(rows, pt.tokens);
+  const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
+    fixed_micro_kernel<T, decltype(chunks)::value>::scores(ws.q.data(), ws.q.cols(), rows,
+                                                           pt.keys.data(), pt.count, ws.s.data(),
+                                                           ws.s.cols());
+  });
+  Index col = 0;
+  for (Index i = 0; i < pt.count; ++i) {
+    const auto at = static_cast<std::size_t>(i);
+    const row_run<Scalar>& k = pt.keys[at];
+    if (!fixed) {
+      const auto K = load_tile<T>(k.rows, k.stride, 0, k.n, d, ws.k);
+      if (micro) {
+        micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), k.n, d,
+                                ws.s.data() + col, ws.s.cols());
+      } else {
+        S.middleCols(col, k.n).noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
+      }
+    }
+    if (needs_mask(row_pos, rows, pt.first[at], k.n, mask)) {
+      auto Sk = S.middleCols(col, k.n);
+      apply_mask(Sk, row_pos, pt.first[at], mask);
+    }
+    col += k.n;
+  }
+  online_softmax_update(S, st);
+  if (fixed) {
+    with_fixed_chunks<T>(d, [&](auto chunks) {
+      fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
+          ws.s.data(), ws.s.cols(), rows, pt.values.data(), pt.count, st.o.data(), st.o.cols());
+    });
+    return;
+  }
+  col = 0;
+  for (Index i = 0; i < pt.count; ++i) {
+    const row_run<Scalar>& v = pt.values[static_cast<std::size_t>(i)];
+    const auto V = load_tile<T>(v.rows, v.stride, 0, v.n, d, ws.v);
+    if (micro) {
+      micro_kernel<T>::accumulate(ws.s.data() + col, ws.s.cols(), rows, V.data(), V.outerStride(),
+                                  v.n, d, st.o.data(), st.o.cols());
+    } else {
+      st.o.topRows(rows).noalias() += S.middleCols(col, v.n) * V;
+    }
+    col += v.n;
+  }
+}
+
+// A block's plain storage when it has one (kv_block, or a layer_block's stored kv_block), else
+// null: only such blocks are gathered into a page_tile.
+template <class Scalar>
+const kv_block<Scalar>* plain_of(const kv_block<Scalar>& blk) noexcept {
+  return &blk;
+}
+template <class Scalar, class T>
+const kv_block<Scalar>* plain_of(const layer_block<kv_block<Scalar>, T>& blk) noexcept {
+  return blk.in_tail ? nullptr : &blk.stored;
+}
+template <class Block>
+std::nullptr_t plain_of(const Block&) noexcept {
+  return nullptr;
+}
+template <class P>
+struct page_tile_of {
+  using type = page_tile<float>;  // never filled: such blocks are not gathered
+};
+template <class Scalar>
+struct page_tile_of<const kv_block<Scalar>*> {
+  using type = page_tile<Scalar>;
+};
+
 // Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
 // `st`. Keys whose position lies after `max_pos` are skipped, not masked: no row can see them
 // (so causal prefill does half the work of the full square).
@@ -271,6 +364,18 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
                   Index max_pos, Index tile, typename attention_workspace<T>::worker_scratch& ws,
                   softmax_state<T>& st) {
   const attention_mask mask = view.mask();
+  const Index d = view.head_dim();
+  // Blocks shorter than a tile with plain storage (pages) are gathered into tiles.
+  using plain_t = decltype(plain_of(view.block(h, 0)));
+  constexpr bool may_gather = !std::is_same_v<plain_t, std::nullptr_t>;
+  typename page_tile_of<plain_t>::type pt;
+  const auto flush = [&] {
+    if constexpr (may_gather) {
+      if (pt.count > 0) attend_pages<T>(pt, d, rows, row_pos, mask, ws, st);
+    }
+    pt.count = 0;
+    pt.tokens = 0;
+  };
   Index offset = 0;  // index of the current block's first token within the view
   for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
@@ -279,11 +384,40 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
     const Index seen = std::min(blk.tokens, max_pos - first + 1);  // keys at or before max_pos
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + seen);
     if (lo < hi) {
-      attend_block<T>(blk, lo - offset, hi - offset, first, view.head_dim(), rows, row_pos, mask,
-                      tile, ws, st);
+      bool gathered = false;
+      if constexpr (may_gather) {
+        const auto* plain = plain_of(blk);
+        if (plain != nullptr && hi - lo < tile) {
+          if (pt.tokens + (hi - lo) > tile || pt.count == pt.max_runs) flush();
+          const Index from = lo - offset;  // within the block
+          const auto* keys = plain->keys + from * plain->stride;
+          const auto* values = plain->values + from * plain->stride;
+          const auto last = static_cast<std::size_t>(pt.count - 1);
+          if (pt.count > 0 && pt.keys[last].stride == plain->stride &&
+              pt.keys[last].rows + pt.keys[last].n * plain->stride == keys &&
+              pt.values[last].rows + pt.values[last].n * plain->stride == values &&
+              pt.first[last] + pt.keys[last].n == first + from) {
+            // The page after the last one in memory and in positions: one run.
+            pt.keys[last].n += hi - lo;
+            pt.values[last].n += hi - lo;
+          } else {
+            const auto at = static_cast<std::size_t>(pt.count++);
+            pt.keys[at] = {keys, hi - lo, plain->stride};
+            pt.values[at] = {values, hi - lo, plain->stride};
+            pt.first[at] = first + from;
+          }
+          pt.tokens += hi - lo;
+          gathered = true;
+        }
+      }
+      if (!gathered) {
+        flush();
+        attend_block<T>(blk, lo - offset, hi - offset, first, d, rows, row_pos, mask, tile, ws, st);
+      }
     }
     offset += blk.tokens;
   }
+  flush();
 }
 
 template <class View>

@@ -61,6 +61,15 @@ struct widen {
   }
 };
 
+// `n` cached rows of one kv head, `stride` elements apart: a block, or one page of several
+// that a tile spans.
+template <class Scalar>
+struct row_run {
+  const Scalar* rows = nullptr;
+  Index n = 0;
+  Index stride = 0;
+};
+
 // For a head_dim of exactly C packets: the queries (in scores) or the outputs (in
 // accumulate) of a few rows stay in registers across a whole tile, so a cached row costs C
 // loads and rows x C fused multiply-adds, and nothing is stored per token. General matrix
@@ -72,44 +81,52 @@ struct fixed_micro_kernel {
   // Rows per pass: their C packets each fill half the vector registers.
   static constexpr int rows_per_pass = std::max(1, int(EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS) / 2 / C);
 
-  // s[r][t] = q_r . k_t for R rows and n tokens; rows `*_stride` elements apart.
+  // s[r][t] = q_r . k_t for R rows and the tokens of `count` runs, side by side in s.
   template <int R, class Scalar>
-  static void scores_pass(const T* q, Index q_stride, const Scalar* k, Index k_stride, Index n,
+  static void scores_pass(const T* q, Index q_stride, const row_run<Scalar>* runs, Index count,
                           T* s, Index s_stride) {
     using namespace Eigen::internal;
     packet qr[R][C];
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) qr[r][c] = ploadu<packet>(q + r * q_stride + c * width);
     }
-    for (Index t = 0; t < n; ++t) {
-      const Scalar* kt = k + t * k_stride;
-      packet acc[R];
-      const packet k0 = widen<T, Scalar>::load(kt);
-      for (int r = 0; r < R; ++r) acc[r] = pmul(qr[r][0], k0);
-      for (int c = 1; c < C; ++c) {
-        const packet kc = widen<T, Scalar>::load(kt + c * width);
-        for (int r = 0; r < R; ++r) acc[r] = pmadd(qr[r][c], kc, acc[r]);
+    Index col = 0;
+    for (Index i = 0; i < count; ++i) {
+      const row_run<Scalar>& run = runs[i];
+      for (Index t = 0; t < run.n; ++t, ++col) {
+        const Scalar* kt = run.rows + t * run.stride;
+        packet acc[R];
+        const packet k0 = widen<T, Scalar>::load(kt);
+        for (int r = 0; r < R; ++r) acc[r] = pmul(qr[r][0], k0);
+        for (int c = 1; c < C; ++c) {
+          const packet kc = widen<T, Scalar>::load(kt + c * width);
+          for (int r = 0; r < R; ++r) acc[r] = pmadd(qr[r][c], kc, acc[r]);
+        }
+        for (int r = 0; r < R; ++r) s[r * s_stride + col] = predux(acc[r]);
       }
-      for (int r = 0; r < R; ++r) s[r * s_stride + t] = predux(acc[r]);
     }
   }
 
-  // o_r += sum over t of p[r][t] * v_t for R rows.
+  // o_r += sum over t of p[r][t] * v_t for R rows and the tokens of `count` runs.
   template <int R, class Scalar>
-  static void accumulate_pass(const T* p, Index p_stride, const Scalar* v, Index v_stride,
-                              Index n, T* o, Index o_stride) {
+  static void accumulate_pass(const T* p, Index p_stride, const row_run<Scalar>* runs,
+                              Index count, T* o, Index o_stride) {
     using namespace Eigen::internal;
     packet acc[R][C];
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) acc[r][c] = ploadu<packet>(o + r * o_stride + c * width);
     }
-    for (Index t = 0; t < n; ++t) {
-      const Scalar* vt = v + t * v_stride;
-      packet w[R];
-      for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
-      for (int c = 0; c < C; ++c) {
-        const packet vc = widen<T, Scalar>::load(vt + c * width);
-        for (int r = 0; r < R; ++r) acc[r][c] = pmadd(w[r], vc, acc[r][c]);
+    Index col = 0;
+    for (Index i = 0; i < count; ++i) {
+      const row_run<Scalar>& run = runs[i];
+      for (Index t = 0; t < run.n; ++t, ++col) {
+        const Scalar* vt = run.rows + t * run.stride;
+        packet w[R];
+        for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + col]);
+        for (int c = 0; c < C; ++c) {
+          const packet vc = widen<T, Scalar>::load(vt + c * width);
+          for (int r = 0; r < R; ++r) acc[r][c] = pmadd(w[r], vc, acc[r][c]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -117,30 +134,46 @@ struct fixed_micro_kernel {
     }
   }
 
+  // Scores of `rows` query rows against the keys of `count` runs (pages), side by side in s:
+  // the queries stay in registers across every run.
   template <class Scalar>
-  static void scores(const T* q, Index q_stride, Index rows, const Scalar* k, Index k_stride,
-                     Index n, T* s, Index s_stride) {
+  static void scores(const T* q, Index q_stride, Index rows, const row_run<Scalar>* runs,
+                     Index count, T* s, Index s_stride) {
     Index r = 0;
     for (; r + rows_per_pass <= rows; r += rows_per_pass) {
-      scores_pass<rows_per_pass>(q + r * q_stride, q_stride, k, k_stride, n, s + r * s_stride,
+      scores_pass<rows_per_pass>(q + r * q_stride, q_stride, runs, count, s + r * s_stride,
                                  s_stride);
     }
     for (; r < rows; ++r) {
-      scores_pass<1>(q + r * q_stride, q_stride, k, k_stride, n, s + r * s_stride, s_stride);
+      scores_pass<1>(q + r * q_stride, q_stride, runs, count, s + r * s_stride, s_stride);
     }
   }
+  template <class Scalar>
+  static void scores(const T* q, Index q_stride, Index rows, const Scalar* k, Index k_stride,
+                     Index n, T* s, Index s_stride) {
+    const row_run<Scalar> run{k, n, k_stride};
+    scores(q, q_stride, rows, &run, 1, s, s_stride);
+  }
 
+  // Accumulates the values of `count` runs weighted by p: the outputs stay in registers
+  // across every run.
+  template <class Scalar>
+  static void accumulate(const T* p, Index p_stride, Index rows, const row_run<Scalar>* runs,
+                         Index count, T* o, Index o_stride) {
+    Index r = 0;
+    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
+      accumulate_pass<rows_per_pass>(p + r * p_stride, p_stride, runs, count, o + r * o_stride,
+                                     o_stride);
+    }
+    for (; r < rows; ++r) {
+      accumulate_pass<1>(p + r * p_stride, p_stride, runs, count, o + r * o_stride, o_stride);
+    }
+  }
   template <class Scalar>
   static void accumulate(const T* p, Index p_stride, Index rows, const Scalar* v,
                          Index v_stride, Index n, T* o, Index o_stride) {
-    Index r = 0;
-    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
-      accumulate_pass<rows_per_pass>(p + r * p_stride, p_stride, v, v_stride, n,
-                                     o + r * o_stride, o_stride);
-    }
-    for (; r < rows; ++r) {
-      accumulate_pass<1>(p + r * p_stride, p_stride, v, v_stride, n, o + r * o_stride, o_stride);
-    }
+    const row_run<Scalar> run{v, n, v_stride};
+    accumulate(p, p_stride, rows, &run, 1, o, o_stride);
   }
 };
 
