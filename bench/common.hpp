@@ -149,4 +149,7 @@ benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args
   return benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, args...); });
 }
 
+// The paged cache's benchmarks (paged_bench.cpp).
+void register_paged();
+
 }  // namespace kvcache_bench

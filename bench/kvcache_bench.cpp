@@ -297,6 +297,7 @@ void register_all() {
     add("prefill_attention/" + to_string(ctx), BM_prefill_attention, ctx)
         ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
+  register_paged();
 }
 
 }  // namespace
