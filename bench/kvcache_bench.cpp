@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // kvcache_bench: what the KV cache buys (cached against uncached decoding), what it costs
 // (append against concat), and how close decode attention runs to the memory bandwidth.
+#include "common.hpp"
 #include "tiny_decoder/forward.hpp"
 #include "tiny_decoder/generate.hpp"
 
@@ -22,60 +23,9 @@ namespace {
 
 using kvcache::Index;
 using kvcache::row_matrix;
-
-// Threads for everything multi-threaded here: the machine's cores.
-Index bench_threads() {
-  const unsigned n = std::thread::hardware_concurrency();
-  return n == 0 ? 1 : Index(n);
-}
-
-kvcache::thread_pool& pool() {
-  static kvcache::thread_pool p(bench_threads());
-  return p;
-}
-
-// ---------------------------------------------------------------------------------------------
-// STREAM triad a = b + s * c on the pool's threads, arrays far beyond the caches. Counted as
-// STREAM counts it: 3 arrays of bytes per pass (the write-allocate of `a` is not counted).
-struct triad_arrays {
-  static constexpr Index n = Index(1) << 26;  // 64 Mi floats: 256 MiB per array
-  std::vector<float> a, b, c;
-  triad_arrays() : a(std::size_t(n), 0.0f), b(std::size_t(n), 1.0f), c(std::size_t(n), 2.0f) {}
-  void run() {
-    const Index parts = pool().size();
-    pool().parallel_for(parts, [&](Index p, Index) {
-      const Index lo = n * p / parts, hi = n * (p + 1) / parts;
-      float* __restrict pa = a.data();
-      const float* __restrict pb = b.data();
-      const float* __restrict pc = c.data();
-      for (Index i = lo; i < hi; ++i) pa[i] = pb[i] + 3.0f * pc[i];
-    });
-  }
-  static double bytes() { return 3.0 * double(n) * sizeof(float); }
-
-  // Reads b and c once, as decode attention reads keys and values: the read-only bound.
-  float read() {
-    const Index parts = pool().size();
-    std::vector<float> partial(std::size_t(parts), 0.0f);
-    pool().parallel_for(parts, [&](Index p, Index) {
-      const Index lo = n * p / parts, hi = n * (p + 1) / parts;
-      partial[std::size_t(p)] = Eigen::Map<const Eigen::ArrayXf>(b.data() + lo, hi - lo).sum() +
-                                Eigen::Map<const Eigen::ArrayXf>(c.data() + lo, hi - lo).sum();
-    });
-    float total = 0.0f;
-    for (float x : partial) total += x;
-    return total;
-  }
-  static double read_bytes() { return 2.0 * double(n) * sizeof(float); }
-};
+using namespace kvcache_bench;
 
 double g_triad_bytes_per_s = 0;  // median of a few passes, measured before any benchmark
-
-// The one set of triad arrays (768 MiB), made on first use.
-triad_arrays& shared_triad() {
-  static triad_arrays t;
-  return t;
-}
 
 double measure_triad() {
   triad_arrays& t = shared_triad();
@@ -88,6 +38,18 @@ double measure_triad() {
   }
   std::sort(s.begin(), s.end());
   return triad_arrays::bytes() / s[s.size() / 2];
+}
+
+// The read-only bandwidth (triad_arrays::read), median of a few passes.
+double measure_read() {
+  triad_arrays& t = shared_triad();
+  std::vector<double> s;
+  for (int i = 0; i < 9; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(t.read());
+    s.push_back(seconds_since(t0));
+  }
+  return triad_arrays::read_bytes() / median(s);
 }
 
 void BM_triad(benchmark::State& state) {
@@ -293,12 +255,6 @@ void BM_prefill_attention(benchmark::State& state, Index ctx) {
                  " threads");
 }
 
-// Registers `fn(state, args...)` under `name`, exactly: a name a person reads in a table.
-template <class Fn, class... Args>
-benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args) {
-  return benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, args...); });
-}
-
 void register_all() {
   using std::to_string;
   // Multi-threaded benchmarks are timed by the wall clock (Google Benchmark then appends
@@ -341,6 +297,7 @@ void register_all() {
     add("prefill_attention/" + to_string(ctx), BM_prefill_attention, ctx)
         ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
+  register_paged();
 }
 
 }  // namespace
@@ -350,9 +307,11 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   g_triad_bytes_per_s = measure_triad();
   benchmark::AddCustomContext("triad_bytes_per_second", std::to_string(g_triad_bytes_per_s));
+  const double read_bytes_per_s = measure_read();
+  benchmark::AddCustomContext("read_bytes_per_second", std::to_string(read_bytes_per_s));
   benchmark::AddCustomContext("threads", std::to_string(pool().size()));
-  std::fprintf(stderr, "triad bandwidth: %.2f GB/s on %td threads\n", g_triad_bytes_per_s / 1e9,
-               pool().size());
+  std::fprintf(stderr, "triad bandwidth: %.2f GB/s, read: %.2f GB/s, on %td threads\n",
+               g_triad_bytes_per_s / 1e9, read_bytes_per_s / 1e9, pool().size());
   register_all();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
