@@ -126,23 +126,23 @@ struct single_fixture {
   kvcache::attention_workspace<float> ws_paged, ws_contiguous;
 };
 
-// With `shuffled`, the sequence takes the pool's pages in a random order (a pool after hours of
-// serving), else in the order of their addresses (a fresh pool).
+// With `shuffled`, the sequence takes the pool's pages scattered (a pool after hours of
+// serving): every page is taken by a one-page sequence, and a random half of those are freed in
+// random order, so the free pages are holes between pages in use and the page after a
+// sequence's last is taken half the time; else in the order of their addresses (a fresh pool).
 std::unique_ptr<single_fixture> make_single(Index ctx, Index page_size, bool shuffled) {
   kvcache::paged_layout layout;
   layout.page_size = page_size;
-  layout.n_pages = kvcache::detail::ceil_div(ctx, page_size);
+  layout.n_pages = kvcache::detail::ceil_div(ctx, page_size) * (shuffled ? 2 : 1);
   auto f = std::make_unique<single_fixture>(paged_cache(one_layer(), layout), ctx);
   if (shuffled) {
-    // Take every page with a one-token sequence, then give them back in a random order: the
-    // free list hands them out again in that order.
     std::vector<Index> fillers;
     for (Index p = 0; p < layout.n_pages; ++p) {
       fillers.push_back(f->paged.create());
       append_source(f->paged, fillers.back(), 0, 1);
     }
     std::shuffle(fillers.begin(), fillers.end(), std::mt19937(1));
-    for (const Index s : fillers) f->paged.free(s);
+    for (std::size_t i = 0; i < fillers.size() / 2; ++i) f->paged.free(fillers[i]);
   }
   const Index seq = f->paged.create();
   append_source(f->paged, seq, 0, ctx);
@@ -201,6 +201,12 @@ void BM_paged_vs_contiguous(benchmark::State& state, Index page_size, bool shuff
   state.counters["x_contiguous"] = median(contiguous_s) / median(paged_s);
   state.counters["contiguous_GBps"] = bytes / median(contiguous_s) / 1e9;
   state.counters["threads"] = double(pool().size());
+  // Runs of consecutive page ids in the block table: 1 in address order.
+  Index runs = f.batch.indices.empty() ? 0 : 1;
+  for (std::size_t i = 1; i < f.batch.indices.size(); ++i) {
+    if (f.batch.indices[i] != f.batch.indices[i - 1] + 1) ++runs;
+  }
+  state.counters["page_runs"] = double(runs);
   state.SetLabel("batch of 1 against kv_cache decode_attention, page " +
                  std::to_string(page_size) + (shuffled ? ", pages shuffled" : "") +
                  ", 32 q / 8 kv heads x 128, f32, " + threads_label());
