@@ -3,6 +3,14 @@
 # request alone on a contiguous cache, and bad arguments exiting with status 2 and a message.
 # include()d from tests/CMakeLists.txt.
 
+# The parts (packed weights, the batched forward pass, the scheduler): label serve. Their
+# names leave `ctest -R serve` to the program's tests, which need only the serve target built.
+add_executable(test_batching ${CMAKE_CURRENT_LIST_DIR}/test_batching.cpp)
+target_include_directories(test_batching PRIVATE ${PROJECT_SOURCE_DIR}/examples)
+target_link_libraries(test_batching PRIVATE kvcache::kvcache kvcache_warnings kvcache_native
+                      GTest::gtest_main)
+gtest_discover_tests(test_batching DISCOVERY_TIMEOUT 60 PROPERTIES LABELS serve)
+
 set(serve_model --dim 64 --hidden 128 --heads 4 --kv-heads 2 --layers 2 --vocab 128)
 
 # serve_checks(<name> <checks> <args>...): serve <args> --json exits 0 and its output passes

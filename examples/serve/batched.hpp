@@ -4,6 +4,7 @@
 // matrix, so each weight matrix is read once a step whatever the batch.
 #pragma once
 
+#include "packed.hpp"
 #include "tiny_decoder/model.hpp"
 
 #include <kvcache/kvcache.hpp>
@@ -72,10 +73,13 @@ struct forward_profile {
 
 /// The tiny model (tiny_decoder/model.hpp) over a paged cache, for a batch of sequences at
 /// once. Its buffers are sized for `max_rows` rows and `max_seqs` sequences a step when it is
-/// made; a step stays within them. Per layer: one RMS norm of all rows, ONE matrix product for
-/// q, k and v of all rows (wq, wk and wv stacked), rope at each sequence's own positions, the
-/// new keys and values appended to each sequence, batched attention over every sequence of the
-/// step, the output projection, and the MLP (w1 and w3 stacked: one product for both).
+/// made; a step stays within them and allocates nothing once the attention workspace has seen
+/// a step as large. Per layer: one RMS norm of all rows, ONE matrix product for q, k and v of
+/// all rows (wq, wk and wv stacked), rope at each sequence's own positions, the new keys and
+/// values appended to each sequence, batched attention over every sequence of the step, the
+/// output projection, and the MLP (w1 and w3 stacked: one product for both). The weights are
+/// packed once (packed.hpp), so a product reads each weight once a step, straight into SIMD
+/// registers, instead of copying the whole matrix first as a general matrix product does.
 class batched_decoder {
  public:
   batched_decoder(const tiny::config& c, const tiny::weights& w, Index max_rows, Index max_seqs,
@@ -93,11 +97,12 @@ class batched_decoder {
     for (const auto& lw : w.layers) {
       tiny::matrix qkv(qw_ + 2 * kvw_, c.dim);
       qkv << lw.wq, lw.wk, lw.wv;
-      wqkv_.push_back(std::move(qkv));
       tiny::matrix w13(2 * c.hidden_dim, c.dim);
       w13 << lw.w1, lw.w3;
-      w13_.push_back(std::move(w13));
+      layers_.push_back({packed_weights(qkv), packed_weights(lw.wo), packed_weights(w13),
+                         packed_weights(lw.w2)});
     }
+    classifier_ = packed_weights(w.classifier);
     x_.resize(max_rows, c.dim);
     xb_.resize(max_rows, c.dim);
     qkv_.resize(max_rows, qw_ + 2 * kvw_);
@@ -113,7 +118,6 @@ class batched_decoder {
     batch_.tail_keys.reserve(std::size_t(max_seqs));
     batch_.tail_values.reserve(std::size_t(max_seqs));
     batch_.tail_tokens.reserve(std::size_t(max_seqs));
-    appended_.reserve(std::size_t(max_seqs));
   }
 
   const tiny::config& cfg() const { return cfg_; }
@@ -124,9 +128,10 @@ class batched_decoder {
 
   /// Runs step `s` through the model, appending every row's keys and values to its sequence in
   /// `cache`. Row i of logits() then holds the logits of the last row of the i-th sequence of
-  /// the step that wants them. When the pool runs out of pages (std::length_error from the
-  /// first layer's append, which takes the pages of all layers), the appends already made are
-  /// undone and the error rethrown, leaving the cache as it was.
+  /// the step that wants them. Throws std::length_error, as append would, when the pool has
+  /// fewer free or cached pages than the step's sequences need (the sum of their
+  /// pages_needed), before anything changes: the caller frees or preempts a sequence and
+  /// retries.
   void forward(paged_cache& cache, const step& s) {
     const Index n = s.rows(), B = s.size();
     if (n == 0 || n > max_rows_ || B > max_seqs_) {
@@ -135,13 +140,15 @@ class batched_decoder {
                                   std::to_string(max_rows_) + " rows and at most " +
                                   std::to_string(max_seqs_) + " sequences");
     }
+    check_pages(cache, s);
     auto t = clock::now();
     embed(s.tokens.data(), n);
     for (Index l = 0; l < cfg_.n_layers; ++l) {
       const tiny::layer_weights& lw = w_.layers[std::size_t(l)];
       rmsnorm(x_.topRows(n), lw.attn_norm, xb_.topRows(n));
       lap(t, prof_.embed_norm);
-      qkv_.topRows(n).noalias() = xb_.topRows(n) * wqkv_[std::size_t(l)].transpose();
+      const packed_layer& pl = layers_[std::size_t(l)];
+      pl.qkv.multiply(xb_.topRows(n), qkv_.topRows(n), /*accumulate=*/false);
       lap(t, prof_.qkv);
       for (Index b = 0; b < B; ++b) {
         const Index r0 = s.qo_indptr[std::size_t(b)], m = s.qo_indptr[std::size_t(b + 1)] - r0;
@@ -155,11 +162,11 @@ class batched_decoder {
       kvcache::batch_attention(shape_, qkv_.topRows(n).leftCols(qw_), s.qo_indptr, batch_,
                                att_.topRows(n), ws_, opt_);
       lap(t, prof_.attention);
-      x_.topRows(n).noalias() += att_.topRows(n) * lw.wo.transpose();  // output proj, residual
+      pl.wo.multiply(att_.topRows(n), x_.topRows(n), /*accumulate=*/true);  // output, residual
       lap(t, prof_.out_proj);
       rmsnorm(x_.topRows(n), lw.ffn_norm, xb_.topRows(n));
       lap(t, prof_.embed_norm);
-      mlp(l, n);
+      mlp(pl, n);
       lap(t, prof_.mlp);
     }
     Index m = 0;
@@ -169,7 +176,7 @@ class batched_decoder {
       rmsnorm(x_.row(last), w_.final_norm, xn_.row(m));
       ++m;
     }
-    if (m > 0) logits_.topRows(m).noalias() = xn_.topRows(m) * w_.classifier.transpose();
+    if (m > 0) classifier_.multiply(xn_.topRows(m), logits_.topRows(m), /*accumulate=*/false);
     lap(t, prof_.head);
   }
 
@@ -177,6 +184,12 @@ class batched_decoder {
   const tiny::matrix& logits() const { return logits_; }
 
  private:
+  struct packed_layer {
+    packed_weights qkv;  // wq, wk, wv stacked: [q_width + 2 kv_width][dim]
+    packed_weights wo;
+    packed_weights w13;  // w1, w3 stacked: [2 hidden_dim][dim]
+    packed_weights w2;
+  };
   using clock = std::chrono::steady_clock;
   static void lap(clock::time_point& t, double& into) {
     const auto now = clock::now();
@@ -202,32 +215,43 @@ class batched_decoder {
     }
   }
 
-  // Appends each sequence's new keys and values to layer l. The first layer takes the pages of
-  // every layer; when the pool is short it undoes the appends before rethrowing.
-  void append(paged_cache& cache, const step& s, Index l) {
-    appended_.clear();
-    try {
-      for (Index b = 0; b < s.size(); ++b) {
-        const Index r0 = s.qo_indptr[std::size_t(b)], m = s.qo_indptr[std::size_t(b + 1)] - r0;
-        const Index seq = s.seqs[std::size_t(b)];
-        cache.append(seq, l, qkv_.block(r0, qw_, m, kvw_), qkv_.block(r0, qw_ + kvw_, m, kvw_));
-        appended_.push_back(seq);
-      }
-    } catch (const std::length_error&) {
-      // Only layer 0 takes pages; the other layers still hold the step's start.
-      for (std::size_t i = 0; i < appended_.size(); ++i) {
-        cache.crop(appended_[i], s.positions[i]);
-      }
-      throw;
+  // The pages the step takes, all in the first layer's appends (a page holds every layer): the
+  // sum over its sequences of pages_needed, which counts new pages and copies of shared ones.
+  static void check_pages(const paged_cache& cache, const step& s) {
+    Index need = 0;
+    for (Index b = 0; b < s.size(); ++b) {
+      const Index rows = s.qo_indptr[std::size_t(b + 1)] - s.qo_indptr[std::size_t(b)];
+      need += cache.pages_needed(s.seqs[std::size_t(b)], rows);
+    }
+    const kvcache::pool_stats ps = cache.stats();
+    if (need > ps.free + ps.cached) {
+      throw std::length_error("batched_decoder: the step needs " + std::to_string(need) +
+                              " pages but the pool has " + std::to_string(ps.free + ps.cached) +
+                              " free or cached of " + std::to_string(ps.total));
     }
   }
 
-  void mlp(Index l, Index n) {
+  // Appends each sequence's new keys and values to layer l. check_pages made sure the first
+  // layer finds its pages; a short pool here would leave the step half appended.
+  void append(paged_cache& cache, const step& s, Index l) {
+    try {
+      for (Index b = 0; b < s.size(); ++b) {
+        const Index r0 = s.qo_indptr[std::size_t(b)], m = s.qo_indptr[std::size_t(b + 1)] - r0;
+        cache.append(s.seqs[std::size_t(b)], l, qkv_.block(r0, qw_, m, kvw_),
+                     qkv_.block(r0, qw_ + kvw_, m, kvw_));
+      }
+    } catch (const std::length_error& e) {
+      throw std::logic_error(std::string("batched_decoder: pages ran out after the check: ") +
+                             e.what());
+    }
+  }
+
+  void mlp(const packed_layer& pl, Index n) {
     const Index H = cfg_.hidden_dim;
-    h13_.topRows(n).noalias() = xb_.topRows(n) * w13_[std::size_t(l)].transpose();
+    pl.w13.multiply(xb_.topRows(n), h13_.topRows(n), /*accumulate=*/false);
     auto h = h13_.topRows(n).leftCols(H).array();
     hb_.topRows(n).array() = h / (1.0f + (-h).exp()) * h13_.topRows(n).rightCols(H).array();
-    x_.topRows(n).noalias() += hb_.topRows(n) * w_.layers[std::size_t(l)].w2.transpose();
+    pl.w2.multiply(hb_.topRows(n), x_.topRows(n), /*accumulate=*/true);  // down, residual
   }
 
   tiny::config cfg_;
@@ -236,12 +260,11 @@ class batched_decoder {
   kvcache::rope rope_;
   Index max_rows_, max_seqs_;
   Index qw_ = 0, kvw_ = 0;
-  std::vector<tiny::matrix> wqkv_;  // [layer] wq, wk, wv stacked: [q_width + 2 kv_width][dim]
-  std::vector<tiny::matrix> w13_;   // [layer] w1, w3 stacked: [2 hidden_dim][dim]
+  std::vector<packed_layer> layers_;
+  packed_weights classifier_;
   kvcache::attention_options opt_;
   kvcache::attention_workspace<float> ws_;
   paged_cache::batch_type batch_;
-  std::vector<Index> appended_;
   tiny::matrix x_, xb_, qkv_, att_, h13_, hb_;  // [row][...] the step's activations
   tiny::matrix xn_, logits_;                    // [wanted][...] the rows that need logits
   forward_profile prof_;

@@ -69,10 +69,11 @@ struct serve_stats {
 ///  3. one forward pass runs all rows; every request whose rows reach its last token samples
 ///     the next token (greedy); prompt pages are published as they fill; a request that has
 ///     all its tokens frees its sequence, and its slot goes to the next waiting one.
-/// When an append finds the pool short (std::length_error), the most recently admitted request
-/// is preempted: its sequence freed, the request put back at the front of the queue to be
-/// recomputed from its prompt and the tokens it generated, and the step planned again without
-/// admitting anyone.
+/// When the pool is short of the pages the step's appends take (std::length_error from the
+/// forward pass, which checks them before changing anything, as append does), the most
+/// recently admitted request is preempted: its sequence freed, the request put back at the
+/// front of the queue to be recomputed from its prompt and the tokens it generated, and the
+/// step planned again without admitting anyone.
 class scheduler {
  public:
   scheduler(batched_decoder& model, paged_cache& cache, scheduler_options opt)
