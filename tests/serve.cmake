@@ -37,6 +37,11 @@ endfunction()
 serve_checks(prefix_hits "identical_tokens=true,prefix_hit_rate>0.5,preemptions=0,requests=6"
   ${serve_model} --requests 6 --max-batch 3 --shared-prompt-len 32 --suffix-len 5 --gen 10
   --page-size 8 --chunk 64)
+# A prefill budget larger than every prompt together: the requests after the first wait a step
+# for its prompt pages instead of computing them again.
+serve_checks(prefix_wait "identical_tokens=true,prefix_waits>0,prefix_hit_rate>0.5"
+  ${serve_model} --requests 4 --max-batch 4 --shared-prompt-len 32 --suffix-len 4 --gen 6
+  --page-size 8 --chunk 1000)
 # Pages of 4 tokens, a pool of 10 for 5 requests of 35 tokens (9 pages each alone), two at a
 # time, and chunks of 7 prompt tokens (not a multiple of the page): the pool runs out while
 # requests decode, the newest is preempted and recomputed from its prompt and the tokens it had.

@@ -436,6 +436,7 @@ int main(int argc, char** argv) {
          << ",\"max_running\":" << st.max_running << ",\"preemptions\":" << st.preemptions
          << ",\"admissions\":" << st.admissions << ",\"prefill_tokens\":" << st.prefill_tokens
          << ",\"prefix_hit_tokens\":" << st.prefix_hit_tokens
+         << ",\"prefix_waits\":" << st.prefix_waits
          << ",\"computed_tokens\":" << st.computed_tokens
          << ",\"peak_pages\":" << st.peak_pages << ",\"page_bytes\":" << cache.stats().page_bytes
          << ",\"evictions\":" << cache.stats().evictions

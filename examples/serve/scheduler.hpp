@@ -48,6 +48,8 @@ struct serve_stats {
   Index prefill_tokens = 0;      // tokens prefilled at admissions: prompts (and, after a
                                  // preemption, the tokens generated before it)
   Index prefix_hit_tokens = 0;   // of them, adopted from the prefix cache
+  Index prefix_waits = 0;        // steps the next request waited for a running one's prompt
+                                 // pages to be published
   Index computed_tokens = 0;     // rows run through the model
   Index decode_rows = 0;         // of them, decode tokens
   Index peak_kv_bytes = 0;       // the cache's largest bytes()
@@ -65,7 +67,9 @@ struct serve_stats {
 ///  2. waiting requests are admitted, oldest first, while fewer than `max_batch` run, prefill
 ///     budget is left and the pool has the pages the step needs: each gets
 ///     create(tokens, n, extra_key), adopting the cached pages of its prompt's start, and
-///     prefills only the rest;
+///     prefills only the rest. A request whose prompt shares more full pages with the prompt
+///     a running request is still prefilling than the cache holds waits until they are
+///     published, rather than computing them a second time;
 ///  3. one forward pass runs all rows; every request whose rows reach its last token samples
 ///     the next token (greedy); prompt pages are published as they fill; a request that has
 ///     all its tokens frees its sequence, and its slot goes to the next waiting one.
@@ -190,6 +194,11 @@ class scheduler {
       const Index i = waiting.front();
       request& r = reqs[std::size_t(i)];
       const Index total = Index(r.tokens.size());
+      if (opt_.publish &&
+          awaits_prefix(reqs, r, cache_.match_prefix(r.tokens.data(), total - 1, opt_.extra_key))) {
+        ++st.prefix_waits;
+        break;
+      }
       const Index seq = cache_.create(r.tokens.data(), total, opt_.extra_key);
       const Index hit = cache_.prefix_hit(seq);
       const Index n = std::min(total - hit, budget);
@@ -210,6 +219,24 @@ class scheduler {
       budget -= n;
       add(r, i, n);
     }
+  }
+
+  // Whether a running request is still prefilling a prompt that shares more full pages with
+  // r's tokens than the cache holds for them (`cached` tokens): it publishes them as they
+  // fill, and admitting r now would compute them a second time.
+  bool awaits_prefix(const std::vector<request>& reqs, const request& r, Index cached) const {
+    const Index P = cache_.page_size();
+    const Index limit = Index(r.tokens.size()) - 1;  // create adopts all but the last token
+    for (const Index i : running_) {
+      const request& o = reqs[std::size_t(i)];
+      if (o.computed >= o.prompt_len) continue;  // every page of its prompt is published
+      const Index n = std::min(limit, o.prompt_len);
+      const auto end = r.tokens.begin() + n;
+      const Index common = Index(std::mismatch(r.tokens.begin(), end, o.tokens.begin()).first -
+                                 r.tokens.begin());
+      if (common / P * P > cached) return true;
+    }
+    return false;
   }
 
   void add(const request& r, Index i, Index n) {
