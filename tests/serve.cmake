@@ -66,6 +66,8 @@ serve_exits(pages_below_one_request 2 "--pages 3 cannot hold one request: 264 pr
   --pages 3)
 serve_exits(gen_overflows 2 "--gen 9223372036854775807 need more positions"
   --gen 9223372036854775807)
+serve_exits(too_many_tokens 2 "--requests 16 of 100000008 prompt tokens \\+ --gen 64 each make more"
+  --shared-prompt-len 100000000)
 serve_exits(no_prompt 2 "--shared-prompt-len 0 with --suffix-len 0"
   --shared-prompt-len 0 --suffix-len 0)
 serve_exits(shared_prompt_needs_tokenizer 2 "--shared-prompt needs --tokenizer"

@@ -224,14 +224,13 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
       w = std::move(m.w);
     }
     if (o.tokenizer_path) tok = tiny::tokenizer::load(*o.tokenizer_path, cfg.vocab_size);
-    shared = o.shared_text ? tok->encode(*o.shared_text, /*bos=*/true, /*eos=*/false)
-                           : random_tokens(o.seed, o.shared_len, cfg.vocab_size);
+    if (o.shared_text) shared = tok->encode(*o.shared_text, /*bos=*/true, /*eos=*/false);
   } catch (const std::bad_alloc&) {
     throw;  // not the argument's fault
   } catch (const std::exception& e) {
     die(e.what());
   }
-  shared_len = Index(shared.size());
+  shared_len = o.shared_text ? Index(shared.size()) : o.shared_len;
   Index prompt_len = 0, needed = 0;
   try {
     prompt_len = kvcache::detail::checked_add(shared_len, o.suffix_len, "prompt");
@@ -242,6 +241,13 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
         " need more positions than a 64-bit index holds");
   }
   if (prompt_len == 0) die("the shared prompt is empty and --suffix-len is 0: no prompt");
+  // Every request's tokens are held twice (the served and the sequential run): refuse counts
+  // that could never be, before drawing them.
+  constexpr Index most_tokens = Index(1) << 26;
+  if (needed + 1 > most_tokens / o.requests) {
+    die("--requests " + std::to_string(o.requests) + " of " + std::to_string(prompt_len) +
+        " prompt tokens + --gen " + std::to_string(o.gen) + " each make more than 2^26 tokens");
+  }
   if (!o.checkpoint && !o.seq_len_given) cfg.seq_len = std::max<Index>(needed, 1);
   if (needed > cfg.seq_len) {
     die("a prompt of " + std::to_string(prompt_len) + " tokens + --gen " + std::to_string(o.gen) +
@@ -249,6 +255,7 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
         std::to_string(cfg.seq_len));
   }
   if (!o.checkpoint) check_shape(cfg);  // with the sequence length now known
+  if (!o.shared_text) shared = random_tokens(o.seed, o.shared_len, cfg.vocab_size);
   for (Index i = 0; i < o.requests; ++i) {
     std::vector<int> p = shared;
     const auto own = random_tokens((o.seed + std::uint64_t(i)) ^ 0xc0ffeeULL, o.suffix_len,
