@@ -114,6 +114,8 @@ class scheduler {
       r.tokens.reserve(std::size_t(r.prompt_len + r.gen));
       r.seq = -1;
       r.computed = 0;
+      r.first_token_ms = r.done_ms = -1;
+      r.preempted = 0;
       waiting.push_back(Index(i));
     }
     running_.clear();
