@@ -637,8 +637,13 @@ class paged_kv_cache {
                                       pool_.available() + plan.freed, " free or cached of ",
                                       pool_.n_pages(), "; free or preempt a sequence");
     }
-    s.pages.reserve(s.pages.size() + static_cast<std::size_t>(plan.new_pages));
-    s.first.reserve(s.first.size() + static_cast<std::size_t>(plan.new_pages));
+    // Doubling, so that a sequence growing a page at a time allocates O(log pages) times.
+    const std::size_t want = s.pages.size() + static_cast<std::size_t>(plan.new_pages);
+    if (want > s.pages.capacity()) {
+      const std::size_t grown = std::max(want, 2 * s.pages.capacity());
+      s.pages.reserve(grown);
+      s.first.reserve(grown);
+    }
     return plan;
   }
 
