@@ -639,7 +639,7 @@ class paged_kv_cache {
     }
     // Doubling, so that a sequence growing a page at a time allocates O(log pages) times.
     const std::size_t want = s.pages.size() + static_cast<std::size_t>(plan.new_pages);
-    if (want > s.pages.capacity()) {
+    if (want > std::min(s.pages.capacity(), s.first.capacity())) {
       const std::size_t grown = std::max(want, 2 * s.pages.capacity());
       s.pages.reserve(grown);
       s.first.reserve(grown);
