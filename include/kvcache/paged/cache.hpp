@@ -294,6 +294,7 @@ class paged_kv_cache {
   void crop(Index seq, Index n) {
     sequence& s = seq_at(seq, "crop");
     check_crop(seq, s, n);
+    const Index sinks_held = sink_pages(s), window_from = held_from(s);
     Index stored_end = 0;
     for (auto& L : s.layers) {
       const Index E = L.next - L.tail_n;
@@ -310,9 +311,14 @@ class paged_kv_cache {
       s.pages.pop_back();
       s.first.pop_back();
     }
-    // The next page starts where the kept tokens' last page ends, or at the page holding the
-    // stored end when none is left.
-    s.table_end = s.pages.empty() ? stored_end / page_size() * page_size() : s.first.back() + page_size();
+    // The next page starts where the kept tokens' last page ends; after a window's gap when
+    // every page after it went; at the page holding the stored end when none is left.
+    if (s.gap && Index(s.pages.size()) <= sinks_held) {
+      s.table_end = window_from;
+    } else {
+      s.table_end = s.pages.empty() ? stored_end / page_size() * page_size()
+                                    : s.first.back() + page_size();
+    }
     const Index whole = s.pages.empty() ? 0 : stored_end / page_size();
     if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
   }
@@ -586,6 +592,13 @@ class paged_kv_cache {
     return i;
   }
 
+  // The position from which a sequence holds its tokens after the sink pages: the first page
+  // after them, or where the table ends. Below it, a window gave pages back when s.gap is set.
+  Index held_from(const sequence& s) const noexcept {
+    const Index d = sink_pages(s);
+    return d < Index(s.pages.size()) ? s.first[static_cast<std::size_t>(d)] : s.table_end;
+  }
+
   // The index in the table of the page holding stored position `pos` (which lies at or after
   // the window's gap).
   Index page_index(const sequence& s, Index pos) const noexcept {
@@ -775,12 +788,11 @@ class paged_kv_cache {
       }
     }
     if (s.gap) {
-      const Index d = sink_pages(s);
-      const Index held_from = d < Index(s.pages.size()) ? s.first[static_cast<std::size_t>(d)] : s.table_end;
-      const Index lowest_ok = held_from + layout_.window - 1;
+      const Index from = held_from(s);
+      const Index lowest_ok = from + layout_.window - 1;
       if (n < lowest_ok) {
         detail::fail<std::out_of_range>("crop: sequence ", seq, " gave back the tokens before ",
-                                        "position ", held_from, " to its window; it can be cut ",
+                                        "position ", from, " to its window; it can be cut ",
                                         "to ", lowest_ok, " tokens at least, not ", n);
       }
     }
