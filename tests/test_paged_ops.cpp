@@ -4,6 +4,9 @@
 #include "common.hpp"
 
 #include <algorithm>
+#include <numeric>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -34,6 +37,291 @@ TEST(PagedCrop, ASequenceRolledBackToNothingAppendsAgain) {
     EXPECT_EQ(paged.keys(seq, l), rows(l, 6, 3));
     EXPECT_EQ(paged.values(seq, l), rows(l, 6, 4));
   }
+}
+
+// ---- context shift -----------------------------------------------------------------------------
+
+struct f32_p4 { using format = plain_format<float>; static format make() { return {}; } static constexpr Index page = 4; };
+struct f16_p8 { using format = plain_format<Eigen::half>; static format make() { return {}; } static constexpr Index page = 8; };
+struct int8_g4_p8 { using format = quantized_format<8>; static format make() { return format(4, 0); } static constexpr Index page = 8; };
+struct int4_g4_r3_p4 { using format = quantized_format<4>; static format make() { return format(4, 3); } static constexpr Index page = 4; };
+
+template <class F>
+using contiguous_of = kv_cache<contiguous_layout, typename F::format>;
+
+// Positions of the tokens a view holds, oldest first.
+template <class View>
+std::vector<Index> positions_of(const View& w) {
+  std::vector<Index> out;
+  for (Index b = 0; b < w.n_blocks(); ++b) {
+    for (Index t = 0; t < w.block(0, b).tokens; ++t) out.push_back(w.position(b) + t);
+  }
+  return out;
+}
+
+// Layer by layer, `seq` of `paged` holds what `ref` holds: the same positions, the same keys and
+// values bit for bit, and attention over them agrees.
+template <class Format, class Ref>
+void expect_same(const paged_kv_cache<Format>& paged, Index seq, const Ref& ref, unsigned seed) {
+  using T = compute_t<typename Format::scalar_type>;
+  for (Index l = 0; l < paged.n_layers(); ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    ASSERT_EQ(paged.position(seq, l), ref.position(l));
+    ASSERT_EQ(paged.size(seq, l), ref.size(l));
+    EXPECT_EQ(positions_of(paged.view(seq, l)), ref.positions(l));
+    EXPECT_EQ(paged.keys(seq, l), ref.keys(l));
+    EXPECT_EQ(paged.values(seq, l), ref.values(l));
+    if (ref.size(l) == 0) continue;
+    const row_vector<T> q = random_matrix<T>(1, heads.q_width(), seed + unsigned(l));
+    row_vector<T> a(heads.q_width()), b(heads.q_width());
+    decode_attention(heads, q, paged.view(seq, l), a);
+    decode_attention(heads, q, ref.view(l), b);
+    EXPECT_LE((a - b).cwiseAbs().maxCoeff(), T(1e-5));
+  }
+}
+
+// Everything observable of some sequences and the pool.
+template <class Cache>
+std::vector<Index> snapshot(const Cache& c, const std::vector<Index>& seqs) {
+  std::vector<Index> s = {c.stats().used, c.stats().free, c.stats().cached, c.n_sequences()};
+  for (const Index q : seqs) {
+    for (Index l = 0; l < c.n_layers(); ++l) s.push_back(c.position(q, l));
+    for (const Index p : c.block_table(q)) s.push_back(p);
+    for (const Index p : c.page_positions(q)) s.push_back(p);
+  }
+  return s;
+}
+
+template <class F>
+class PagedShift : public ::testing::Test {};
+using shift_formats = ::testing::Types<f32_p4, f16_p8, int8_g4_p8, int4_g4_r3_p4>;
+TYPED_TEST_SUITE(PagedShift, shift_formats);
+
+// Layer 0 holds two tokens more than layer 1 (a forward pass under way), and another sequence's
+// pages interleave with the shifted one's.
+constexpr Index shift_tokens = 71;
+
+template <class F, class Paged, class Ref>
+void fill_for_shift(Paged& paged, Index seq, Index other, Ref& ref, const rope& r) {
+  for (Index at = 0; at < shift_tokens + 2; at += 9) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      const Index n = std::min<Index>(9, shift_tokens + (l == 0 ? 2 : 0) - at);
+      if (n <= 0) continue;
+      row_matrix<float> k = rows(l, shift_tokens + 2, 1).middleRows(at, n);
+      r.apply(k, at);
+      const row_matrix<float> v = rows(l, shift_tokens + 2, 2).middleRows(at, n);
+      paged.append(seq, l, k, v);
+      ref.append(l, k, v);
+      paged.append(other, l, rows(l, n, 50 + unsigned(at)), rows(l, n, 60 + unsigned(at)));
+    }
+  }
+}
+
+TYPED_TEST(PagedShift, EqualsTheContiguousShift) {
+  using F = TypeParam;
+  const rope r(model.head_dim());
+  for (const auto& [first, last] : {std::pair<Index, Index>{10, 30}, {4, 5}, {37, 40}, {60, 71},
+                                    {50, 50}, {0, 3}, {8, 16}, {70, 71}, {0, 71}, {71, 71}}) {
+    SCOPED_TRACE("shift [" + std::to_string(first) + ", " + std::to_string(last) + ")");
+    paged_kv_cache<typename F::format> paged(model, {F::page, 64}, F::make());
+    contiguous_of<F> ref(model, {}, F::make());
+    const Index seq = paged.create(), other = paged.create();
+    fill_for_shift<F>(paged, seq, other, ref, r);
+    const auto other_keys = paged.keys(other, 1);
+    const Index other_pages = Index(paged.block_table(other).size());
+    paged.shift(seq, first, last, r);
+    ref.shift(first, last, r);
+    expect_same(paged, seq, ref, 3);
+    // The table holds the stored tokens' pages and no more; the other sequence is untouched.
+    Index stored = 0;
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      stored = std::max(stored, paged.size(seq, l) - paged.view(seq, l).tail_tokens);
+    }
+    EXPECT_EQ(Index(paged.block_table(seq).size()), detail::ceil_div(stored, F::page));
+    EXPECT_EQ(paged.stats().used, Index(paged.block_table(seq).size()) + other_pages);
+    EXPECT_EQ(paged.keys(other, 1), other_keys);
+    // Both go on alike.
+    for (Index step = 0; step < 3; ++step) {
+      for (Index l = 0; l < model.n_layers(); ++l) {
+        const auto k = rows(l, 5, 70 + unsigned(step)), v = rows(l, 5, 80 + unsigned(step));
+        paged.append(seq, l, k, v);
+        ref.append(l, k, v);
+      }
+    }
+    expect_same(paged, seq, ref, 4);
+  }
+}
+
+TYPED_TEST(PagedShift, LeavesAForkAsItWas) {
+  using F = TypeParam;
+  const rope r(model.head_dim());
+  paged_kv_cache<typename F::format> paged(model, {F::page, 64}, F::make());
+  contiguous_of<F> ref(model, {}, F::make());
+  const Index seq = paged.create(), other = paged.create();
+  fill_for_shift<F>(paged, seq, other, ref, r);
+  const Index fork = paged.fork(seq);
+  const auto table = paged.block_table(fork);
+  const contiguous_of<F> fork_ref = ref;
+  paged.shift(seq, 21, 33, r);
+  ref.shift(21, 33, r);
+  expect_same(paged, seq, ref, 5);
+  expect_same(paged, fork, fork_ref, 6);
+  EXPECT_EQ(paged.block_table(fork), table);
+  // The pages wholly before the unit holding position 21 are still shared.
+  const Index shared = 21 / 4 * 4 / F::page;
+  for (Index i = 0; i < shared; ++i) {
+    EXPECT_EQ(paged.block_table(seq)[std::size_t(i)], table[std::size_t(i)]);
+  }
+  EXPECT_NE(paged.block_table(seq)[std::size_t(shared)], table[std::size_t(shared)]);
+  paged.free(fork);
+  expect_same(paged, seq, ref, 7);
+  // Shifting the fork's former pages again needs no copy now.
+  const Index used = paged.stats().used;
+  paged.shift(seq, 40, 41, r);
+  ref.shift(40, 41, r);
+  expect_same(paged, seq, ref, 8);
+  EXPECT_LE(paged.stats().used, used);
+}
+
+TYPED_TEST(PagedShift, KeepsPublishedPagesForThePrefixIndex) {
+  using F = TypeParam;
+  const rope r(model.head_dim());
+  paged_kv_cache<typename F::format> paged(model, {F::page, 64}, F::make());
+  contiguous_of<F> ref(model, {}, F::make());
+  const Index seq = paged.create(), other = paged.create();
+  fill_for_shift<F>(paged, seq, other, ref, r);
+  std::vector<std::int32_t> ids(shift_tokens);
+  std::iota(ids.begin(), ids.end(), 100);
+  const Index published = paged.publish(seq, ids.data(), shift_tokens);
+  ASSERT_GT(published, 2);
+  const Index hit = paged.match_prefix(ids.data(), shift_tokens);
+  const Index adopted = paged.create(ids.data(), shift_tokens);
+  const auto adopted_keys = paged.keys(adopted, 0);
+  paged.free(adopted);  // its pages stay cached, published
+  const Index first = F::page + 3, last = 3 * F::page + 1;
+  paged.shift(seq, first, last, r);
+  ref.shift(first, last, r);
+  expect_same(paged, seq, ref, 9);
+  // The index still finds the old prompt's pages, holding what they held.
+  EXPECT_EQ(paged.match_prefix(ids.data(), shift_tokens), hit);
+  const Index again = paged.create(ids.data(), shift_tokens);
+  EXPECT_EQ(paged.keys(again, 0), adopted_keys);
+  EXPECT_EQ(paged.block_table(again)[0], paged.block_table(seq)[0]);  // before `first`: shared
+  paged.free(again);
+  // The shifted sequence publishes its new tokens from the page holding `first` on.
+  std::vector<std::int32_t> kept(ids.begin(), ids.begin() + first);
+  kept.insert(kept.end(), ids.begin() + last, ids.end());
+  EXPECT_EQ(paged.match_prefix(kept.data(), Index(kept.size())), F::page);
+  EXPECT_GT(paged.publish(seq, kept.data(), Index(kept.size())), 0);
+  Index stored = paged.size(seq, 1) - paged.view(seq, 1).tail_tokens;
+  EXPECT_EQ(paged.match_prefix(kept.data(), Index(kept.size())), stored / F::page * F::page);
+}
+
+TEST(PagedShiftErrors, RefusesAndChangesNothing) {
+  const rope r(model.head_dim());
+  paged_kv_cache<plain_format<float>> paged(model, {4, 3});
+  const Index a = paged.create();
+  for (Index l = 0; l < model.n_layers(); ++l) paged.append(a, l, rows(l, 10, 1), rows(l, 10, 2));
+  paged.append(a, 0, rows(0, 1, 3), rows(0, 1, 4));  // layer 0 at 11, layer 1 at 10
+  const Index b = paged.fork(a);                      // every page shared, none free
+  const auto before = snapshot(paged, {a, b});
+  const auto keys = paged.keys(a, 0);
+  EXPECT_THROW(paged.shift(7, 1, 2, r), std::out_of_range);
+  EXPECT_THROW(paged.shift(a, 3, 2, r), std::out_of_range);
+  EXPECT_THROW(paged.shift(a, -1, 2, r), std::out_of_range);
+  EXPECT_THROW(paged.shift(a, 5, 11, r), std::out_of_range);  // layer 1 holds 10 tokens
+  EXPECT_THROW(paged.shift(a, 1, 2, rope(8)), std::invalid_argument);
+  // Position 5 lies in a shared page that keeps tokens: it must be copied, and the shared page
+  // after it replaced, but no page is free.
+  try {
+    paged.shift(a, 5, 6, r);
+    ADD_FAILURE() << "shifted without a page";
+  } catch (const std::length_error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs 2 more pages"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(snapshot(paged, {a, b}), before);
+  EXPECT_EQ(paged.keys(a, 0), keys);
+  // From a page boundary nothing is copied, but the two shared pages after it are replaced.
+  EXPECT_THROW(paged.shift(a, 4, 5, r), std::length_error);
+  EXPECT_EQ(snapshot(paged, {a, b}), before);
+  // Once b is gone, a alone holds its pages and shifts in them.
+  paged.free(b);
+  const std::vector<Index> table = paged.block_table(a);
+  paged.shift(a, 5, 6, r);
+  EXPECT_EQ(paged.position(a, 0), 10);
+  EXPECT_EQ(paged.position(a, 1), 9);
+  EXPECT_EQ(paged.block_table(a), table);
+  // Dropping the last page's tokens gives it back.
+  paged.shift(a, 5, 9, r);
+  EXPECT_EQ(paged.block_table(a).size(), 2u);
+  EXPECT_EQ(paged.stats().free, 1);
+}
+
+// Windows: a shift after the window gave pages back moves only held tokens and leaves the window
+// of the next position whole, as a ring that held every token would.
+TEST(PagedShiftWindow, AttendsAsARingThatHeldEveryToken) {
+  using T = float;
+  const rope r(model.head_dim());
+  const Index window = 10, sinks = 3, P = 4;
+  const auto make = [&](paged_kv_cache<plain_format<float>>& paged,
+                        kv_cache<ring_layout, plain_format<float>>& ring) {
+    const Index seq = paged.create();
+    for (Index t = 0; t < 60; ++t) {
+      for (Index l = 0; l < model.n_layers(); ++l) {
+        row_matrix<float> k = rows(l, 1, 100 + unsigned(t));
+        r.apply(k, t);
+        const auto v = rows(l, 1, 300 + unsigned(t));
+        paged.append(seq, l, k, v);
+        ring.append(l, k, v);
+      }
+    }
+    return seq;
+  };
+  const auto same_attention = [&](const paged_kv_cache<plain_format<float>>& paged, Index seq,
+                                  const kv_cache<ring_layout, plain_format<float>>& ring,
+                                  unsigned seed) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      ASSERT_EQ(paged.position(seq, l), ring.position(l));
+      const row_vector<T> q = random_matrix<T>(1, heads.q_width(), seed + unsigned(l));
+      row_vector<T> a(heads.q_width()), b(heads.q_width());
+      decode_attention(heads, q, paged.view(seq, l), a);
+      decode_attention(heads, q, ring.view(l), b);
+      ASSERT_LE((a - b).cwiseAbs().maxCoeff(), 1e-6) << "layer " << l;
+    }
+  };
+  for (const auto& [first, last] : {std::pair<Index, Index>{52, 54}, {49, 50}, {48, 49}, {3, 52}, {4, 60}}) {
+    SCOPED_TRACE("shift [" + std::to_string(first) + ", " + std::to_string(last) + ")");
+    paged_kv_cache<plain_format<float>> paged(model, {P, 16, window, sinks});
+    kv_cache<ring_layout, plain_format<float>> ring(model, {window, sinks, 64});
+    const Index seq = make(paged, ring);
+    ASSERT_EQ(paged.page_positions(seq), (std::vector<Index>{0, 48, 52, 56}));
+    paged.shift(seq, first, last, r);
+    ring.shift(first, last, r);
+    same_attention(paged, seq, ring, 1);
+    if (first <= P) {
+      // Rebuilt from the sink page on: the gap is closed, every token held again.
+      EXPECT_EQ(paged.size(seq, 0), paged.position(seq, 0));
+      EXPECT_EQ(paged.keys(seq, 0), ring.keys(0));
+    }
+    for (Index t = 0; t < 12; ++t) {
+      for (Index l = 0; l < model.n_layers(); ++l) {
+        const auto k = rows(l, 1, 500 + unsigned(t)), v = rows(l, 1, 600 + unsigned(t));
+        paged.append(seq, l, k, v);
+        ring.append(l, k, v);
+      }
+      same_attention(paged, seq, ring, 10 + unsigned(t));
+    }
+    EXPECT_LE(Index(paged.block_table(seq).size()), 1 + detail::ceil_div(window, P) + 1);
+  }
+  paged_kv_cache<plain_format<float>> paged(model, {P, 16, window, sinks});
+  kv_cache<ring_layout, plain_format<float>> ring(model, {window, sinks, 64});
+  const Index seq = make(paged, ring);
+  const auto before = snapshot(paged, {seq});
+  EXPECT_THROW(paged.shift(seq, 2, 5, r), std::out_of_range);    // a sink
+  EXPECT_THROW(paged.shift(seq, 20, 50, r), std::out_of_range);  // positions 4..47 went
+  EXPECT_THROW(paged.shift(seq, 3, 40, r), std::out_of_range);   // 40..47 cannot be moved
+  EXPECT_THROW(paged.shift(seq, 52, 55, r), std::out_of_range);  // position 56 sees 47..
+  EXPECT_EQ(snapshot(paged, {seq}), before);
 }
 
 }  // namespace

@@ -9,9 +9,11 @@
 #include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
 #include "kvcache/layout/paged.hpp"
+#include "kvcache/layout/plan.hpp"
 #include "kvcache/paged/pool.hpp"
 #include "kvcache/paged/prefix_hash.hpp"
 #include "kvcache/paged/view.hpp"
+#include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/types.hpp"
 
@@ -41,6 +43,9 @@ namespace kvcache {
 ///   sequence holds stays cached until the pool needs it, least recently used first.
 /// - With a window (paged_layout), a page that falls wholly out of the window and holds no
 ///   sink returns to the pool at the sequence's next append.
+/// - Rollback (crop), context shift (shift) and saving and loading one sequence
+///   (io/paged_file.hpp) work as they do for kv_cache, and never write into a page that another
+///   sequence or the prefix index holds.
 ///
 /// Running out of pages is an answer: an append or prefill that needs more pages than are
 /// free or cached throws std::length_error before anything changes; free() or crop() a
@@ -331,6 +336,95 @@ class paged_kv_cache {
     crop(seq, p - k);
   }
 
+  // ---- context shift ----------------------------------------------------------------------
+
+  /// Context shift of `seq` (llama.cpp's seq_rm + seq_add; StreamingLLM's re-rotation), as
+  /// kv_cache::shift does it: drops the tokens at positions [first, last) of every layer and
+  /// moves every later token `last - first` positions back, re-rotating its key by
+  /// -(last - first) with `rope`, so generation continues as if the dropped tokens had never
+  /// been there. Sinks stay: first must not be below layout().sinks. Tokens before `first` keep
+  /// their stored form; a quantized format re-quantizes from the group holding `first` on, so
+  /// the sequence ends up holding what kv_cache::shift leaves of the same tokens.
+  ///
+  /// Pages: the tokens from that group on are read back and appended again. A page is written
+  /// in place only when this sequence alone holds it and it is not published; a page shared
+  /// with a fork or in the prefix index is copied first when it holds tokens that stay
+  /// (copy-on-write), or else left to its other holders and replaced, so other sequences and
+  /// the prefix index see no change. Pages no longer needed return to the pool. The sequence
+  /// forgets the hashes of its pages from the one holding `first` on (they no longer hold the
+  /// same prefix): publish() its new token ids to share them again.
+  ///
+  /// Cost: reads and rewrites the tokens from `first` on in every layer, with scratch for them
+  /// allocated once. Throws std::out_of_range for a sequence that does not exist, unless
+  /// sinks <= first <= last <= position(seq, l) for every layer, or when a window already gave
+  /// back tokens that the shift would move or that the window of the new next position needs;
+  /// std::invalid_argument when rope.head_dim() differs from the cache's; std::length_error
+  /// when the pool has too few free or cached pages for the pages to copy and the new ones
+  /// (after those the shift gives back that no other sequence holds); nothing changes then.
+  void shift(Index seq, Index first, Index last, const rope& rope) {
+    sequence& s = seq_at(seq, "shift");
+    if (rope.head_dim() != shape_.head_dim()) {
+      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
+                                          ", the cache ", shape_.head_dim());
+    }
+    for (Index l = 0; l < n_layers(); ++l) {
+      const layer_state& L = s.layers[static_cast<std::size_t>(l)];
+      if (first < layout_.sinks || first > last || last > L.next) {
+        detail::fail<std::out_of_range>("shift: positions [", first, ", ", last,
+                                        ") must lie within [", layout_.sinks, ", ", L.next,
+                                        "] of layer ", l, " of sequence ", seq, " (sinks stay)");
+      }
+    }
+    const shift_plan plan = plan_shift(seq, s, first, last);
+    // Every token that stays, read back (the moved keys re-rotated) before anything changes.
+    const Index delta = last - first, width = shape_.kv_width();
+    std::vector<row_matrix<compute_type>> keys(s.layers.size()), values(s.layers.size());
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      const layer_state& L = s.layers[l];
+      const Index from = plan.from[l], before = first - from, after = L.next - last;
+      keys[l].resize(before + after, width);
+      values[l].resize(before + after, width);
+      read_tokens(s, L, from, first, keys[l], values[l], 0);
+      read_tokens(s, L, last, L.next, keys[l], values[l], before);
+      if (after > 0) rope.rotate(keys[l].bottomRows(after), -delta);
+    }
+    s.pages.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
+    s.first.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
+    // From here on nothing throws: the pool has the pages, the vectors the room.
+    std::size_t reused = 0;  // plan.reuse lists pages of the table in its order
+    for (std::size_t j = static_cast<std::size_t>(plan.keep); j < s.pages.size(); ++j) {
+      if (reused < plan.reuse.size() && s.pages[j] == plan.reuse[reused]) {
+        ++reused;
+      } else {
+        pool_.release(s.pages[j]);
+      }
+    }
+    for (const Index j : plan.copies) {
+      auto& slot = s.pages[static_cast<std::size_t>(j)];
+      const Index fresh = pool_.allocate();
+      pool_.copy_page(fresh, slot);
+      pool_.release(slot);
+      slot = fresh;
+    }
+    s.pages.resize(static_cast<std::size_t>(plan.keep));
+    s.first.resize(static_cast<std::size_t>(plan.keep));
+    for (Index i = 0; i < plan.new_pages; ++i) {
+      const auto r = static_cast<std::size_t>(i);
+      s.pages.push_back(r < plan.reuse.size() ? plan.reuse[r] : pool_.allocate());
+      s.first.push_back(plan.start + i * page_size());
+    }
+    s.table_end = plan.start + plan.new_pages * page_size();
+    if (plan.closes_gap) s.gap = false;
+    const Index whole = first / page_size();
+    if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      layer_state& L = s.layers[l];
+      L.next = plan.from[l];
+      L.tail_n = 0;
+      write(s, L, keys[l], values[l]);
+    }
+  }
+
   // ---- prefix caching ---------------------------------------------------------------------
 
   /// Tokens of the prompt `tokens[0..n)` held in cached full pages under `extra_key`: the
@@ -476,6 +570,126 @@ class paged_kv_cache {
     Index copy_index = 0;
     Index new_pages = 0;
   };
+
+  // What a shift takes, decided before anything changes.
+  struct shift_plan {
+    std::vector<Index> from;   // [layer] where it is rebuilt from: the unit holding `first`
+    Index keep = 0;            // leading pages that keep tokens in place
+    std::vector<Index> copies; // of them, the indices of shared pages to copy before writing
+    Index start = 0;           // the position of the first page after them
+    Index new_pages = 0;       // pages after them
+    std::vector<Index> reuse;  // pages after them that this sequence alone holds, kept for those
+    bool closes_gap = false;   // rebuilt from the sink pages on: the window's gap closes
+  };
+
+  // Checks a shift of [first, last) of `s` (positions checked) against the window and the
+  // pool, and says which pages it keeps, copies, reuses and takes.
+  shift_plan plan_shift(Index seq, const sequence& s, Index first, Index last) const {
+    shift_plan plan;
+    const Index P = page_size(), delta = last - first;
+    plan.from.resize(s.layers.size());
+    Index from_max = 0, new_end = 0, lowest_next = no_limit;
+    std::vector<Index> ends(s.layers.size());  // [layer] where its stored tokens end after
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      const layer_state& L = s.layers[l];
+      const Index E = L.next - L.tail_n;
+      const Index from = first < E ? first / unit_ * unit_ : E;
+      const Index n = (first - from) + (L.next - last);
+      Index flushed = n;
+      if (uses_tail_) flushed = n >= tail_cap_ ? ((n - tail_cap_) / unit_ + 1) * unit_ : 0;
+      plan.from[l] = from;
+      ends[l] = from + flushed;
+      from_max = std::max(from_max, from);
+      new_end = std::max(new_end, ends[l]);
+      lowest_next = std::min(lowest_next, L.next - delta);
+    }
+    // A window's gap: tokens [sink_end, held) were given back. The shift must read only held
+    // tokens and rebuild either within the sink pages (closing the gap) or after it.
+    const Index d = sink_pages(s), sink_end = d * P, held = held_from(s);
+    if (s.gap) {
+      if (first > sink_end && first < held) {
+        detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens of ",
+                                        "positions [", sink_end, ", ", held, ") to its window; ",
+                                        "first = ", first, " must not lie among them");
+      }
+      if (first <= sink_end) {
+        if (last < held) {
+          detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens of ",
+                                          "positions [", sink_end, ", ", held, ") to its window; ",
+                                          "the tokens from last = ", last, " on cannot be moved");
+        }
+        plan.closes_gap = true;
+      } else if (lowest_next - layout_.window < held) {
+        detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens before ",
+                                        "position ", held, " to its window; dropping [", first,
+                                        ", ", last, ") is not exact: the window of position ",
+                                        lowest_next - 1, " would need tokens from position ",
+                                        std::max(layout_.sinks, lowest_next - layout_.window));
+      }
+    }
+    // Pages that keep tokens in place, then the pages of the rebuilt tokens after them.
+    const Index n_pages = Index(s.pages.size());
+    while (plan.keep < n_pages && s.first[static_cast<std::size_t>(plan.keep)] < from_max) ++plan.keep;
+    plan.start = plan.keep > 0 ? s.first[static_cast<std::size_t>(plan.keep - 1)] + P : 0;
+    if (s.gap && !plan.closes_gap && plan.keep <= d) plan.start = held;
+    plan.new_pages = new_end > plan.start ? detail::ceil_div(new_end - plan.start, P) : 0;
+    for (Index j = 0; j < plan.keep; ++j) {
+      const Index pos = s.first[static_cast<std::size_t>(j)];
+      bool written = false;
+      for (std::size_t l = 0; l < s.layers.size(); ++l) {
+        written = written || (pos < ends[l] && pos + P > plan.from[l]);
+      }
+      if (written && !pool_.writable(s.pages[static_cast<std::size_t>(j)])) plan.copies.push_back(j);
+    }
+    Index freed = 0;
+    for (Index j = plan.keep; j < n_pages; ++j) {
+      const Index p = s.pages[static_cast<std::size_t>(j)];
+      if (Index(plan.reuse.size()) < plan.new_pages && pool_.writable(p)) {
+        plan.reuse.push_back(p);
+      } else if (pool_.ref_count(p) == 1) {
+        ++freed;
+      }
+    }
+    const Index need = Index(plan.copies.size()) + plan.new_pages - Index(plan.reuse.size());
+    if (need > pool_.available() + freed) {
+      detail::fail<std::length_error>("shift: sequence ", seq, " needs ", need, " more page",
+                                      need == 1 ? "" : "s", " but the pool has ",
+                                      pool_.available() + freed, " free or cached of ",
+                                      pool_.n_pages(), "; free or preempt a sequence");
+    }
+    return plan;
+  }
+
+  // Reads the tokens at positions [a, b) of layer L of s, which it holds, into rows row.. of
+  // k and v: stored units through a scratch of whole units, then the tail.
+  void read_tokens(const sequence& s, const layer_state& L, Index a, Index b,
+                   row_matrix<compute_type>& k, row_matrix<compute_type>& v, Index row) const {
+    const Index E = L.next - L.tail_n, width = shape_.kv_width(), upp = pool_.units_per_page();
+    const Index stored_b = std::min(b, E);
+    if (a < stored_b) {
+      const Index u0 = a / unit_ * unit_, u1 = detail::ceil_div(stored_b, unit_) * unit_;
+      row_matrix<compute_type> uk(u1 - u0, width), uv(u1 - u0, width);
+      const auto& storage = pool_.storage(layer_index(s, L));
+      for (Index pos = u0; pos < u1;) {
+        const auto idx = static_cast<std::size_t>(
+            std::upper_bound(s.first.begin(), s.first.end(), pos) - s.first.begin() - 1);
+        const Index within = (pos - s.first[idx]) / unit_;
+        const Index units = std::min(upp - within, (u1 - pos) / unit_);
+        format_.read(storage, s.pages[idx] * upp + within, units,
+                     uk.middleRows(pos - u0, units * unit_), uv.middleRows(pos - u0, units * unit_));
+        pos += units * unit_;
+      }
+      k.middleRows(row, stored_b - a) = uk.middleRows(a - u0, stored_b - a);
+      v.middleRows(row, stored_b - a) = uv.middleRows(a - u0, stored_b - a);
+      row += stored_b - a;
+      a = stored_b;
+    }
+    if (a < b) {
+      using rows = Eigen::Map<const row_matrix<compute_type>>;
+      k.middleRows(row, b - a) = rows(L.tail_k.data() + (a - E) * width, b - a, width);
+      v.middleRows(row, b - a) = rows(L.tail_v.data() + (a - E) * width, b - a, width);
+    }
+  }
 
   Index tail_token_bytes() const noexcept {
     return 2 * shape_.kv_width() * Index(sizeof(compute_type));
