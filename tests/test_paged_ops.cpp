@@ -1,10 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // Operations on one sequence of a paged cache: rollback to nothing, context shift against the
-// contiguous cache's, and saving and loading a sequence.
+// contiguous cache's, and saving and loading a sequence (io/paged_file.hpp).
 #include "common.hpp"
 
+#include <kvcache/io/paged_file.hpp>
+
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <numeric>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -322,6 +327,345 @@ TEST(PagedShiftWindow, AttendsAsARingThatHeldEveryToken) {
   EXPECT_THROW(paged.shift(seq, 3, 40, r), std::out_of_range);   // 40..47 cannot be moved
   EXPECT_THROW(paged.shift(seq, 52, 55, r), std::out_of_range);  // position 56 sees 47..
   EXPECT_EQ(snapshot(paged, {seq}), before);
+}
+
+// ---- saving and loading a sequence ---------------------------------------------------------------
+
+struct f64_p3 { using format = plain_format<double>; static format make() { return {}; } static constexpr Index page = 3; };
+struct bf16_p1 { using format = plain_format<Eigen::bfloat16>; static format make() { return {}; } static constexpr Index page = 1; };
+struct f16_p16 { using format = plain_format<Eigen::half>; static format make() { return {}; } static constexpr Index page = 16; };
+
+template <class F>
+class PagedFile : public ::testing::Test {};
+using file_formats = ::testing::Types<f32_p4, f64_p3, f16_p16, bf16_p1, int8_g4_p8, int4_g4_r3_p4>;
+TYPED_TEST_SUITE(PagedFile, file_formats);
+
+template <class Format>
+std::string saved(const paged_kv_cache<Format>& cache, Index seq) {
+  std::stringstream out;
+  io::save(cache, seq, out, "test.kvp");
+  return out.str();
+}
+
+template <class Format>
+Index loaded(paged_kv_cache<Format>& cache, const std::string& bytes, const char* name = "test.kvp") {
+  std::istringstream in(bytes);
+  return io::load(cache, in, name);
+}
+
+// Two sequences hold the same tokens at the same positions, bit for bit, in the same block
+// structure, and attention over them is the same.
+template <class Format>
+void expect_same_sequence(const paged_kv_cache<Format>& a, Index sa, const paged_kv_cache<Format>& b,
+                          Index sb, unsigned seed) {
+  using T = compute_t<typename Format::scalar_type>;
+  EXPECT_EQ(a.page_positions(sa), b.page_positions(sb));
+  for (Index l = 0; l < a.n_layers(); ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    ASSERT_EQ(a.position(sa, l), b.position(sb, l));
+    ASSERT_EQ(a.size(sa, l), b.size(sb, l));
+    EXPECT_EQ(a.view(sa, l).tail_tokens, b.view(sb, l).tail_tokens);
+    EXPECT_EQ(positions_of(a.view(sa, l)), positions_of(b.view(sb, l)));
+    EXPECT_EQ(a.keys(sa, l), b.keys(sb, l));
+    EXPECT_EQ(a.values(sa, l), b.values(sb, l));
+    if (a.size(sa, l) == 0) continue;
+    const row_vector<T> q = random_matrix<T>(1, heads.q_width(), seed + unsigned(l));
+    row_vector<T> x(heads.q_width()), y(heads.q_width());
+    decode_attention(heads, q, a.view(sa, l), x);
+    decode_attention(heads, q, b.view(sb, l), y);
+    EXPECT_EQ(x, y);
+  }
+}
+
+TYPED_TEST(PagedFile, RoundTripsBitForBitAndGoesOnAlike) {
+  using F = TypeParam;
+  paged_kv_cache<typename F::format> paged(model, {F::page, 128}, F::make());
+  const Index other = paged.create(), seq = paged.create();
+  for (Index at = 0; at < 23; at += 6) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      const Index n = std::min<Index>(6, (l == 0 ? 23 : 21) - at);  // layer 1 two tokens behind
+      paged.append(seq, l, rows(l, 23, 1).middleRows(at, n), rows(l, 23, 2).middleRows(at, n));
+      paged.append(other, l, rows(l, n, 3 + unsigned(at)), rows(l, n, 4 + unsigned(at)));
+    }
+  }
+  const Index fork = paged.fork(seq);  // shared pages save as any others
+  const std::string bytes = saved(paged, seq);
+
+  // Into a cache of the same shape whose pool is laid out otherwise.
+  paged_kv_cache<typename F::format> target(model, {F::page, 100}, F::make());
+  const Index busy = target.create();
+  for (Index l = 0; l < model.n_layers(); ++l) target.append(busy, l, rows(l, 7, 5), rows(l, 7, 6));
+  const auto busy_keys = target.keys(busy, 0);
+  const Index id = loaded(target, bytes);
+  EXPECT_NE(id, busy);
+  EXPECT_EQ(target.n_sequences(), 2);
+  expect_same_sequence(paged, seq, target, id, 1);
+  EXPECT_EQ(target.stats().used, Index(target.block_table(busy).size() + target.block_table(id).size()));
+  EXPECT_EQ(saved(target, id), bytes);  // the same bytes back
+  EXPECT_EQ(target.keys(busy, 0), busy_keys) << "the other sequence is untouched";
+  // Both go on alike: a token to layer 1, then chunks to every layer.
+  paged.append(seq, 1, rows(1, 2, 7), rows(1, 2, 8));
+  target.append(id, 1, rows(1, 2, 7), rows(1, 2, 8));
+  for (Index step = 0; step < 4; ++step) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      const auto k = rows(l, 3, 9 + unsigned(step)), v = rows(l, 3, 19 + unsigned(step));
+      paged.append(seq, l, k, v);
+      target.append(id, l, k, v);
+    }
+    expect_same_sequence(paged, seq, target, id, 2 + unsigned(step));
+  }
+  expect_same_sequence(paged, fork, target, loaded(target, bytes), 9);
+
+  // An empty sequence round-trips too, and appends from 0.
+  const Index empty = paged.create();
+  const Index back = loaded(target, saved(paged, empty));
+  EXPECT_EQ(target.position(back), 0);
+  EXPECT_TRUE(target.block_table(back).empty());
+  for (Index l = 0; l < model.n_layers(); ++l) target.append(back, l, rows(l, 5, 1), rows(l, 5, 2));
+  EXPECT_EQ(target.position(back), 5);
+}
+
+TYPED_TEST(PagedFile, RefusesDamagedFilesAndChangesNothing) {
+  using F = TypeParam;
+  paged_kv_cache<typename F::format> paged(model, {F::page, 64}, F::make());
+  const Index seq = paged.create();
+  for (Index l = 0; l < model.n_layers(); ++l) paged.append(seq, l, rows(l, 19, 1), rows(l, 19, 2));
+  const std::string bytes = saved(paged, seq);
+
+  paged_kv_cache<typename F::format> target(model, {F::page, 64}, F::make());
+  const Index busy = target.create();
+  for (Index l = 0; l < model.n_layers(); ++l) target.append(busy, l, rows(l, 5, 3), rows(l, 5, 4));
+  const auto before = snapshot(target, {busy});
+  const auto keys = target.keys(busy, 1);
+  for (std::size_t cut = 0; cut < bytes.size(); cut += 1 + bytes.size() / 97) {
+    EXPECT_THROW(loaded(target, bytes.substr(0, cut), "cut.kvp"), io::format_error) << "cut at " << cut;
+  }
+  for (std::size_t at = 0; at < bytes.size(); at += 1 + bytes.size() / 61) {
+    std::string bad = bytes;
+    bad[at] = char(bad[at] ^ 0x10);
+    EXPECT_THROW(loaded(target, bad, "flipped.kvp"), io::format_error) << "byte " << at;
+  }
+  EXPECT_EQ(snapshot(target, {busy}), before);
+  EXPECT_EQ(target.keys(busy, 1), keys);
+}
+
+// A cache of another shape, format, page size or window refuses the file, naming what differs.
+TEST(PagedFileErrors, AnotherKindOfCacheIsNamed) {
+  paged_kv_cache<plain_format<float>> paged(model, {4, 16, 8, 2});
+  const Index seq = paged.create();
+  for (Index l = 0; l < model.n_layers(); ++l) paged.append(seq, l, rows(l, 9, 1), rows(l, 9, 2));
+  const std::string bytes = saved(paged, seq);
+  const auto refused = [&](auto&& cache, const char* field) {
+    try {
+      loaded(cache, bytes);
+      ADD_FAILURE() << "loaded into a cache of another " << field;
+    } catch (const io::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("test.kvp"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(cache.n_sequences(), 0);
+    EXPECT_EQ(cache.stats().used, 0);
+  };
+  refused(paged_kv_cache<plain_format<float>>(cache_shape(2, 8, 4, 16), {4, 16, 8, 2}), "n_kv_heads");
+  refused(paged_kv_cache<plain_format<float>>(cache_shape(3, 8, 2, 16), {4, 16, 8, 2}), "n_layers");
+  refused(paged_kv_cache<plain_format<Eigen::half>>(model, {4, 16, 8, 2}), "format");
+  refused(paged_kv_cache<plain_format<float>>(model, {8, 16, 8, 2}), "page_size");
+  refused(paged_kv_cache<plain_format<float>>(model, {4, 16, 9, 2}), "window");
+  refused(paged_kv_cache<plain_format<float>>(model, {4, 16, 8, 1}), "sinks");
+  refused(paged_kv_cache<plain_format<float>>(model, {4, 16}), "window");
+  refused(paged_kv_cache<quantized_format<8>>(model, {4, 16, 8, 2}, quantized_format<8>(4, 0)), "format");
+  refused(paged_kv_cache<quantized_format<8>>(model, {4, 16, 8, 2}, quantized_format<8>(2, 0)), "format");
+  // A whole-cache file is not a sequence file, nor the other way round.
+  kv_cache<contiguous_layout, plain_format<float>> whole(model);
+  std::stringstream file;
+  io::save(whole, file, "whole.kv");
+  paged_kv_cache<plain_format<float>> target(model, {4, 16, 8, 2});
+  EXPECT_THROW(loaded(target, file.str()), io::format_error);
+  std::istringstream in(bytes);
+  EXPECT_THROW(io::load(whole, in, "test.kvp"), io::format_error);
+  EXPECT_EQ(target.n_sequences(), 0);
+}
+
+// Group sizes differ, residuals differ: both are named.
+TEST(PagedFileErrors, AnotherGroupOrResidualIsNamed) {
+  paged_kv_cache<quantized_format<8>> paged(model, {8, 16}, quantized_format<8>(4, 3));
+  const Index seq = paged.create();
+  for (Index l = 0; l < model.n_layers(); ++l) paged.append(seq, l, rows(l, 9, 1), rows(l, 9, 2));
+  const std::string bytes = saved(paged, seq);
+  for (const auto& [format, field] : {std::pair<quantized_format<8>, const char*>{quantized_format<8>(8, 3), "group size"},
+                                      {quantized_format<8>(4, 0), "residual"}}) {
+    paged_kv_cache<quantized_format<8>> other(model, {8, 16}, format);
+    try {
+      loaded(other, bytes);
+      ADD_FAILURE() << "loaded with another " << field;
+    } catch (const io::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(PagedFileErrors, AFullPoolRefusesWithLengthErrorAndCachedPagesServe) {
+  paged_kv_cache<plain_format<float>> paged(model, {4, 16});
+  const Index seq = paged.create();
+  for (Index l = 0; l < model.n_layers(); ++l) paged.append(seq, l, rows(l, 10, 1), rows(l, 10, 2));
+  const std::string bytes = saved(paged, seq);  // 3 pages
+
+  paged_kv_cache<plain_format<float>> target(model, {4, 4});
+  const Index busy = target.create();
+  for (Index l = 0; l < model.n_layers(); ++l) target.append(busy, l, rows(l, 6, 3), rows(l, 6, 4));
+  const auto before = snapshot(target, {busy});
+  try {
+    loaded(target, bytes);
+    ADD_FAILURE() << "loaded 3 pages into 2";
+  } catch (const std::length_error& e) {
+    EXPECT_NE(std::string(e.what()).find("needs 3 pages"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(snapshot(target, {busy}), before);
+  // Published pages that no sequence holds are cached, and a load may take them.
+  const std::vector<std::int32_t> ids = {1, 2, 3, 4, 5, 6};
+  target.publish(busy, ids.data(), 6);
+  target.free(busy);
+  EXPECT_EQ(target.stats().cached, 1);
+  EXPECT_EQ(target.stats().free, 3);
+  const Index id = loaded(target, bytes);
+  expect_same_sequence(paged, seq, target, id, 1);
+  EXPECT_EQ(target.stats().free, 0);
+}
+
+// A sequence whose window gave pages back loads with its gap, and slides on as the saved one.
+template <class Format>
+void window_round_trip(Format format, Index P) {
+  paged_kv_cache<Format> paged(model, {P, 32, 12, 3}, format);
+  const Index seq = paged.create();
+  for (Index t = 0; t < 70; t += 5) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      paged.append(seq, l, rows(l, 5, 100 + unsigned(t)), rows(l, 5, 300 + unsigned(t)));
+    }
+  }
+  ASSERT_NE(paged.page_positions(seq)[1], P) << "no gap";
+  const std::string bytes = saved(paged, seq);
+  paged_kv_cache<Format> target(model, {P, 12, 12, 3}, format);
+  const Index id = loaded(target, bytes);
+  expect_same_sequence(paged, seq, target, id, 1);
+  for (Index t = 0; t < 30; ++t) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      paged.append(seq, l, rows(l, 1, 500 + unsigned(t)), rows(l, 1, 600 + unsigned(t)));
+      target.append(id, l, rows(l, 1, 500 + unsigned(t)), rows(l, 1, 600 + unsigned(t)));
+    }
+    expect_same_sequence(paged, seq, target, id, 10 + unsigned(t));
+  }
+  EXPECT_THROW(target.crop(id, 20), std::out_of_range);  // given back, as in the original
+}
+
+TEST(PagedFileWindow, KeepsTheGapAndSlidesOn) {
+  window_round_trip(plain_format<float>(), 4);
+  window_round_trip(quantized_format<8>(4, 2), 4);
+}
+
+// Files whose checksums hold but whose counts no sequence can have: each refused with
+// format_error naming what is wrong, and nothing taken from the pool.
+struct record_case {
+  const char* what;
+  Index table_end;
+  std::int64_t gap;
+  std::vector<Index> pages;
+  std::vector<std::pair<Index, Index>> layers;  // next, tail tokens
+  Index extra_bytes = 0;
+};
+
+std::string write_record(const record_case& c, Index P, Index window, Index sinks) {
+  std::stringstream out;
+  io::state_writer w(out, "crafted.kvp");
+  w.begin_section(io::fourcc("KVPS"));
+  w.put_string("paged");
+  w.put_string("int8");
+  for (const Index v : {Index(2), Index(8), Index(2), Index(16), Index(4), Index(3), P, window, sinks, Index(4)}) {
+    w.put_i64(v);
+  }
+  w.end_section();
+  w.begin_section(io::fourcc("PSEQ"));
+  w.put_i64(c.table_end);
+  w.put_i64(c.gap);
+  w.put_u64(c.pages.size());
+  w.put_array(c.pages.data(), Index(c.pages.size()));
+  w.end_section();
+  const quantized_format<8> f(4, 3);
+  const Index unit_bytes = f.unit_bytes(2, 16), tail_bytes = 2 * 32 * 4;
+  for (std::size_t l = 0; l < c.layers.size(); ++l) {
+    const auto [next, tail] = c.layers[l];
+    w.begin_section(io::fourcc("PLYR"));
+    w.put_i64(Index(l));
+    w.put_i64(next);
+    w.put_i64(tail);
+    Index units = 0;
+    for (const Index pos : c.pages) units += std::clamp<Index>((next - tail - pos) / 4, 0, P / 4);
+    const Index n = std::max<Index>(0, units * unit_bytes + std::max<Index>(tail, 0) * tail_bytes +
+                                           c.extra_bytes);
+    const std::string zeros(static_cast<std::size_t>(std::min<Index>(n, 1 << 20)), '\0');
+    w.put_bytes(zeros.data(), Index(zeros.size()));
+    w.end_section();
+  }
+  w.finish();
+  return out.str();
+}
+
+TEST(PagedFileErrors, RefusesCountsNoSequenceHas) {
+  const Index P = 8;
+  using L = std::vector<std::pair<Index, Index>>;
+  const std::vector<record_case> cases = {
+      {"gap is 2", 16, 2, {0, 8}, L{{16, 0}, {16, 0}}},
+      {"pages were given back to a window", 16, 1, {0, 8}, L{{16, 0}, {16, 0}}},
+      {"page 1 is at position 16, expected 8", 24, 0, {0, 16}, L{{16, 0}, {16, 0}}},
+      {"page 0 is at position 8, expected 0", 16, 0, {8}, L{{16, 0}, {16, 0}}},
+      {"table end is 24, expected 16", 24, 0, {0, 8}, L{{16, 0}, {16, 0}}},
+      {"table end is 8 without pages", 8, 0, {}, L{{0, 0}, {0, 0}}},
+      {"table end 12 is not a multiple", 12, 0, {}, L{{0, 0}, {0, 0}}},
+      {"table end is -8", -8, 0, {}, L{{0, 0}, {0, 0}}},
+      {"layer 1: tail tokens is 7", 16, 0, {0, 8}, L{{16, 0}, {23, 7}}},
+      {"layer 0: next position is 2", 16, 0, {0, 8}, L{{2, 3}, {16, 0}}},
+      {"layer 1: stored tokens' end is 24", 16, 0, {0, 8}, L{{16, 0}, {24, 0}}},
+      {"layer 0: stored tokens' end 14 is not a multiple", 16, 0, {0, 8}, L{{14, 0}, {16, 0}}},
+      {"holds no stored token of any layer", 16, 0, {0, 8}, L{{8, 0}, {8, 0}}},
+      {"layer 0: next position is 9223372036854775807", 16, 0, {0, 8}, L{{INT64_MAX, 0}, {16, 0}}},
+      {"holds 2049 bytes of contents, its counts say 2048", 16, 0, {0, 8}, L{{16, 0}, {16, 0}}, 1},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    paged_kv_cache<quantized_format<8>> target(model, {P, 8}, quantized_format<8>(4, 3));
+    try {
+      std::istringstream in(write_record(c, P, 0, 0));
+      io::load(target, in, "crafted.kvp");
+      ADD_FAILURE() << "loaded";
+    } catch (const io::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(c.what), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(target.n_sequences(), 0);
+    EXPECT_EQ(target.stats().free, 8);
+  }
+  // With a window of 12 and 2 sinks: the gap's page, the layers past it, the window.
+  const std::vector<record_case> windowed = {
+      {"page 1 is at position 0, expected 8", 8, 1, {0, 0}, L{{8, 0}, {8, 0}}},
+      {"layer 0: stored tokens' end is 16, expected 24..32", 32, 1, {0, 24}, L{{16, 0}, {32, 0}}},
+      {"which the window of position 28 would need", 32, 1, {0, 24}, L{{28, 0}, {32, 0}}},
+  };
+  for (const auto& c : windowed) {
+    SCOPED_TRACE(c.what);
+    paged_kv_cache<quantized_format<8>> target(model, {P, 8, 12, 2}, quantized_format<8>(4, 3));
+    try {
+      std::istringstream in(write_record(c, P, 12, 2));
+      io::load(target, in, "crafted.kvp");
+      ADD_FAILURE() << "loaded";
+    } catch (const io::format_error& e) {
+      EXPECT_NE(std::string(e.what()).find(c.what), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(target.n_sequences(), 0);
+  }
+  // And a good one of each loads.
+  paged_kv_cache<quantized_format<8>> target(model, {P, 8, 12, 2}, quantized_format<8>(4, 3));
+  std::istringstream in(write_record({"", 40, 1, {0, 24, 32}, L{{41, 5}, {40, 4}}}, P, 12, 2));
+  const Index id = io::load(target, in, "crafted.kvp");
+  EXPECT_EQ(target.position(id, 0), 41);
+  EXPECT_EQ(target.page_positions(id), (std::vector<Index>{0, 24, 32}));
 }
 
 }  // namespace

@@ -357,7 +357,8 @@ class paged_kv_cache {
   /// Cost: reads and rewrites the tokens from `first` on in every layer, with scratch for them
   /// allocated once. Throws std::out_of_range for a sequence that does not exist, unless
   /// sinks <= first <= last <= position(seq, l) for every layer, or when a window already gave
-  /// back tokens that the shift would move or that the window of the new next position needs;
+  /// back tokens that the shift would move or that the window of the newest position left would
+  /// see (the rebuilt tokens must start within the sink pages, closing the gap, or after it);
   /// std::invalid_argument when rope.head_dim() differs from the cache's; std::length_error
   /// when the pool has too few free or cached pages for the pages to copy and the new ones
   /// (after those the shift gives back that no other sequence holds); nothing changes then.
@@ -542,6 +543,206 @@ class paged_kv_cache {
     return Index(s.pages.size()) * pool_.page_bytes() + tails * tail_token_bytes();
   }
 
+  // ---- saving and loading (io/paged_file.hpp) --------------------------------------------
+
+  /// The counts of one layer of a saved sequence.
+  struct layer_record {
+    Index next = 0;         // position of the next token
+    Index tail_tokens = 0;  // of the tokens, the newest held in the full-precision tail
+  };
+  /// What places a sequence's tokens, for saving and loading: the position of each page of its
+  /// block table (the page ids are the pool's, not saved), where the table ends, whether a
+  /// window gave pages back, and each layer's counts. Layer l stores its tokens before
+  /// next - tail_tokens in the pages, each page from its position on, in whole units.
+  struct sequence_record {
+    std::vector<Index> page_positions;
+    Index table_end = 0;
+    bool gap = false;
+    std::vector<layer_record> layers;  // [n_layers]
+  };
+
+  /// The record of `seq`. Throws std::out_of_range for a sequence that does not exist.
+  sequence_record record(Index seq) const {
+    const sequence& s = seq_at(seq, "record");
+    sequence_record r;
+    r.page_positions = s.first;
+    r.table_end = s.table_end;
+    r.gap = s.gap;
+    r.layers.reserve(s.layers.size());
+    for (const auto& L : s.layers) r.layers.push_back({L.next, L.tail_n});
+    return r;
+  }
+
+  /// Calls f(const void* data, std::size_t bytes) over the contents of layer l of `seq` in a
+  /// fixed order: the units it stores in each page of the block table, oldest page first (each
+  /// run as Format::for_each_array orders its arrays; none in a page ahead of the layer), then
+  /// the tail's keys, then its values (quantized formats). Throws std::out_of_range for a bad
+  /// sequence or layer.
+  template <class F>
+  void for_each_span(Index seq, Index l, F&& f) const {
+    const sequence& s = seq_at(seq, "for_each_span");
+    const layer_state& L = layer_at(s, l, "for_each_span");
+    const Index E = L.next - L.tail_n, upp = pool_.units_per_page();
+    for (std::size_t i = 0; i < s.pages.size(); ++i) {
+      detail::for_each_unit_span<Format>(pool_.storage(l), s.pages[i] * upp,
+                                         units_in_page(s.first[i], E), f);
+    }
+    if (uses_tail_) {
+      const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
+      f(static_cast<const void*>(L.tail_k.data()), bytes);
+      f(static_cast<const void*>(L.tail_v.data()), bytes);
+    }
+  }
+
+  /// Bytes for_each_span visits for layer l of a sequence of record `r` (checked with
+  /// check_record). Throws std::length_error when the counts overflow.
+  Index span_bytes(const sequence_record& r, Index l) const {
+    const layer_record& L = r.layers.at(static_cast<std::size_t>(l));
+    const Index E = L.next - L.tail_tokens;
+    Index units = 0;
+    for (const Index pos : r.page_positions) units = detail::checked_add(units, units_in_page(pos, E), "units");
+    const Index unit_bytes = format_.unit_bytes(shape_.n_kv_heads(), shape_.head_dim());
+    return detail::checked_add(detail::checked_mul(units, unit_bytes, "stored bytes"),
+                               detail::checked_mul(L.tail_tokens, tail_token_bytes(), "tail bytes"),
+                               "layer bytes");
+  }
+
+  /// Refuses (std::invalid_argument naming what is wrong) a record that no sequence of this
+  /// cache can have: a layer count other than n_layers(); page positions that are not
+  /// multiples of page_size, or not the sink pages from 0 then one run of consecutive pages
+  /// (from 0 too unless a window gave pages back); a table end other than one past the last
+  /// page; a layer whose tokens outrun the table, whose stored tokens do not end on a unit or
+  /// end in the window's gap, whose tail holds more than the format keeps; a last page that no
+  /// layer stores into; a window that would need given-back tokens.
+  void check_record(const sequence_record& r) const {
+    const Index P = page_size(), n = Index(r.page_positions.size());
+    const auto bad = [](const char* what, Index value, Index lo, Index hi) {
+      if (value < lo || value > hi) {
+        detail::fail<std::invalid_argument>(what, " is ", value, ", expected ", lo, "..", hi);
+      }
+    };
+    if (Index(r.layers.size()) != n_layers()) {
+      detail::fail<std::invalid_argument>("the record has ", r.layers.size(), " layers, the cache ",
+                                          n_layers());
+    }
+    if (r.gap && layout_.window == 0) {
+      detail::fail<std::invalid_argument>("pages were given back to a window, but the cache has none");
+    }
+    bad("table end", r.table_end, 0, no_limit / 2);
+    if (r.table_end % P != 0) {
+      detail::fail<std::invalid_argument>("table end ", r.table_end, " is not a multiple of the page size ", P);
+    }
+    Index d = 0;  // sink pages
+    while (d < n && r.page_positions[static_cast<std::size_t>(d)] < layout_.sinks) ++d;
+    for (Index i = 0; i < n; ++i) {
+      const Index pos = r.page_positions[static_cast<std::size_t>(i)];
+      const Index want = i == 0 ? 0 : r.page_positions[static_cast<std::size_t>(i - 1)] + P;
+      if (i == d && r.gap) {
+        if (pos < want || pos % P != 0 || pos >= r.table_end) {
+          detail::fail<std::invalid_argument>("page ", i, " after the window's gap is at position ",
+                                              pos, ", expected a multiple of ", P, " in [", want,
+                                              ", ", r.table_end, ")");
+        }
+      } else if (pos != want) {
+        detail::fail<std::invalid_argument>("page ", i, " is at position ", pos, ", expected ", want);
+      }
+    }
+    if (n > 0 && r.table_end != r.page_positions.back() + P) {
+      detail::fail<std::invalid_argument>("table end is ", r.table_end, ", expected ",
+                                          r.page_positions.back() + P, " after the last page");
+    }
+    if (n == 0 && !r.gap && r.table_end != 0) {
+      detail::fail<std::invalid_argument>("table end is ", r.table_end, " without pages, expected 0");
+    }
+    const Index held = d < n ? r.page_positions[static_cast<std::size_t>(d)] : r.table_end;
+    Index stored_max = 0, lowest_next = no_limit;
+    for (std::size_t l = 0; l < r.layers.size(); ++l) {
+      const layer_record& L = r.layers[l];
+      try {
+        bad("tail tokens", L.tail_tokens, 0, uses_tail_ ? tail_cap_ - 1 : 0);
+        bad("next position", L.next, L.tail_tokens, no_limit / 2);
+        const Index E = L.next - L.tail_tokens;
+        bad("stored tokens' end", E, r.gap ? held : 0, r.table_end);
+        if (E % unit_ != 0) {
+          detail::fail<std::invalid_argument>("stored tokens' end ", E, " is not a multiple of the ",
+                                              unit_, "-token unit");
+        }
+        stored_max = std::max(stored_max, E);
+        lowest_next = std::min(lowest_next, L.next);
+      } catch (const std::invalid_argument& e) {
+        detail::fail<std::invalid_argument>("layer ", l, ": ", e.what());
+      }
+    }
+    if (n > 0 && r.page_positions.back() >= stored_max) {
+      detail::fail<std::invalid_argument>("the last page, at position ", r.page_positions.back(),
+                                          ", holds no stored token of any layer (they end by ",
+                                          stored_max, ")");
+    }
+    if (r.gap && lowest_next - layout_.window + 1 < held) {
+      detail::fail<std::invalid_argument>("the window gave back the tokens before position ", held,
+                                          ", which the window of position ", lowest_next,
+                                          " would need");
+    }
+  }
+
+  /// A new sequence of record `r` (checked with check_record first), whose contents
+  /// `fill(Index layer, void* data, std::size_t bytes)` writes in for_each_span's order, layer
+  /// by layer; returns its id. Takes its pages from the pool: throws std::length_error, before
+  /// anything changes, when the pool has fewer free or cached pages than the record has. The
+  /// new sequence has no prefix hashes (publish() it to share its pages). When `fill` throws,
+  /// the sequence is freed again, though cached pages it evicted stay evicted: io::load checks
+  /// every byte before it calls restore for that reason.
+  template <class F>
+  Index restore(const sequence_record& r, F&& fill) {
+    check_record(r);
+    const Index n = Index(r.page_positions.size());
+    if (n > pool_.available()) {
+      detail::fail<std::length_error>("load: the sequence needs ", n, " page", n == 1 ? "" : "s",
+                                      " but the pool has ", pool_.available(),
+                                      " free or cached of ", pool_.n_pages(),
+                                      "; free or preempt a sequence");
+    }
+    const Index id = new_id();
+    try {
+      sequence& s = seq_ref(id);
+      init(s);
+      s.pages.reserve(static_cast<std::size_t>(n));
+      s.first = r.page_positions;
+    } catch (...) {
+      drop_id(id);
+      throw;
+    }
+    sequence& s = seq_ref(id);
+    for (Index i = 0; i < n; ++i) s.pages.push_back(pool_.allocate());
+    s.table_end = r.table_end;
+    s.gap = r.gap;
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      s.layers[l].next = r.layers[l].next;
+      s.layers[l].tail_n = r.layers[l].tail_tokens;
+    }
+    try {
+      const Index upp = pool_.units_per_page();
+      for (Index l = 0; l < n_layers(); ++l) {
+        layer_state& L = s.layers[static_cast<std::size_t>(l)];
+        const Index E = L.next - L.tail_n;
+        const auto to = [&](void* data, std::size_t bytes) { fill(l, data, bytes); };
+        for (std::size_t i = 0; i < s.pages.size(); ++i) {
+          detail::for_each_unit_span<Format>(pool_.storage(l), s.pages[i] * upp,
+                                             units_in_page(s.first[i], E), to);
+        }
+        if (uses_tail_) {
+          const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
+          fill(l, static_cast<void*>(L.tail_k.data()), bytes);
+          fill(l, static_cast<void*>(L.tail_v.data()), bytes);
+        }
+      }
+    } catch (...) {
+      free(id);
+      throw;
+    }
+    return id;
+  }
+
  private:
   struct layer_state {
     Index next = 0;    // tokens appended: the next token's position
@@ -689,6 +890,11 @@ class paged_kv_cache {
       k.middleRows(row, b - a) = rows(L.tail_k.data() + (a - E) * width, b - a, width);
       v.middleRows(row, b - a) = rows(L.tail_v.data() + (a - E) * width, b - a, width);
     }
+  }
+
+  // Units a layer whose stored tokens end at E holds in the page at position `pos`.
+  Index units_in_page(Index pos, Index E) const noexcept {
+    return std::clamp<Index>((E - pos) / unit_, 0, pool_.units_per_page());
   }
 
   Index tail_token_bytes() const noexcept {
