@@ -69,6 +69,7 @@ std::vector<Index> positions_of(const View& w) {
 template <class Format, class Ref>
 void expect_same(const paged_kv_cache<Format>& paged, Index seq, const Ref& ref, unsigned seed) {
   using T = compute_t<typename Format::scalar_type>;
+  EXPECT_NO_THROW(paged.check_record(paged.record(seq)));  // a state a file could hold
   for (Index l = 0; l < paged.n_layers(); ++l) {
     SCOPED_TRACE("layer " + std::to_string(l));
     ASSERT_EQ(paged.position(seq, l), ref.position(l));
@@ -285,6 +286,7 @@ TEST(PagedShiftWindow, AttendsAsARingThatHeldEveryToken) {
   const auto same_attention = [&](const paged_kv_cache<plain_format<float>>& paged, Index seq,
                                   const kv_cache<ring_layout, plain_format<float>>& ring,
                                   unsigned seed) {
+    ASSERT_NO_THROW(paged.check_record(paged.record(seq)));
     for (Index l = 0; l < model.n_layers(); ++l) {
       ASSERT_EQ(paged.position(seq, l), ring.position(l));
       const row_vector<T> q = random_matrix<T>(1, heads.q_width(), seed + unsigned(l));
