@@ -670,4 +670,35 @@ TEST(PagedFileErrors, RefusesCountsNoSequenceHas) {
   EXPECT_EQ(target.page_positions(id), (std::vector<Index>{0, 24, 32}));
 }
 
+// A layer one token behind the others during a forward pass, while the window gave back the page
+// it stored last: it holds its sink page and its tail, nothing of the given-back page; and the
+// sequence saves and loads in that state.
+TEST(PagedWindowLag, ALaggingLayerHoldsItsSinkPageAndItsTail) {
+  const quantized_format<8> format(4, 3);  // the tail holds up to 6 tokens
+  paged_kv_cache<quantized_format<8>> paged(model, {4, 16, 7, 2}, format);
+  const Index seq = paged.create();
+  for (Index t = 0; t < 14; ++t) {
+    for (Index l = 0; l < model.n_layers(); ++l) {
+      paged.append(seq, l, rows(l, 1, 100 + unsigned(t)), rows(l, 1, 300 + unsigned(t)));
+    }
+  }
+  const auto sink_keys = paged.keys(seq, 1).topRows(4);
+  paged.append(seq, 0, rows(0, 1, 114), rows(0, 1, 314));  // gives back [4, 8), stores [8, 12)
+  ASSERT_EQ(paged.page_positions(seq), (std::vector<Index>{0, 8}));
+  const auto w = paged.view(seq, 1);
+  EXPECT_EQ(w.size(), 10);
+  EXPECT_EQ(positions_of(w), (std::vector<Index>{0, 1, 2, 3, 8, 9, 10, 11, 12, 13}));
+  EXPECT_EQ(paged.keys(seq, 1).topRows(4), sink_keys);
+  paged_kv_cache<quantized_format<8>> target(model, {4, 16, 7, 2}, format);
+  const Index id = loaded(target, saved(paged, seq));
+  expect_same_sequence(paged, seq, target, id, 1);
+  for (Index t = 14; t < 20; ++t) {
+    for (Index l = t == 14 ? 1 : 0; l < model.n_layers(); ++l) {
+      paged.append(seq, l, rows(l, 1, 100 + unsigned(t)), rows(l, 1, 300 + unsigned(t)));
+      target.append(id, l, rows(l, 1, 100 + unsigned(t)), rows(l, 1, 300 + unsigned(t)));
+    }
+    expect_same_sequence(paged, seq, target, id, 2 + unsigned(t));
+  }
+}
+
 }  // namespace

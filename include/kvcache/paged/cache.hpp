@@ -1159,7 +1159,11 @@ class paged_kv_cache {
     w.n_pages = n;
     w.units_per_page = pool_.units_per_page();
     w.unit = unit_;
-    w.last_page_units = n > 0 ? (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_ : 0;
+    // Full, unless the stored tokens end in it: a layer behind the others in a forward pass
+    // may end them in the gap a window just made, after its sink pages.
+    w.last_page_units = n > 0 ? std::min(pool_.units_per_page(),
+                                         (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_)
+                              : 0;
     w.tail_keys = L.tail_k.data();
     w.tail_values = L.tail_v.data();
     w.tail_tokens = L.tail_n;
