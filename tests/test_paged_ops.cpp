@@ -701,4 +701,23 @@ TEST(PagedWindowLag, ALaggingLayerHoldsItsSinkPageAndItsTail) {
   }
 }
 
+// A file may hold a sequence whose window gave back every page after its sink pages, its layers'
+// stored tokens ending where the held ones start: it loads, reads its sink page and tails, and a
+// crop and the next append go on after the gap.
+TEST(PagedFileWindow, OnlySinkPagesLeft) {
+  using L = std::vector<std::pair<Index, Index>>;
+  paged_kv_cache<quantized_format<8>> target(model, {4, 8, 7, 2}, quantized_format<8>(4, 3));
+  std::istringstream in(write_record({"", 12, 1, {0}, L{{18, 6}, {18, 6}}}, 4, 7, 2));
+  const Index a = io::load(target, in, "crafted.kvp");
+  EXPECT_EQ(positions_of(target.view(a, 0)),
+            (std::vector<Index>{0, 1, 2, 3, 12, 13, 14, 15, 16, 17}));
+  const Index b = target.fork(a);
+  target.crop(a, 18);  // nothing to drop
+  for (const Index seq : {a, b}) {
+    for (Index l = 0; l < model.n_layers(); ++l) target.append(seq, l, rows(l, 1, 5), rows(l, 1, 6));
+    EXPECT_EQ(target.page_positions(seq), (std::vector<Index>{0, 12}));
+  }
+  EXPECT_EQ(target.keys(a, 1), target.keys(b, 1));
+}
+
 }  // namespace

@@ -392,28 +392,32 @@ class paged_kv_cache {
     s.pages.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
     s.first.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
     // From here on nothing throws: the pool has the pages, the vectors the room.
-    std::size_t reused = 0;  // plan.reuse lists pages of the table in its order
-    for (std::size_t j = static_cast<std::size_t>(plan.keep); j < s.pages.size(); ++j) {
-      if (reused < plan.reuse.size() && s.pages[j] == plan.reuse[reused]) {
-        ++reused;
+    // Pages after the kept ones go back newest first, so that they return in order.
+    std::size_t r = plan.reuse.size();
+    for (Index j = Index(s.pages.size()) - 1; j >= plan.keep; --j) {
+      if (r > 0 && plan.reuse[r - 1] == j) {
+        --r;
       } else {
-        pool_.release(s.pages[j]);
+        pool_.release(s.pages[static_cast<std::size_t>(j)]);
       }
     }
     for (const Index j : plan.copies) {
       auto& slot = s.pages[static_cast<std::size_t>(j)];
-      const Index fresh = pool_.allocate();
+      const Index fresh = pool_.allocate(j > 0 ? s.pages[static_cast<std::size_t>(j - 1)] + 1 : -1);
       pool_.copy_page(fresh, slot);
       pool_.release(slot);
       slot = fresh;
     }
-    s.pages.resize(static_cast<std::size_t>(plan.keep));
-    s.first.resize(static_cast<std::size_t>(plan.keep));
-    for (Index i = 0; i < plan.new_pages; ++i) {
-      const auto r = static_cast<std::size_t>(i);
-      s.pages.push_back(r < plan.reuse.size() ? plan.reuse[r] : pool_.allocate());
-      s.first.push_back(plan.start + i * page_size());
+    // The reused pages, in their order, then new ones, each asked for after the one before.
+    for (std::size_t i = 0; i < plan.reuse.size(); ++i) {
+      s.pages[static_cast<std::size_t>(plan.keep) + i] = s.pages[static_cast<std::size_t>(plan.reuse[i])];
     }
+    s.pages.resize(static_cast<std::size_t>(plan.keep) + plan.reuse.size());
+    s.first.resize(static_cast<std::size_t>(plan.keep));
+    for (Index i = Index(plan.reuse.size()); i < plan.new_pages; ++i) {
+      s.pages.push_back(pool_.allocate(s.pages.empty() ? -1 : s.pages.back() + 1));
+    }
+    for (Index i = 0; i < plan.new_pages; ++i) s.first.push_back(plan.start + i * page_size());
     s.table_end = plan.start + plan.new_pages * page_size();
     if (plan.closes_gap) s.gap = false;
     const Index whole = first / page_size();
@@ -647,7 +651,10 @@ class paged_kv_cache {
         detail::fail<std::invalid_argument>("page ", i, " is at position ", pos, ", expected ", want);
       }
     }
-    if (n > 0 && r.table_end != r.page_positions.back() + P) {
+    // The table ends after its last page, or after the gap when a window gave back every
+    // page after the sink pages.
+    if (n > 0 && r.table_end != r.page_positions.back() + P &&
+        !(r.gap && n == d && r.table_end > r.page_positions.back() + P)) {
       detail::fail<std::invalid_argument>("table end is ", r.table_end, ", expected ",
                                           r.page_positions.back() + P, " after the last page");
     }
@@ -713,7 +720,9 @@ class paged_kv_cache {
       throw;
     }
     sequence& s = seq_ref(id);
-    for (Index i = 0; i < n; ++i) s.pages.push_back(pool_.allocate());
+    for (Index i = 0; i < n; ++i) {
+      s.pages.push_back(pool_.allocate(s.pages.empty() ? -1 : s.pages.back() + 1));
+    }
     s.table_end = r.table_end;
     s.gap = r.gap;
     for (std::size_t l = 0; l < s.layers.size(); ++l) {
@@ -779,7 +788,8 @@ class paged_kv_cache {
     std::vector<Index> copies; // of them, the indices of shared pages to copy before writing
     Index start = 0;           // the position of the first page after them
     Index new_pages = 0;       // pages after them
-    std::vector<Index> reuse;  // pages after them that this sequence alone holds, kept for those
+    std::vector<Index> reuse;  // table indices of pages after them that this sequence alone
+                               // holds, ascending: they hold the first new positions
     bool closes_gap = false;   // rebuilt from the sink pages on: the window's gap closes
   };
 
@@ -846,7 +856,7 @@ class paged_kv_cache {
     for (Index j = plan.keep; j < n_pages; ++j) {
       const Index p = s.pages[static_cast<std::size_t>(j)];
       if (Index(plan.reuse.size()) < plan.new_pages && pool_.writable(p)) {
-        plan.reuse.push_back(p);
+        plan.reuse.push_back(j);
       } else if (pool_.ref_count(p) == 1) {
         ++freed;
       }
