@@ -682,7 +682,7 @@ TEST(PagedWindowLag, ALaggingLayerHoldsItsSinkPageAndItsTail) {
       paged.append(seq, l, rows(l, 1, 100 + unsigned(t)), rows(l, 1, 300 + unsigned(t)));
     }
   }
-  const auto sink_keys = paged.keys(seq, 1).topRows(4);
+  const row_matrix<float> sink_keys = paged.keys(seq, 1).topRows(4);
   paged.append(seq, 0, rows(0, 1, 114), rows(0, 1, 314));  // gives back [4, 8), stores [8, 12)
   ASSERT_EQ(paged.page_positions(seq), (std::vector<Index>{0, 8}));
   const auto w = paged.view(seq, 1);

@@ -615,7 +615,8 @@ class paged_kv_cache {
   /// cache can have: a layer count other than n_layers(); page positions that are not
   /// multiples of page_size, or not the sink pages from 0 then one run of consecutive pages
   /// (from 0 too unless a window gave pages back); a table end other than one past the last
-  /// page; a layer whose tokens outrun the table, whose stored tokens do not end on a unit or
+  /// page (or past the gap, when a window gave back every page after the sink pages); a layer
+  /// whose tokens outrun the table, whose stored tokens do not end on a unit or
   /// end in the window's gap, whose tail holds more than the format keeps; a last page that no
   /// layer stores into; a window that would need given-back tokens.
   void check_record(const sequence_record& r) const {
@@ -642,13 +643,17 @@ class paged_kv_cache {
       const Index pos = r.page_positions[static_cast<std::size_t>(i)];
       const Index want = i == 0 ? 0 : r.page_positions[static_cast<std::size_t>(i - 1)] + P;
       if (i == d && r.gap) {
-        if (pos < want || pos % P != 0 || pos >= r.table_end) {
+        if (pos < want || pos % P != 0) {
           detail::fail<std::invalid_argument>("page ", i, " after the window's gap is at position ",
-                                              pos, ", expected a multiple of ", P, " in [", want,
-                                              ", ", r.table_end, ")");
+                                              pos, ", expected a multiple of ", P, " from ", want,
+                                              " on");
         }
       } else if (pos != want) {
         detail::fail<std::invalid_argument>("page ", i, " is at position ", pos, ", expected ", want);
+      }
+      if (pos >= r.table_end) {
+        detail::fail<std::invalid_argument>("page ", i, " is at position ", pos,
+                                            ", not before the table end ", r.table_end);
       }
     }
     // The table ends after its last page, or after the gap when a window gave back every
