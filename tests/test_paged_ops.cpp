@@ -356,7 +356,7 @@ Index loaded(paged_kv_cache<Format>& cache, const std::string& bytes, const char
 }
 
 // Two sequences hold the same tokens at the same positions, bit for bit, in the same block
-// structure, and attention over them is the same.
+// structure, and attention over them agrees.
 template <class Format>
 void expect_same_sequence(const paged_kv_cache<Format>& a, Index sa, const paged_kv_cache<Format>& b,
                           Index sb, unsigned seed) {
@@ -375,7 +375,9 @@ void expect_same_sequence(const paged_kv_cache<Format>& a, Index sa, const paged
     row_vector<T> x(heads.q_width()), y(heads.q_width());
     decode_attention(heads, q, a.view(sa, l), x);
     decode_attention(heads, q, b.view(sb, l), y);
-    EXPECT_EQ(x, y);
+    // The kernel may gather pages into tiles otherwise where their ids are not adjacent in
+    // memory: the same sums, perhaps in another order.
+    EXPECT_LE((x - y).cwiseAbs().maxCoeff(), T(1e-6));
   }
 }
 
