@@ -16,6 +16,7 @@
 #include "kvcache/format/plain.hpp"
 #include "kvcache/format/quantized.hpp"
 #include "kvcache/io/cache_file.hpp"
+#include "kvcache/io/paged_file.hpp"
 #include "kvcache/io/state_file.hpp"
 #include "kvcache/layout/contiguous.hpp"
 #include "kvcache/layout/fixed.hpp"

@@ -9,9 +9,11 @@
 #include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
 #include "kvcache/layout/paged.hpp"
+#include "kvcache/layout/plan.hpp"
 #include "kvcache/paged/pool.hpp"
 #include "kvcache/paged/prefix_hash.hpp"
 #include "kvcache/paged/view.hpp"
+#include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
 #include "kvcache/types.hpp"
 
@@ -41,6 +43,9 @@ namespace kvcache {
 ///   sequence holds stays cached until the pool needs it, least recently used first.
 /// - With a window (paged_layout), a page that falls wholly out of the window and holds no
 ///   sink returns to the pool at the sequence's next append.
+/// - Rollback (crop), context shift (shift) and saving and loading one sequence
+///   (io/paged_file.hpp) work as they do for kv_cache, and never write into a page that another
+///   sequence or the prefix index holds.
 ///
 /// Running out of pages is an answer: an append or prefill that needs more pages than are
 /// free or cached throws std::length_error before anything changes; free() or crop() a
@@ -294,6 +299,7 @@ class paged_kv_cache {
   void crop(Index seq, Index n) {
     sequence& s = seq_at(seq, "crop");
     check_crop(seq, s, n);
+    const Index sinks_held = sink_pages(s), window_from = held_from(s);
     Index stored_end = 0;
     for (auto& L : s.layers) {
       const Index E = L.next - L.tail_n;
@@ -310,9 +316,14 @@ class paged_kv_cache {
       s.pages.pop_back();
       s.first.pop_back();
     }
-    // The next page starts where the kept tokens' last page ends, or at the page holding the
-    // stored end when none is left.
-    s.table_end = s.pages.empty() ? stored_end / page_size() * page_size() : s.first.back() + page_size();
+    // The next page starts where the kept tokens' last page ends; after a window's gap when
+    // every page after it went; at the page holding the stored end when none is left.
+    if (s.gap && Index(s.pages.size()) <= sinks_held) {
+      s.table_end = window_from;
+    } else {
+      s.table_end = s.pages.empty() ? stored_end / page_size() * page_size()
+                                    : s.first.back() + page_size();
+    }
     const Index whole = s.pages.empty() ? 0 : stored_end / page_size();
     if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
   }
@@ -323,6 +334,100 @@ class paged_kv_cache {
       detail::fail<std::out_of_range>("rollback: k = ", k, " must be in [0, ", p, "]");
     }
     crop(seq, p - k);
+  }
+
+  // ---- context shift ----------------------------------------------------------------------
+
+  /// Context shift of `seq` (llama.cpp's seq_rm + seq_add; StreamingLLM's re-rotation), as
+  /// kv_cache::shift does it: drops the tokens at positions [first, last) of every layer and
+  /// moves every later token `last - first` positions back, re-rotating its key by
+  /// -(last - first) with `rope`, so generation continues as if the dropped tokens had never
+  /// been there. Sinks stay: first must not be below layout().sinks. Tokens before `first` keep
+  /// their stored form; a quantized format re-quantizes from the group holding `first` on, so
+  /// the sequence ends up holding what kv_cache::shift leaves of the same tokens.
+  ///
+  /// Pages: the tokens from that group on are read back and appended again. A page is written
+  /// in place only when this sequence alone holds it and it is not published; a page shared
+  /// with a fork or in the prefix index is copied first when it holds tokens that stay
+  /// (copy-on-write), or else left to its other holders and replaced, so other sequences and
+  /// the prefix index see no change. Pages no longer needed return to the pool. The sequence
+  /// forgets the hashes of its pages from the one holding `first` on (they no longer hold the
+  /// same prefix): publish() its new token ids to share them again.
+  ///
+  /// Cost: reads and rewrites the tokens from `first` on in every layer, with scratch for them
+  /// allocated once. Throws std::out_of_range for a sequence that does not exist, unless
+  /// sinks <= first <= last <= position(seq, l) for every layer, or when a window already gave
+  /// back tokens that the shift would move or that the window of the newest position left would
+  /// see (the rebuilt tokens must start within the sink pages, closing the gap, or after it);
+  /// std::invalid_argument when rope.head_dim() differs from the cache's; std::length_error
+  /// when the pool has too few free or cached pages for the pages to copy and the new ones
+  /// (after those the shift gives back that no other sequence holds); nothing changes then.
+  void shift(Index seq, Index first, Index last, const rope& rope) {
+    sequence& s = seq_at(seq, "shift");
+    if (rope.head_dim() != shape_.head_dim()) {
+      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
+                                          ", the cache ", shape_.head_dim());
+    }
+    for (Index l = 0; l < n_layers(); ++l) {
+      const layer_state& L = s.layers[static_cast<std::size_t>(l)];
+      if (first < layout_.sinks || first > last || last > L.next) {
+        detail::fail<std::out_of_range>("shift: positions [", first, ", ", last,
+                                        ") must lie within [", layout_.sinks, ", ", L.next,
+                                        "] of layer ", l, " of sequence ", seq, " (sinks stay)");
+      }
+    }
+    const shift_plan plan = plan_shift(seq, s, first, last);
+    // Every token that stays, read back (the moved keys re-rotated) before anything changes.
+    const Index delta = last - first, width = shape_.kv_width();
+    std::vector<row_matrix<compute_type>> keys(s.layers.size()), values(s.layers.size());
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      const layer_state& L = s.layers[l];
+      const Index from = plan.from[l], before = first - from, after = L.next - last;
+      keys[l].resize(before + after, width);
+      values[l].resize(before + after, width);
+      read_tokens(s, L, from, first, keys[l], values[l], 0);
+      read_tokens(s, L, last, L.next, keys[l], values[l], before);
+      if (after > 0) rope.rotate(keys[l].bottomRows(after), -delta);
+    }
+    s.pages.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
+    s.first.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
+    // From here on nothing throws: the pool has the pages, the vectors the room.
+    // Pages after the kept ones go back newest first, so that they return in order.
+    std::size_t r = plan.reuse.size();
+    for (Index j = Index(s.pages.size()) - 1; j >= plan.keep; --j) {
+      if (r > 0 && plan.reuse[r - 1] == j) {
+        --r;
+      } else {
+        pool_.release(s.pages[static_cast<std::size_t>(j)]);
+      }
+    }
+    for (const Index j : plan.copies) {
+      auto& slot = s.pages[static_cast<std::size_t>(j)];
+      const Index fresh = pool_.allocate(j > 0 ? s.pages[static_cast<std::size_t>(j - 1)] + 1 : -1);
+      pool_.copy_page(fresh, slot);
+      pool_.release(slot);
+      slot = fresh;
+    }
+    // The reused pages, in their order, then new ones, each asked for after the one before.
+    for (std::size_t i = 0; i < plan.reuse.size(); ++i) {
+      s.pages[static_cast<std::size_t>(plan.keep) + i] = s.pages[static_cast<std::size_t>(plan.reuse[i])];
+    }
+    s.pages.resize(static_cast<std::size_t>(plan.keep) + plan.reuse.size());
+    s.first.resize(static_cast<std::size_t>(plan.keep));
+    for (Index i = Index(plan.reuse.size()); i < plan.new_pages; ++i) {
+      s.pages.push_back(pool_.allocate(s.pages.empty() ? -1 : s.pages.back() + 1));
+    }
+    for (Index i = 0; i < plan.new_pages; ++i) s.first.push_back(plan.start + i * page_size());
+    s.table_end = plan.start + plan.new_pages * page_size();
+    if (plan.closes_gap) s.gap = false;
+    const Index whole = first / page_size();
+    if (Index(s.hashes.size()) > whole) s.hashes.resize(static_cast<std::size_t>(whole));
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      layer_state& L = s.layers[l];
+      L.next = plan.from[l];
+      L.tail_n = 0;
+      write(s, L, keys[l], values[l]);
+    }
   }
 
   // ---- prefix caching ---------------------------------------------------------------------
@@ -442,6 +547,216 @@ class paged_kv_cache {
     return Index(s.pages.size()) * pool_.page_bytes() + tails * tail_token_bytes();
   }
 
+  // ---- saving and loading (io/paged_file.hpp) --------------------------------------------
+
+  /// The counts of one layer of a saved sequence.
+  struct layer_record {
+    Index next = 0;         // position of the next token
+    Index tail_tokens = 0;  // of the tokens, the newest held in the full-precision tail
+  };
+  /// What places a sequence's tokens, for saving and loading: the position of each page of its
+  /// block table (the page ids are the pool's, not saved), where the table ends, whether a
+  /// window gave pages back, and each layer's counts. Layer l stores its tokens before
+  /// next - tail_tokens in the pages, each page from its position on, in whole units.
+  struct sequence_record {
+    std::vector<Index> page_positions;
+    Index table_end = 0;
+    bool gap = false;
+    std::vector<layer_record> layers;  // [n_layers]
+  };
+
+  /// The record of `seq`. Throws std::out_of_range for a sequence that does not exist.
+  sequence_record record(Index seq) const {
+    const sequence& s = seq_at(seq, "record");
+    sequence_record r;
+    r.page_positions = s.first;
+    r.table_end = s.table_end;
+    r.gap = s.gap;
+    r.layers.reserve(s.layers.size());
+    for (const auto& L : s.layers) r.layers.push_back({L.next, L.tail_n});
+    return r;
+  }
+
+  /// Calls f(const void* data, std::size_t bytes) over the contents of layer l of `seq` in a
+  /// fixed order: the units it stores in each page of the block table, oldest page first (each
+  /// run as Format::for_each_array orders its arrays; none in a page ahead of the layer), then
+  /// the tail's keys, then its values (quantized formats). Throws std::out_of_range for a bad
+  /// sequence or layer.
+  template <class F>
+  void for_each_span(Index seq, Index l, F&& f) const {
+    const sequence& s = seq_at(seq, "for_each_span");
+    const layer_state& L = layer_at(s, l, "for_each_span");
+    const Index E = L.next - L.tail_n, upp = pool_.units_per_page();
+    for (std::size_t i = 0; i < s.pages.size(); ++i) {
+      detail::for_each_unit_span<Format>(pool_.storage(l), s.pages[i] * upp,
+                                         units_in_page(s.first[i], E), f);
+    }
+    if (uses_tail_) {
+      const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
+      f(static_cast<const void*>(L.tail_k.data()), bytes);
+      f(static_cast<const void*>(L.tail_v.data()), bytes);
+    }
+  }
+
+  /// Bytes for_each_span visits for layer l of a sequence of record `r` (checked with
+  /// check_record). Throws std::length_error when the counts overflow.
+  Index span_bytes(const sequence_record& r, Index l) const {
+    const layer_record& L = r.layers.at(static_cast<std::size_t>(l));
+    const Index E = L.next - L.tail_tokens;
+    Index units = 0;
+    for (const Index pos : r.page_positions) units = detail::checked_add(units, units_in_page(pos, E), "units");
+    const Index unit_bytes = format_.unit_bytes(shape_.n_kv_heads(), shape_.head_dim());
+    return detail::checked_add(detail::checked_mul(units, unit_bytes, "stored bytes"),
+                               detail::checked_mul(L.tail_tokens, tail_token_bytes(), "tail bytes"),
+                               "layer bytes");
+  }
+
+  /// Refuses (std::invalid_argument naming what is wrong) a record that no sequence of this
+  /// cache can have: a layer count other than n_layers(); page positions that are not
+  /// multiples of page_size, or not the sink pages from 0 then one run of consecutive pages
+  /// (from 0 too unless a window gave pages back); a table end other than one past the last
+  /// page (or past the gap, when a window gave back every page after the sink pages); a layer
+  /// whose tokens outrun the table, whose stored tokens do not end on a unit or
+  /// end in the window's gap, whose tail holds more than the format keeps; a last page that no
+  /// layer stores into; a window that would need given-back tokens.
+  void check_record(const sequence_record& r) const {
+    const Index P = page_size(), n = Index(r.page_positions.size());
+    const auto bad = [](const char* what, Index value, Index lo, Index hi) {
+      if (value < lo || value > hi) {
+        detail::fail<std::invalid_argument>(what, " is ", value, ", expected ", lo, "..", hi);
+      }
+    };
+    if (Index(r.layers.size()) != n_layers()) {
+      detail::fail<std::invalid_argument>("the record has ", r.layers.size(), " layers, the cache ",
+                                          n_layers());
+    }
+    if (r.gap && layout_.window == 0) {
+      detail::fail<std::invalid_argument>("pages were given back to a window, but the cache has none");
+    }
+    bad("table end", r.table_end, 0, no_limit / 2);
+    if (r.table_end % P != 0) {
+      detail::fail<std::invalid_argument>("table end ", r.table_end, " is not a multiple of the page size ", P);
+    }
+    Index d = 0;  // sink pages
+    while (d < n && r.page_positions[static_cast<std::size_t>(d)] < layout_.sinks) ++d;
+    for (Index i = 0; i < n; ++i) {
+      const Index pos = r.page_positions[static_cast<std::size_t>(i)];
+      const Index want = i == 0 ? 0 : r.page_positions[static_cast<std::size_t>(i - 1)] + P;
+      if (i == d && r.gap) {
+        if (pos < want || pos % P != 0) {
+          detail::fail<std::invalid_argument>("page ", i, " after the window's gap is at position ",
+                                              pos, ", expected a multiple of ", P, " from ", want,
+                                              " on");
+        }
+      } else if (pos != want) {
+        detail::fail<std::invalid_argument>("page ", i, " is at position ", pos, ", expected ", want);
+      }
+      if (pos >= r.table_end) {
+        detail::fail<std::invalid_argument>("page ", i, " is at position ", pos,
+                                            ", not before the table end ", r.table_end);
+      }
+    }
+    // The table ends after its last page, or after the gap when a window gave back every
+    // page after the sink pages.
+    if (n > 0 && r.table_end != r.page_positions.back() + P &&
+        !(r.gap && n == d && r.table_end > r.page_positions.back() + P)) {
+      detail::fail<std::invalid_argument>("table end is ", r.table_end, ", expected ",
+                                          r.page_positions.back() + P, " after the last page");
+    }
+    if (n == 0 && !r.gap && r.table_end != 0) {
+      detail::fail<std::invalid_argument>("table end is ", r.table_end, " without pages, expected 0");
+    }
+    const Index held = d < n ? r.page_positions[static_cast<std::size_t>(d)] : r.table_end;
+    Index stored_max = 0, lowest_next = no_limit;
+    for (std::size_t l = 0; l < r.layers.size(); ++l) {
+      const layer_record& L = r.layers[l];
+      try {
+        bad("tail tokens", L.tail_tokens, 0, uses_tail_ ? tail_cap_ - 1 : 0);
+        bad("next position", L.next, L.tail_tokens, no_limit / 2);
+        const Index E = L.next - L.tail_tokens;
+        bad("stored tokens' end", E, r.gap ? held : 0, r.table_end);
+        if (E % unit_ != 0) {
+          detail::fail<std::invalid_argument>("stored tokens' end ", E, " is not a multiple of the ",
+                                              unit_, "-token unit");
+        }
+        stored_max = std::max(stored_max, E);
+        lowest_next = std::min(lowest_next, L.next);
+      } catch (const std::invalid_argument& e) {
+        detail::fail<std::invalid_argument>("layer ", l, ": ", e.what());
+      }
+    }
+    if (n > 0 && r.page_positions.back() >= stored_max) {
+      detail::fail<std::invalid_argument>("the last page, at position ", r.page_positions.back(),
+                                          ", holds no stored token of any layer (they end by ",
+                                          stored_max, ")");
+    }
+    if (r.gap && lowest_next - layout_.window + 1 < held) {
+      detail::fail<std::invalid_argument>("the window gave back the tokens before position ", held,
+                                          ", which the window of position ", lowest_next,
+                                          " would need");
+    }
+  }
+
+  /// A new sequence of record `r` (checked with check_record first), whose contents
+  /// `fill(Index layer, void* data, std::size_t bytes)` writes in for_each_span's order, layer
+  /// by layer; returns its id. Takes its pages from the pool: throws std::length_error, before
+  /// anything changes, when the pool has fewer free or cached pages than the record has. The
+  /// new sequence has no prefix hashes (publish() it to share its pages). When `fill` throws,
+  /// the sequence is freed again, though cached pages it evicted stay evicted: io::load checks
+  /// every byte before it calls restore for that reason.
+  template <class F>
+  Index restore(const sequence_record& r, F&& fill) {
+    check_record(r);
+    const Index n = Index(r.page_positions.size());
+    if (n > pool_.available()) {
+      detail::fail<std::length_error>("load: the sequence needs ", n, " page", n == 1 ? "" : "s",
+                                      " but the pool has ", pool_.available(),
+                                      " free or cached of ", pool_.n_pages(),
+                                      "; free or preempt a sequence");
+    }
+    const Index id = new_id();
+    try {
+      sequence& s = seq_ref(id);
+      init(s);
+      s.pages.reserve(static_cast<std::size_t>(n));
+      s.first = r.page_positions;
+    } catch (...) {
+      drop_id(id);
+      throw;
+    }
+    sequence& s = seq_ref(id);
+    for (Index i = 0; i < n; ++i) {
+      s.pages.push_back(pool_.allocate(s.pages.empty() ? -1 : s.pages.back() + 1));
+    }
+    s.table_end = r.table_end;
+    s.gap = r.gap;
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      s.layers[l].next = r.layers[l].next;
+      s.layers[l].tail_n = r.layers[l].tail_tokens;
+    }
+    try {
+      const Index upp = pool_.units_per_page();
+      for (Index l = 0; l < n_layers(); ++l) {
+        layer_state& L = s.layers[static_cast<std::size_t>(l)];
+        const Index E = L.next - L.tail_n;
+        const auto to = [&](void* data, std::size_t bytes) { fill(l, data, bytes); };
+        for (std::size_t i = 0; i < s.pages.size(); ++i) {
+          detail::for_each_unit_span<Format>(pool_.storage(l), s.pages[i] * upp,
+                                             units_in_page(s.first[i], E), to);
+        }
+        if (uses_tail_) {
+          const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
+          fill(l, static_cast<void*>(L.tail_k.data()), bytes);
+          fill(l, static_cast<void*>(L.tail_v.data()), bytes);
+        }
+      }
+    } catch (...) {
+      free(id);
+      throw;
+    }
+    return id;
+  }
+
  private:
   struct layer_state {
     Index next = 0;    // tokens appended: the next token's position
@@ -470,6 +785,132 @@ class paged_kv_cache {
     Index copy_index = 0;
     Index new_pages = 0;
   };
+
+  // What a shift takes, decided before anything changes.
+  struct shift_plan {
+    std::vector<Index> from;   // [layer] where it is rebuilt from: the unit holding `first`
+    Index keep = 0;            // leading pages that keep tokens in place
+    std::vector<Index> copies; // of them, the indices of shared pages to copy before writing
+    Index start = 0;           // the position of the first page after them
+    Index new_pages = 0;       // pages after them
+    std::vector<Index> reuse;  // table indices of pages after them that this sequence alone
+                               // holds, ascending: they hold the first new positions
+    bool closes_gap = false;   // rebuilt from the sink pages on: the window's gap closes
+  };
+
+  // Checks a shift of [first, last) of `s` (positions checked) against the window and the
+  // pool, and says which pages it keeps, copies, reuses and takes.
+  shift_plan plan_shift(Index seq, const sequence& s, Index first, Index last) const {
+    shift_plan plan;
+    const Index P = page_size(), delta = last - first;
+    plan.from.resize(s.layers.size());
+    Index from_max = 0, new_end = 0, lowest_next = no_limit;
+    std::vector<Index> ends(s.layers.size());  // [layer] where its stored tokens end after
+    for (std::size_t l = 0; l < s.layers.size(); ++l) {
+      const layer_state& L = s.layers[l];
+      const Index E = L.next - L.tail_n;
+      const Index from = first < E ? first / unit_ * unit_ : E;
+      const Index n = (first - from) + (L.next - last);
+      Index flushed = n;
+      if (uses_tail_) flushed = n >= tail_cap_ ? ((n - tail_cap_) / unit_ + 1) * unit_ : 0;
+      plan.from[l] = from;
+      ends[l] = from + flushed;
+      from_max = std::max(from_max, from);
+      new_end = std::max(new_end, ends[l]);
+      lowest_next = std::min(lowest_next, L.next - delta);
+    }
+    // A window's gap: tokens [sink_end, held) were given back. The shift must read only held
+    // tokens and rebuild either within the sink pages (closing the gap) or after it.
+    const Index d = sink_pages(s), sink_end = d * P, held = held_from(s);
+    if (s.gap) {
+      if (first > sink_end && first < held) {
+        detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens of ",
+                                        "positions [", sink_end, ", ", held, ") to its window; ",
+                                        "first = ", first, " must not lie among them");
+      }
+      if (first <= sink_end) {
+        if (last < held) {
+          detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens of ",
+                                          "positions [", sink_end, ", ", held, ") to its window; ",
+                                          "the tokens from last = ", last, " on cannot be moved");
+        }
+        plan.closes_gap = true;
+      } else if (lowest_next - layout_.window < held) {
+        detail::fail<std::out_of_range>("shift: sequence ", seq, " gave back the tokens before ",
+                                        "position ", held, " to its window; dropping [", first,
+                                        ", ", last, ") is not exact: the window of position ",
+                                        lowest_next - 1, " would need tokens from position ",
+                                        std::max(layout_.sinks, lowest_next - layout_.window));
+      }
+    }
+    // Pages that keep tokens in place, then the pages of the rebuilt tokens after them.
+    const Index n_pages = Index(s.pages.size());
+    while (plan.keep < n_pages && s.first[static_cast<std::size_t>(plan.keep)] < from_max) ++plan.keep;
+    plan.start = plan.keep > 0 ? s.first[static_cast<std::size_t>(plan.keep - 1)] + P : 0;
+    if (s.gap && !plan.closes_gap && plan.keep <= d) plan.start = held;
+    plan.new_pages = new_end > plan.start ? detail::ceil_div(new_end - plan.start, P) : 0;
+    for (Index j = 0; j < plan.keep; ++j) {
+      const Index pos = s.first[static_cast<std::size_t>(j)];
+      bool written = false;
+      for (std::size_t l = 0; l < s.layers.size(); ++l) {
+        written = written || (pos < ends[l] && pos + P > plan.from[l]);
+      }
+      if (written && !pool_.writable(s.pages[static_cast<std::size_t>(j)])) plan.copies.push_back(j);
+    }
+    Index freed = 0;
+    for (Index j = plan.keep; j < n_pages; ++j) {
+      const Index p = s.pages[static_cast<std::size_t>(j)];
+      if (Index(plan.reuse.size()) < plan.new_pages && pool_.writable(p)) {
+        plan.reuse.push_back(j);
+      } else if (pool_.ref_count(p) == 1) {
+        ++freed;
+      }
+    }
+    const Index need = Index(plan.copies.size()) + plan.new_pages - Index(plan.reuse.size());
+    if (need > pool_.available() + freed) {
+      detail::fail<std::length_error>("shift: sequence ", seq, " needs ", need, " more page",
+                                      need == 1 ? "" : "s", " but the pool has ",
+                                      pool_.available() + freed, " free or cached of ",
+                                      pool_.n_pages(), "; free or preempt a sequence");
+    }
+    return plan;
+  }
+
+  // Reads the tokens at positions [a, b) of layer L of s, which it holds, into rows row.. of
+  // k and v: stored units through a scratch of whole units, then the tail.
+  void read_tokens(const sequence& s, const layer_state& L, Index a, Index b,
+                   row_matrix<compute_type>& k, row_matrix<compute_type>& v, Index row) const {
+    const Index E = L.next - L.tail_n, width = shape_.kv_width(), upp = pool_.units_per_page();
+    const Index stored_b = std::min(b, E);
+    if (a < stored_b) {
+      const Index u0 = a / unit_ * unit_, u1 = detail::ceil_div(stored_b, unit_) * unit_;
+      row_matrix<compute_type> uk(u1 - u0, width), uv(u1 - u0, width);
+      const auto& storage = pool_.storage(layer_index(s, L));
+      for (Index pos = u0; pos < u1;) {
+        const auto idx = static_cast<std::size_t>(
+            std::upper_bound(s.first.begin(), s.first.end(), pos) - s.first.begin() - 1);
+        const Index within = (pos - s.first[idx]) / unit_;
+        const Index units = std::min(upp - within, (u1 - pos) / unit_);
+        format_.read(storage, s.pages[idx] * upp + within, units,
+                     uk.middleRows(pos - u0, units * unit_), uv.middleRows(pos - u0, units * unit_));
+        pos += units * unit_;
+      }
+      k.middleRows(row, stored_b - a) = uk.middleRows(a - u0, stored_b - a);
+      v.middleRows(row, stored_b - a) = uv.middleRows(a - u0, stored_b - a);
+      row += stored_b - a;
+      a = stored_b;
+    }
+    if (a < b) {
+      using rows = Eigen::Map<const row_matrix<compute_type>>;
+      k.middleRows(row, b - a) = rows(L.tail_k.data() + (a - E) * width, b - a, width);
+      v.middleRows(row, b - a) = rows(L.tail_v.data() + (a - E) * width, b - a, width);
+    }
+  }
+
+  // Units a layer whose stored tokens end at E holds in the page at position `pos`.
+  Index units_in_page(Index pos, Index E) const noexcept {
+    return std::clamp<Index>((E - pos) / unit_, 0, pool_.units_per_page());
+  }
 
   Index tail_token_bytes() const noexcept {
     return 2 * shape_.kv_width() * Index(sizeof(compute_type));
@@ -584,6 +1025,13 @@ class paged_kv_cache {
     Index i = 0;
     while (i < Index(s.pages.size()) && s.first[static_cast<std::size_t>(i)] < layout_.sinks) ++i;
     return i;
+  }
+
+  // The position from which a sequence holds its tokens after the sink pages: the first page
+  // after them, or where the table ends. Below it, a window gave pages back when s.gap is set.
+  Index held_from(const sequence& s) const noexcept {
+    const Index d = sink_pages(s);
+    return d < Index(s.pages.size()) ? s.first[static_cast<std::size_t>(d)] : s.table_end;
   }
 
   // The index in the table of the page holding stored position `pos` (which lies at or after
@@ -731,7 +1179,11 @@ class paged_kv_cache {
     w.n_pages = n;
     w.units_per_page = pool_.units_per_page();
     w.unit = unit_;
-    w.last_page_units = n > 0 ? (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_ : 0;
+    // Full, unless the stored tokens end in it: a layer behind the others in a forward pass
+    // may end them in the gap a window just made, after its sink pages.
+    w.last_page_units = n > 0 ? std::min(pool_.units_per_page(),
+                                         (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_)
+                              : 0;
     w.tail_keys = L.tail_k.data();
     w.tail_values = L.tail_v.data();
     w.tail_tokens = L.tail_n;
@@ -780,12 +1232,11 @@ class paged_kv_cache {
       }
     }
     if (s.gap) {
-      const Index d = sink_pages(s);
-      const Index held_from = d < Index(s.pages.size()) ? s.first[static_cast<std::size_t>(d)] : s.table_end;
-      const Index lowest_ok = held_from + layout_.window - 1;
+      const Index from = held_from(s);
+      const Index lowest_ok = from + layout_.window - 1;
       if (n < lowest_ok) {
         detail::fail<std::out_of_range>("crop: sequence ", seq, " gave back the tokens before ",
-                                        "position ", held_from, " to its window; it can be cut ",
+                                        "position ", from, " to its window; it can be cut ",
                                         "to ", lowest_ok, " tokens at least, not ", n);
       }
     }
