@@ -161,7 +161,9 @@ void apply_mask(Scores& S, const Index* row_pos, Index first, const attention_ma
     if (visible < n) S.row(r).tail(n - visible).setConstant(neg_inf);
     if (mask.window > 0) {
       const Index lo = std::clamp<Index>(mask.sinks - first, 0, visible);
-      const Index hi = std::clamp<Index>(p - mask.window + 1 - first, lo, visible);
+      // Keys before stale_end are out of the window; written so that no window overflows.
+      const Index stale_end = p >= mask.window ? p - mask.window + 1 : 0;
+      const Index hi = std::clamp<Index>(stale_end - first, lo, visible);
       if (hi > lo) S.row(r).segment(lo, hi - lo).setConstant(neg_inf);
     }
   }

@@ -217,12 +217,9 @@ class paged_kv_cache {
   /// pages a window would give back. Throws std::out_of_range for a bad sequence.
   Index pages_needed(Index seq, Index n) const {
     const sequence& s = seq_at(seq, "pages_needed");
-    Index most = 0;
-    for (const auto& L : s.layers) {
-      const auto plan = plan_append(s, L, n);
-      most = std::max(most, plan.new_pages + plan.copies);
-    }
-    return most;
+    if (n < 0) detail::fail<std::invalid_argument>("pages_needed: n = ", n, " must be >= 0");
+    for (const auto& L : s.layers) detail::checked_add(L.next, n, "pages_needed");
+    return step_need(s, nullptr, n).first;
   }
 
   /// Appends `k.rows()` tokens to layer `l` of `seq` at positions position(seq, l).. . `k` and
@@ -273,6 +270,9 @@ class paged_kv_cache {
     detail::check_options("prefill_attention", opt);
     const Index n = q.rows();
     if (n == 0) return;
+    {  // a workspace another call holds is refused before anything changes
+      const typename attention_workspace<compute_type>::guard free_now(ws, "prefill_attention");
+    }
     const append_plan plan = claim(seq, s, L, n, "prefill_attention");
     const bool convert = !std::is_same_v<scalar_type, compute_type>;
     const Index seen = detail::checked_add(view_of(s, L).size(), n);
@@ -781,8 +781,9 @@ class paged_kv_cache {
     Index drop = 0;       // pages after the sinks the window gives back, from `drop_at`
     Index drop_at = 0;
     Index freed = 0;      // of them, pages no other sequence holds
-    Index copies = 0;     // 1 when the page written first is shared
-    Index copy_index = 0;
+    Index write_from = 0;  // table pages [write_from, write_to) (before the drop) are written
+    Index write_to = 0;
+    Index copies = 0;      // of them, pages shared or published, copied first
     Index new_pages = 0;
   };
 
@@ -1062,15 +1063,48 @@ class paged_kv_cache {
         if (pool_.ref_count(s.pages[static_cast<std::size_t>(i)]) == 1) ++plan.freed;
       }
     }
+    // Every page of the table the stored tokens land in is copied first when it is shared or
+    // published (copy-on-write), not only the first: a chunk may span several.
     if (flushed > 0 && E < s.table_end) {
-      plan.copy_index = page_index(s, E);
-      if (plan.copy_index >= plan.drop_at + plan.drop &&
-          !pool_.writable(s.pages[static_cast<std::size_t>(plan.copy_index)])) {
-        plan.copies = 1;
-      }
+      plan.write_from = page_index(s, E);
+      plan.write_to = page_index(s, std::min(E2, s.table_end) - 1) + 1;
+      plan.copies = copies_in(s, plan, plan.write_from, plan.write_to);
     }
     if (E2 > s.table_end) plan.new_pages = detail::ceil_div(E2 - s.table_end, P);
     return plan;
+  }
+
+  // Pages of table indices [from, to) (before the drop) that a write must copy: shared or
+  // published ones, the window's dropped pages aside.
+  Index copies_in(const sequence& s, const append_plan& plan, Index from, Index to) const {
+    Index copies = 0;
+    for (Index i = from; i < to; ++i) {
+      const bool dropped = i >= plan.drop_at && i < plan.drop_at + plan.drop;
+      if (!dropped && !pool_.writable(s.pages[static_cast<std::size_t>(i)])) ++copies;
+    }
+    return copies;
+  }
+
+  // What the rest of a forward pass takes from the pool when every layer at the position of
+  // `L` (every layer, without L) appends n tokens: the most new pages any of them takes, plus
+  // every shared page any of them writes into (layers can store different numbers of tokens,
+  // and the first to write into a page copies it for all). Returns {pages, freed by the drop}.
+  std::pair<Index, Index> step_need(const sequence& s, const layer_state* L, Index n) const {
+    Index new_pages = 0, from = no_limit, to = 0, freed = 0;
+    append_plan any;
+    for (const auto& M : s.layers) {
+      if (L != nullptr && M.next != L->next) continue;
+      const append_plan plan = plan_append(s, M, n);
+      any = plan;
+      new_pages = std::max(new_pages, plan.new_pages);
+      freed = plan.freed;
+      if (plan.write_to > plan.write_from) {
+        from = std::min(from, plan.write_from);
+        to = std::max(to, plan.write_to);
+      }
+    }
+    const Index copies = to > from ? copies_in(s, any, from, to) : 0;
+    return {new_pages + copies, freed};
   }
 
   // Checks that an append of n tokens to layer L of s can be carried out and reserves what
@@ -1078,11 +1112,13 @@ class paged_kv_cache {
   append_plan claim(Index seq, sequence& s, const layer_state& L, Index n, const char* fn) {
     detail::checked_add(L.next, n, fn);
     const append_plan plan = plan_append(s, L, n);
-    const Index need = plan.new_pages + plan.copies;
-    if (need > pool_.available() + plan.freed) {
+    // The layers still to append at this position are counted too, so that a forward pass
+    // is refused at its first layer, not halfway.
+    const auto [need, freed] = step_need(s, &L, n);
+    if (need > pool_.available() + freed) {
       detail::fail<std::length_error>(fn, ": sequence ", seq, " needs ", need, " more page",
                                       need == 1 ? "" : "s", " but the pool has ",
-                                      pool_.available() + plan.freed, " free or cached of ",
+                                      pool_.available() + freed, " free or cached of ",
                                       pool_.n_pages(), "; free or preempt a sequence");
     }
     // Doubling, so that a sequence growing a page at a time allocates O(log pages) times.
@@ -1107,8 +1143,10 @@ class paged_kv_cache {
       s.gap = true;
       if (Index(s.hashes.size()) > plan.drop_at) s.hashes.resize(static_cast<std::size_t>(plan.drop_at));
     }
-    if (plan.copies > 0) {
-      auto& slot = s.pages[static_cast<std::size_t>(plan.copy_index - plan.drop)];
+    for (Index i = plan.write_from; i < plan.write_to && plan.copies > 0; ++i) {
+      if (i >= plan.drop_at && i < plan.drop_at + plan.drop) continue;
+      auto& slot = s.pages[static_cast<std::size_t>(i >= plan.drop_at + plan.drop ? i - plan.drop : i)];
+      if (pool_.writable(slot)) continue;
       const Index fresh = pool_.allocate();
       pool_.copy_page(fresh, slot);
       pool_.release(slot);
@@ -1231,13 +1269,18 @@ class paged_kv_cache {
                                         unit_, " or at least ", E);
       }
     }
-    if (s.gap) {
+    if (s.gap && n < lowest) {
+      // The newest position left, n - 1, sees the keys from max(sinks, n - window) on: they
+      // must all be held, in the sink pages or after the gap (as they are after n appends).
       const Index from = held_from(s);
-      const Index lowest_ok = from + layout_.window - 1;
-      if (n < lowest_ok) {
+      const Index d = sink_pages(s);
+      const Index sink_end = d > 0 ? s.first[static_cast<std::size_t>(d - 1)] + page_size() : 0;
+      const Index needed_from = std::max(layout_.sinks, n - layout_.window);
+      if (n > sink_end && needed_from < from) {
         detail::fail<std::out_of_range>("crop: sequence ", seq, " gave back the tokens before ",
-                                        "position ", from, " to its window; it can be cut ",
-                                        "to ", lowest_ok, " tokens at least, not ", n);
+                                        "position ", from, " to its window; it can be cut to at ",
+                                        "most ", sink_end, " or at least ", from + layout_.window,
+                                        " tokens, not ", n);
       }
     }
   }

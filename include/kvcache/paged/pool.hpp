@@ -213,8 +213,13 @@ class page_pool {
   bool writable(Index p) const noexcept { return refs_[at(p)] == 1 && !published_[at(p)]; }
 
   /// The stored units of layer l: [kv_head][page * units_per_page + unit][...].
-  const storage_type& storage(Index l) const noexcept { return storage_[static_cast<std::size_t>(l)]; }
-  storage_type& storage(Index l) noexcept { return storage_[static_cast<std::size_t>(l)]; }
+  /// (A moved-from pool has empty storage with no slots.)
+  const storage_type& storage(Index l) const noexcept {
+    return storage_.empty() ? none_ : storage_[static_cast<std::size_t>(l)];
+  }
+  storage_type& storage(Index l) noexcept {
+    return storage_.empty() ? none_ : storage_[static_cast<std::size_t>(l)];
+  }
 
   /// Copies every unit of page `src` to page `dst`, every layer (copy-on-write).
   void copy_page(Index dst, Index src) noexcept {
@@ -305,6 +310,7 @@ class page_pool {
   Index upp_ = 1;
   Index page_bytes_ = 0;
   std::vector<storage_type> storage_;         // [layer]
+  storage_type none_{};                       // what a moved-from pool hands out
   std::vector<Index> refs_;                   // [page] reference count
   std::vector<unsigned char> published_;      // [page] in the prefix index
   std::vector<page_hash> hash_;               // [page] its hash, when published
