@@ -6,8 +6,9 @@
 // built from the same rows, a double-precision oracle and the pool's invariants; then sizes,
 // ids, tokens, batches and workspaces chosen to break it, one at a time.
 //
-// Tests named Bug* reproduce defects of the headers: each fails (or, when it would crash the
-// process under the sanitizers, is skipped with its reproducer kept below the skip).
+// Tests named Bug* reproduce defects of the headers: each fails, or, where the next call would
+// crash the process, stops there with GTEST_SKIP (KVCACHE_RUN_CRASHING=1 makes the call).
+// KVCACHE_FUZZ_TRACE=1 prints every random operation and the live sequences after it.
 #include "common.hpp"
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -908,6 +910,18 @@ class paged_fuzzer {
     }
     EXPECT_EQ(st.cached, cached);
     EXPECT_EQ(pool.n_published(), published);
+    // Bytes: the pages in use once each, plus the full-precision tails.
+    const Index tail_token = 2 * small.kv_width() * Index(sizeof(float));
+    Index tails = 0;
+    for (const auto& s : live_) {
+      Index mine = 0;
+      for (Index l = 0; l < small.n_layers(); ++l) mine += paged_.view(s.id, l).tail_tokens;
+      EXPECT_EQ(paged_.bytes(s.id), Index(paged_.block_table(s.id).size()) * pool.page_bytes() +
+                                        mine * tail_token);
+      tails += mine;
+    }
+    EXPECT_EQ(paged_.bytes(), st.used * pool.page_bytes() + tails * tail_token);
+    EXPECT_EQ(st.used_bytes, st.used * pool.page_bytes());
     // A published page is never written again.
     for (auto it = published_.begin(); it != published_.end();) {
       if (!pool.published(it->first)) {  // evicted: it may be reused
@@ -1042,7 +1056,7 @@ TEST(PagedFuzz, Int4Group4WindowWithSinks) {
   fuzz({"int4 g4 r0 p4 window 9 sinks 5", 4, 16, 9, 5, false, 19, 1000}, quantized_format<4>(4, 0));
 }
 
-// ---- defects -------------------------------------------------------------------------------
+// ---- helpers of the tests below ------------------------------------------------------------
 
 // Under AddressSanitizer and UBSan (the asan preset) undefined behaviour halts the process; in
 // other builds it goes unnoticed or shows as a wrong result.
@@ -1052,6 +1066,10 @@ constexpr bool sanitized = true;
 constexpr bool sanitized = false;
 #endif
 
+// Reproducers that would crash the process stop before the crashing call; set
+// KVCACHE_RUN_CRASHING=1 to make the call (and watch the crash).
+bool run_crashing() { return std::getenv("KVCACHE_RUN_CRASHING") != nullptr; }
+
 using f32_cache = paged_kv_cache<plain_format<float>>;
 
 template <class Cache>
@@ -1060,6 +1078,360 @@ void append_all_layers(Cache& c, Index seq, Index n, unsigned seed) {
     c.append(seq, l, plain_rows(l, n, seed), plain_rows(l, n, seed + 1000));
   }
 }
+
+// ---- hostile input that is refused ----------------------------------------------------------
+
+// Sizes that do not fit are refused before anything is allocated.
+TEST(PagedHostile, ConstructorsRefuseSizesThatDoNotFit) {
+  using P = paged_layout;
+  const auto invalid = [](P layout) {
+    EXPECT_THROW(f32_cache(small, layout), std::invalid_argument)
+        << layout.page_size << " " << layout.n_pages << " " << layout.window << " " << layout.sinks;
+  };
+  invalid({0, 4});
+  invalid({-1, 4});
+  invalid({kMin, 4});
+  invalid({4, 0});
+  invalid({4, -3});
+  invalid({4, kMin});
+  invalid({4, 4, -1, 0});
+  invalid({4, 4, kMin, 0});
+  invalid({4, 4, 0, 1});         // sinks without a window
+  invalid({4, 4, 5, 5});         // sinks crowd out the window
+  invalid({4, 4, 5, -1});
+  invalid({4, 4, kMax, kMax});
+  const auto too_big = [](P layout) {
+    EXPECT_THROW(f32_cache(small, layout), std::length_error)
+        << layout.page_size << " " << layout.n_pages;
+  };
+  too_big({kMax, 1});
+  too_big({1, kMax});
+  too_big({Index(1) << 33, Index(1) << 33});  // tokens overflow
+  too_big({Index(1) << 58, 2});               // page bytes overflow
+  too_big({2, Index(1) << 58});               // pool bytes overflow
+  // A quantized page holds whole groups; a residual near the largest index overflows the tail.
+  using Q = quantized_format<8>;
+  EXPECT_THROW(paged_kv_cache<Q>(small, {6, 4}, Q(4, 0)), std::invalid_argument);
+  EXPECT_THROW(paged_kv_cache<Q>(small, {2, 4}, Q(4, 0)), std::invalid_argument);
+  EXPECT_THROW(paged_kv_cache<Q>(small, {4, 4}, Q(4, kMax - 4)), std::length_error);
+  EXPECT_THROW(paged_kv_cache<Q>(small, {Index(1) << 31, 4}, Q(Index(1) << 31, 0)),
+               std::invalid_argument);
+  EXPECT_THROW((page_pool<plain_format<float>>(small, 4, kMax)), std::length_error);
+  // A window far beyond any position allocates nothing and works for appends and decode.
+  f32_cache wide(small, {4, 4, kMax, kMax - 1});
+  const Index s = wide.create();
+  append_all_layers(wide, s, 9, 1);
+  attention_workspace<float> ws;
+  row_vector<float> out(small_heads.q_width());
+  decode_attention(small_heads, random_matrix<float>(1, small_heads.q_width(), 1).row(0),
+                   wide.view(s, 0), out, ws);
+  EXPECT_TRUE(out.allFinite());
+}
+
+// Null or negative token counts are refused, take no id and change nothing.
+TEST(PagedHostile, NullAndNegativeTokensAreRefused) {
+  f32_cache paged(small, {4, 8});
+  const std::vector<std::int32_t> t = {5, -1, std::numeric_limits<std::int32_t>::min(), 7, 9};
+  const Index a = paged.create();
+  append_all_layers(paged, a, 5, 1);
+  const auto before = snapshot_of(paged, {a});
+  EXPECT_THROW(paged.create(nullptr, 3), std::invalid_argument);
+  EXPECT_THROW(paged.create(t.data(), -1), std::invalid_argument);
+  EXPECT_THROW(paged.create(t.data(), kMin), std::invalid_argument);
+  EXPECT_THROW(paged.match_prefix(nullptr, 1), std::invalid_argument);
+  EXPECT_THROW(paged.match_prefix(t.data(), -2), std::invalid_argument);
+  EXPECT_THROW(paged.publish(a, nullptr, 4), std::invalid_argument);
+  EXPECT_THROW(paged.publish(a, t.data(), -4), std::invalid_argument);
+  EXPECT_THROW(paged.publish(a, t.data(), kMin), std::invalid_argument);
+  EXPECT_TRUE(snapshot_of(paged, {a}) == before);
+  EXPECT_EQ(paged.match_prefix(nullptr, 0), 0);
+  const Index b = paged.create(nullptr, 0);  // an empty prompt is a prompt
+  EXPECT_EQ(b, a + 1) << "a refused create took an id";
+  EXPECT_EQ(paged.prefix_hit(b), 0);
+  // Negative and extreme token ids are ids like others; a count beyond the tokens held reads
+  // only the pages held.
+  EXPECT_EQ(paged.publish(a, t.data(), kMax), 1);
+  EXPECT_EQ(paged.match_prefix(t.data(), 5), 4);
+  const Index c = paged.create(t.data(), 5);
+  EXPECT_EQ(paged.prefix_hit(c), 4);
+  EXPECT_EQ(paged.keys(c, 0), paged.keys(a, 0).topRows(4));
+}
+
+// Every member naming a sequence or a layer that does not exist throws std::out_of_range and
+// changes nothing; freed ids are refused until they are reused, and a reused id starts empty.
+TEST(PagedHostile, SequencesAndLayersThatDoNotExistAreRefused) {
+  using Q = quantized_format<8>;
+  paged_kv_cache<Q> paged(small, {4, 16, 6, 2}, Q(4, 3));
+  const Index a = paged.create(), gone = paged.create();
+  for (Index t = 0; t < 30; ++t) append_all_layers(paged, gone, 1, 7 + unsigned(t));  // a window gap, a tail
+  std::vector<std::int32_t> tokens(32, 3);
+  paged.publish(gone, tokens.data(), 30);
+  append_all_layers(paged, a, 9, 1);  // a group stored at [0, 4), a tail of 5
+  paged.free(gone);
+  const auto before = snapshot_of(paged, {a});
+  attention_workspace<float> ws;
+  paged_batch<Q> batch;
+  const auto k = plain_rows(0, 2, 1), v = plain_rows(0, 2, 2);
+  const row_matrix<float> q = random_matrix<float>(2, small_heads.q_width(), 1);
+  row_matrix<float> out(2, small_heads.q_width());
+  for (const Index bad : {Index(-1), kMin, kMax, Index(1) << 40, gone, Index(2), Index(3)}) {
+    SCOPED_TRACE(bad);
+    EXPECT_FALSE(paged.contains(bad));
+    EXPECT_THROW(paged.position(bad), std::out_of_range);
+    EXPECT_THROW(paged.position(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.size(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.prefix_hit(bad), std::out_of_range);
+    EXPECT_THROW(paged.block_table(bad), std::out_of_range);
+    EXPECT_THROW(paged.page_positions(bad), std::out_of_range);
+    EXPECT_THROW(paged.pages_needed(bad, 1), std::out_of_range);
+    EXPECT_THROW(paged.append(bad, 0, k, v), std::out_of_range);
+    EXPECT_THROW(prefill_attention(small_heads, q, k, v, paged, bad, 0, out, ws), std::out_of_range);
+    EXPECT_THROW(paged.crop(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.rollback(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.publish(bad, tokens.data(), 4), std::out_of_range);
+    EXPECT_THROW(paged.view(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.keys(bad, 0), std::out_of_range);
+    EXPECT_THROW(paged.values(bad, 1), std::out_of_range);
+    EXPECT_THROW(paged.bytes(bad), std::out_of_range);
+    EXPECT_THROW(paged.fork(bad), std::out_of_range);
+    EXPECT_THROW(paged.free(bad), std::out_of_range);
+    EXPECT_THROW(paged.batch({a, bad, a}, 0, batch), std::out_of_range);
+    EXPECT_EQ(batch.size(), 0);
+    EXPECT_TRUE(snapshot_of(paged, {a}) == before);
+  }
+  for (const Index layer : {Index(-1), Index(2), kMax, kMin}) {
+    SCOPED_TRACE(layer);
+    EXPECT_THROW(paged.position(a, layer), std::out_of_range);
+    EXPECT_THROW(paged.size(a, layer), std::out_of_range);
+    EXPECT_THROW(paged.append(a, layer, k, v), std::out_of_range);
+    EXPECT_THROW(prefill_attention(small_heads, q, k, v, paged, a, layer, out, ws), std::out_of_range);
+    EXPECT_THROW(paged.view(a, layer), std::out_of_range);
+    EXPECT_THROW(paged.keys(a, layer), std::out_of_range);
+    EXPECT_THROW(paged.batch({a}, layer, batch), std::out_of_range);
+    EXPECT_TRUE(snapshot_of(paged, {a}) == before);
+  }
+  for (const Index n : {Index(-1), Index(10), kMax, kMin}) {
+    EXPECT_THROW(paged.crop(a, n), std::out_of_range) << n;
+    EXPECT_THROW(paged.rollback(a, n), std::out_of_range) << n;
+  }
+  EXPECT_THROW(paged.crop(a, 3), std::out_of_range);  // inside the stored group [0, 4)
+  EXPECT_TRUE(snapshot_of(paged, {a}) == before);
+  // Shapes that do not fit.
+  EXPECT_THROW(paged.append(a, 0, plain_rows(0, 2, 1), plain_rows(0, 3, 1)), std::invalid_argument);
+  EXPECT_THROW(paged.append(a, 0, row_matrix<float>(2, 3), row_matrix<float>(2, 3)),
+               std::invalid_argument);
+  EXPECT_THROW(prefill_attention(attention_shape(4, 4, 8), q, k, v, paged, a, 0, out, ws),
+               std::invalid_argument);
+  row_matrix<float> short_out(1, small_heads.q_width());
+  EXPECT_THROW(prefill_attention(small_heads, q, k, v, paged, a, 0, short_out, ws),
+               std::invalid_argument);
+  attention_options bad_opt;
+  bad_opt.tile_tokens = 0;
+  EXPECT_THROW(prefill_attention(small_heads, q, k, v, paged, a, 0, out, ws, bad_opt),
+               std::invalid_argument);
+  EXPECT_TRUE(snapshot_of(paged, {a}) == before);
+  // The freed id comes back empty: no position, page, tail, gap or prefix hit of its past.
+  const Index again = paged.create();
+  EXPECT_EQ(again, gone);
+  EXPECT_EQ(paged.position(again), 0);
+  EXPECT_TRUE(paged.block_table(again).empty());
+  EXPECT_EQ(paged.prefix_hit(again), 0);
+  EXPECT_EQ(paged.bytes(again), 0);
+  EXPECT_EQ(paged.view(again, 1).tail_tokens, 0);
+  append_all_layers(paged, again, 9, 40);
+  EXPECT_NO_THROW(paged.crop(again, 4));  // no window gap left over: any group boundary
+  EXPECT_EQ(paged.position(again), 4);
+}
+
+// Batches: duplicates are separate entries; bad query offsets are refused before anything runs.
+TEST(PagedHostile, BatchesWithDuplicatesAndBadQueryOffsets) {
+  f32_cache paged(small, {4, 16});
+  const Index a = paged.create(), b = paged.create(), empty = paged.create();
+  append_all_layers(paged, a, 9, 1);
+  append_all_layers(paged, b, 3, 2);
+  paged_batch<plain_format<float>> batch;
+  paged.batch({a, b, a, a}, 1, batch);
+  ASSERT_EQ(batch.size(), 4);
+  attention_workspace<float> ws;
+  const std::vector<Index> qo = {0, 2, 3, 3, 8};
+  const row_matrix<float> q = random_matrix<float>(8, small_heads.q_width(), 4);
+  row_matrix<float> out(8, small_heads.q_width());
+  batch_attention(small_heads, q, qo, batch, out, ws);
+  const Index seqs[] = {a, b, a, a};
+  for (std::size_t i = 0; i < 4; ++i) {
+    const Index m = qo[i + 1] - qo[i];
+    if (m == 0) continue;
+    row_matrix<float> want(m, small_heads.q_width());
+    causal_attention(small_heads, q.middleRows(qo[i], m), paged.view(seqs[i], 1),
+                     paged.position(seqs[i], 1) - m, want, ws);
+    EXPECT_LE((out.middleRows(qo[i], m) - want).cwiseAbs().maxCoeff(), 1e-6) << i;
+  }
+  const row_matrix<float> kept = out;
+  const auto refused = [&](const std::vector<Index>& offsets, const row_matrix<float>& qq,
+                           row_matrix<float>& o, bool range) {
+    if (range) {
+      EXPECT_THROW(batch_attention(small_heads, qq, offsets, batch, o, ws), std::out_of_range);
+    } else {
+      EXPECT_THROW(batch_attention(small_heads, qq, offsets, batch, o, ws), std::invalid_argument);
+    }
+  };
+  refused({}, q, out, false);
+  refused({0, 2, 3, 3}, q, out, false);           // one short
+  refused({0, 2, 3, 3, 8, 8}, q, out, false);     // one long
+  refused({1, 2, 3, 3, 8}, q, out, false);        // not from 0
+  refused({0, 4, 3, 3, 8}, q, out, false);        // decreasing
+  refused({0, -2, 3, 3, 8}, q, out, false);       // negative
+  refused({0, 2, 3, 3, 7}, q, out, false);        // ends before q's rows
+  refused({0, kMax, kMax, kMax, 8}, q, out, false);
+  refused({0, 2, kMin, 3, 8}, q, out, false);
+  row_matrix<float> q11 = random_matrix<float>(11, small_heads.q_width(), 4), o11(11, small_heads.q_width());
+  refused({0, 1, 5, 6, 11}, q11, o11, true);      // 4 queries on b's 3 positions
+  EXPECT_TRUE(out == kept) << "a refused batch wrote its output";
+  row_matrix<float> wrong_out(8, small_heads.q_width() + 1);
+  refused(qo, q, wrong_out, false);
+  // A sequence with nothing to attend to may be in a batch without queries, not with them.
+  paged.batch({empty, a}, 0, batch);
+  row_matrix<float> q1 = random_matrix<float>(1, small_heads.q_width(), 5), o1(1, small_heads.q_width());
+  batch_attention(small_heads, q1, std::vector<Index>{0, 0, 1}, batch, o1, ws);
+  EXPECT_THROW(batch_attention(small_heads, q1, std::vector<Index>{0, 1, 1}, batch, o1, ws),
+               std::invalid_argument);
+  // Options: extreme tiles and splits work, bad ones are refused.
+  attention_options opt;
+  opt.tile_tokens = kMax;
+  opt.split_tokens = kMax;
+  paged.batch({a, b, a, a}, 1, batch);
+  batch_attention(small_heads, q, qo, batch, out, ws, opt);
+  EXPECT_LE((out - kept).cwiseAbs().maxCoeff(), 1e-6);
+  opt.tile_tokens = 1;
+  opt.split_tokens = 1;
+  batch_attention(small_heads, q, qo, batch, out, ws, opt);
+  EXPECT_LE((out - kept).cwiseAbs().maxCoeff(), 1e-6);
+  for (const auto& [tile, split, scale] : {std::tuple<Index, Index, double>{0, 0, 0.0},
+                                            {-1, 0, 0.0}, {kMin, 0, 0.0}, {128, -1, 0.0},
+                                            {128, kMin, 0.0},
+                                            {128, 0, std::numeric_limits<double>::quiet_NaN()},
+                                            {128, 0, std::numeric_limits<double>::infinity()}}) {
+    attention_options bad;
+    bad.tile_tokens = tile;
+    bad.split_tokens = split;
+    bad.scale = scale;
+    EXPECT_THROW(batch_attention(small_heads, q, qo, batch, out, ws, bad), std::invalid_argument)
+        << tile << " " << split << " " << scale;
+  }
+  // An empty batch is nothing to do.
+  paged.batch({}, 0, batch);
+  EXPECT_EQ(batch.size(), 0);
+  row_matrix<float> q0(0, small_heads.q_width()), o0(0, small_heads.q_width());
+  batch_attention(small_heads, q0, std::vector<Index>{0}, batch, o0, ws);
+  batch_decode_attention(small_heads, q0, batch, o0, ws);
+}
+
+// One workspace, two callers: the second is refused with std::logic_error before it touches
+// anything; a caller that gets through computes the right result.
+TEST(PagedHostile, AWorkspaceInUseIsRefused) {
+  f32_cache paged(small, {4, 32});
+  std::vector<Index> seqs;
+  for (unsigned i = 0; i < 4; ++i) {
+    seqs.push_back(paged.create());
+    append_all_layers(paged, seqs.back(), 5 + 7 * i, 10 * i);
+  }
+  paged_batch<plain_format<float>> batch;
+  paged.batch(seqs, 0, batch);
+  const row_matrix<float> q = random_matrix<float>(4, small_heads.q_width(), 8);
+  row_matrix<float> want(4, small_heads.q_width());
+  attention_workspace<float> alone;
+  batch_decode_attention(small_heads, q, batch, want, alone);
+
+  attention_workspace<float> shared;
+  {
+    const attention_workspace<float>::guard busy(shared, "another call");
+    row_matrix<float> out = row_matrix<float>::Constant(4, small_heads.q_width(), 7.0f);
+    EXPECT_THROW(batch_decode_attention(small_heads, q, batch, out, shared), std::logic_error);
+    EXPECT_THROW(batch_attention(small_heads, q, std::vector<Index>{0, 1, 2, 3, 4}, batch, out, shared),
+                 std::logic_error);
+    row_vector<float> one(small_heads.q_width());
+    EXPECT_THROW(decode_attention(small_heads, q.row(0), paged.view(seqs[0], 0), one, shared),
+                 std::logic_error);
+    EXPECT_TRUE((out.array() == 7.0f).all()) << "a refused call wrote its output";
+  }
+  // Two threads racing on one workspace, each with its own output.
+  std::atomic<int> refused{0}, wrong{0};
+  const auto worker = [&] {
+    row_matrix<float> out(4, small_heads.q_width());
+    for (int i = 0; i < 300; ++i) {
+      try {
+        batch_decode_attention(small_heads, q, batch, out, shared);
+        if ((out - want).cwiseAbs().maxCoeff() > 1e-6f) ++wrong;
+      } catch (const std::logic_error&) {
+        ++refused;
+      }
+    }
+  };
+  std::thread t1(worker), t2(worker);
+  t1.join();
+  t2.join();
+  EXPECT_EQ(wrong.load(), 0);
+  std::printf("[ race     ] %d of 600 calls refused as concurrent\n", refused.load());
+  // Const members from many threads at once, each with its own workspace and batch.
+  std::atomic<int> differ{0};
+  const auto reader = [&] {
+    attention_workspace<float> ws;
+    paged_batch<plain_format<float>> mine;
+    row_matrix<float> out(4, small_heads.q_width());
+    for (int i = 0; i < 200; ++i) {
+      paged.batch(seqs, 0, mine);
+      batch_decode_attention(small_heads, q, mine, out, ws);
+      if (!(out == want)) ++differ;
+    }
+  };
+  std::thread r1(reader), r2(reader);
+  r1.join();
+  r2.join();
+  EXPECT_EQ(differ.load(), 0);
+}
+
+// A moved-from cache holds no sequence and no page, and every member that needs none works;
+// moving over a cache with sequences gives its pages back.
+TEST(PagedHostile, MovedFromAndMovedOverCaches) {
+  f32_cache a(small, {4, 6});
+  const Index s = a.create();
+  append_all_layers(a, s, 9, 1);
+  std::vector<std::int32_t> t(9, 1);
+  a.publish(s, t.data(), 9);
+  f32_cache b(std::move(a));
+  EXPECT_EQ(b.position(s), 9);
+  EXPECT_EQ(b.match_prefix(t.data(), 9), 8);
+  // NOLINTBEGIN(bugprone-use-after-move): a moved-from cache is usable
+  EXPECT_EQ(a.n_sequences(), 0);
+  EXPECT_EQ(a.stats().total, 0);
+  EXPECT_EQ(a.stats().used + a.stats().free + a.stats().cached, 0);
+  EXPECT_EQ(a.bytes(), 0);
+  EXPECT_EQ(a.match_prefix(t.data(), 9), 0);
+  const Index u = a.create(t.data(), 9);
+  EXPECT_EQ(a.prefix_hit(u), 0);
+  const Index w = a.fork(u);
+  EXPECT_EQ(a.pages_needed(w, 1), 1);
+  EXPECT_THROW(append_all_layers(a, w, 1, 1), std::length_error);
+  EXPECT_EQ(a.publish(w, t.data(), 9), 0);
+  a.crop(w, 0);
+  a.rollback(u, 0);
+  a.free(u);
+  a.free(w);
+  EXPECT_EQ(a.n_sequences(), 0);
+  // NOLINTEND(bugprone-use-after-move)
+  f32_cache c(small, {4, 3});
+  const Index x = c.create();
+  append_all_layers(c, x, 12, 2);
+  c = std::move(b);  // c's pool and sequence go; b's come
+  EXPECT_EQ(c.stats().total, 6);
+  EXPECT_EQ(c.position(s), 9);
+  EXPECT_EQ(c.keys(s, 0), plain_rows(0, 9, 1));
+  c.free(s);
+  EXPECT_EQ(c.stats().used, 0);
+  EXPECT_EQ(c.stats().free + c.stats().cached, 6);
+}
+
+// ---- defects -------------------------------------------------------------------------------
 
 // Rolling a sequence back to 0 (or cropping it below its first page) empties its block table but
 // leaves its end (table_end) where it was, so the next append looks for the page holding
@@ -1072,7 +1444,7 @@ TEST(BugCrop, AppendAfterACropThatEmptiesTheTableReadsOutOfBounds) {
   EXPECT_EQ(paged.position(s), 0);
   EXPECT_TRUE(paged.block_table(s).empty());
   EXPECT_EQ(paged.stats().used, 0);
-  GTEST_SKIP() << "bug: append after crop(seq, 0) reads before the block table "
+  if (!run_crashing()) GTEST_SKIP() << "bug: append after crop(seq, 0) reads before the block table "
                   "(heap-buffer-overflow in page_index, paged/cache.hpp:583 via plan_append:608)";
   append_all_layers(paged, s, 3, 2);
   EXPECT_EQ(paged.keys(s, 0), plain_rows(0, 3, 2));
@@ -1194,33 +1566,56 @@ TEST(BugCrop, RefusesAnExactCropIntoTheSinkPages) {
   EXPECT_EQ(paged.keys(s, 0), keys.topRows(4));
 }
 
-// A quantized tail longer than the window: the flush of a group into a page that the same
-// append gives back to the pool. P = 8, group 4, residual 3 (a tail of up to 6 tokens), window
-// 3: at position 18 the append drops page [8, 16), then stores group [12, 16) into it, looking
-// it up in a table that no longer has it (s.first[1] of a 1-entry vector, paged/cache.hpp:691).
+// A quantized tail longer than the window. P = 8, group 4, residual 3 (the tail holds up to 6
+// tokens), window 3, sinks 1. At position 18 an append both gives back page [8, 16) (nothing
+// in it is visible from position 18 on) and stores the tail's group [12, 16), which belongs in
+// that page: plan_append (paged/cache.hpp:599-612) drops the page although the write starts in
+// it, and write() (:690-694) then looks the group up with page_index in the shortened table,
+// reading s.pages[1] and s.first[1] past its end. It finds the page it just gave back there
+// and writes into it, and in the next layer's append into whatever now owns that page.
 TEST(BugWindow, AQuantizedTailLongerThanTheWindowWritesIntoAPageItGaveBack) {
+  using F = quantized_format<8>;
+  paged_kv_cache<F> paged(small, {8, 4, 3, 1}, F(4, 3));
+  const Index a = paged.create();
+  for (Index t = 0; t < 18; ++t) append_all_layers(paged, a, 1, 100 + unsigned(t));
+  const Index given_back = paged.block_table(a)[1];
+  // Position 18, layer 0 of a forward pass: page [8, 16) goes back to the pool.
+  paged.append(a, 0, plain_rows(0, 1, 118), plain_rows(0, 1, 1118));
+  ASSERT_EQ(paged.block_table(a).size(), 1u);
+  // Another sequence takes that page and fills it, every layer.
+  const Index c = paged.create();
+  append_all_layers(paged, c, 16, 7);
+  ASSERT_EQ(paged.block_table(c).front(), given_back);
+  const auto keys_c = paged.keys(c, 1);
+  // Layer 1 of a's forward pass.
+  paged.append(a, 1, plain_rows(1, 1, 118), plain_rows(1, 1, 1118));
+  EXPECT_TRUE(paged.keys(c, 1) == keys_c) << "a's append wrote into c's page";
+}
+
+// The same, one sequence alone: at position 26 the lookup reads past the block table's
+// allocation (heap-buffer-overflow at paged/cache.hpp:691).
+TEST(BugWindow, AQuantizedTailLongerThanTheWindowReadsPastTheBlockTable) {
   using F = quantized_format<8>;
   paged_kv_cache<F> paged(small, {8, 8, 3, 1}, F(4, 3));
   kv_cache<ring_layout, F> ring(small, {3, 1, 0}, F(4, 3));
   const Index s = paged.create();
   attention_workspace<float> ws;
-  const auto step = [&](Index t, bool check) {
+  for (Index t = 0; t < 40; ++t) {
+    if (t == 26 && !run_crashing()) {
+      GTEST_SKIP() << "bug: the append at position 26 reads s.first[2] of a 1-entry block table "
+                      "(heap-buffer-overflow at paged/cache.hpp:691)";
+    }
     for (Index l = 0; l < small.n_layers(); ++l) {
       const auto k = plain_rows(l, 1, 100 + unsigned(t)), v = plain_rows(l, 1, 300 + unsigned(t));
       paged.append(s, l, k, v);
       ring.append(l, k, v);
-      if (!check) continue;
       const row_vector<float> q = random_matrix<float>(1, small_heads.q_width(), unsigned(t));
-      row_vector<float> a(small_heads.q_width()), b(small_heads.q_width());
-      decode_attention(small_heads, q, paged.view(s, l), a, ws);
-      decode_attention(small_heads, q, ring.view(l), b, ws);
-      EXPECT_LE((a - b).cwiseAbs().maxCoeff(), 1e-5) << "position " << t << " layer " << l;
+      row_vector<float> x(small_heads.q_width()), y(small_heads.q_width());
+      decode_attention(small_heads, q, paged.view(s, l), x, ws);
+      decode_attention(small_heads, q, ring.view(l), y, ws);
+      EXPECT_LE((x - y).cwiseAbs().maxCoeff(), 1e-5) << "position " << t << " layer " << l;
     }
-  };
-  for (Index t = 0; t < 18; ++t) step(t, true);
-  GTEST_SKIP() << "bug: the append at position 18 stores a group into the page it just gave "
-                  "back (heap-buffer-overflow at paged/cache.hpp:691)";
-  step(18, true);
+  }
 }
 
 // prefill() sizes the workspace (prepare_causal), claims pages and writes the first piece before
@@ -1252,7 +1647,7 @@ TEST(BugMovedFrom, ViewOfASequenceOfAMovedFromCacheBindsANullReference) {
   const Index t = a.create();  // NOLINT(bugprone-use-after-move): a moved-from cache is usable
   EXPECT_EQ(a.position(t), 0);
   EXPECT_THROW(append_all_layers(a, t, 1, 1), std::length_error);
-  if (sanitized) {
+  if (sanitized && !run_crashing()) {
     GTEST_SKIP() << "bug: view() of a moved-from cache binds a null reference "
                     "(paged/pool.hpp:216); UBSan halts";
   }
@@ -1270,7 +1665,7 @@ TEST(BugPagesNeeded, AnOverflowingCountIsNotRefused) {
   f32_cache paged(small, {4, 8});
   const Index s = paged.create();
   append_all_layers(paged, s, 3, 1);
-  if (sanitized) {
+  if (sanitized && !run_crashing()) {
     GTEST_SKIP() << "bug: pages_needed(seq, INT64_MAX) overflows 3 + INT64_MAX "
                     "(paged/cache.hpp:595); UBSan halts";
   }
@@ -1297,7 +1692,7 @@ TEST(BugWindow, AWindowNearTheLargestIndexOverflowsTheMask) {
   const row_matrix<float> q = random_matrix<float>(12, small_heads.q_width(), 3);
   row_matrix<float> got(12, small_heads.q_width()), want(12, small_heads.q_width());
   prefill_attention(small_heads, q, plain_rows(0, 12, 1), plain_rows(0, 12, 2), none, b, 0, want, ws);
-  if (sanitized) {
+  if (sanitized && !run_crashing()) {
     GTEST_SKIP() << "bug: a window of INT64_MAX overflows p - window + 1 - first in apply_mask "
                     "(attention/kernel.hpp:162); UBSan halts";
   }
