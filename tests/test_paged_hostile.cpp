@@ -177,12 +177,25 @@ struct fuzz_config {
 
 // Each guard steers the random operations away from the trigger of a defect that a Bug* test
 // below reproduces, so that the rest of the state space is still explored while it stands.
-// Set a guard to false once its defect is fixed.
-constexpr bool guard_crop_empties_table = true;  // BugCrop.AppendAfterACropThatEmptiesTheTable...
-constexpr bool guard_window_crop_off_by_one = true;  // BugCrop.AcceptsAPositionWhoseWindow...
-constexpr bool guard_fork_between_layers = true;     // BugCopyOnWrite.ForkBetweenTheLayers...
-constexpr bool guard_sink_page_copy_on_write = true;  // BugCopyOnWrite.ASharedSinkPage...
-constexpr bool guard_refused_exact_window_crop = true;  // BugCrop.RefusesAnExactCropInto...
+// Set a guard to false once its defect is fixed (or build with -DKVCACHE_FUZZ_GUARDS=0).
+#ifndef KVCACHE_FUZZ_GUARDS
+#define KVCACHE_FUZZ_GUARDS 1
+#endif
+// BugCrop.AppendAfterACropThatEmptiesTheTableReadsOutOfBounds: no crop that empties a table.
+constexpr bool guard_crop_empties_table = KVCACHE_FUZZ_GUARDS;
+// BugCrop.AcceptsAPositionWhoseWindowWasGivenBack: such a crop frees the sequence.
+constexpr bool guard_window_crop_off_by_one = KVCACHE_FUZZ_GUARDS;
+// BugCopyOnWrite.ForkBetweenTheLayersOfAForwardPassSharesThePagesAfterTheFirst: forks only
+// of sequences whose layers hold the same tokens.
+constexpr bool guard_fork_between_layers = KVCACHE_FUZZ_GUARDS;
+// BugCopyOnWrite.ASharedSinkPageIsWrittenInPlace: no append that writes into a shared or
+// published sink page.
+constexpr bool guard_sink_page_copy_on_write = KVCACHE_FUZZ_GUARDS;
+// BugCrop.RefusesAnExactCropIntoTheSinkPages: such a refusal is let pass.
+constexpr bool guard_refused_exact_window_crop = KVCACHE_FUZZ_GUARDS;
+// BugForwardPass.ALaterLayerRunsOutOfPagesAfterTheFirstLayerSucceeded: a later layer of an
+// append may run out of pages when the layers store different numbers of tokens.
+constexpr bool guard_forward_pass_pages = KVCACHE_FUZZ_GUARDS;
 
 // Tolerances. Attention over the same stored state: 1e-6 against a kv_cache (the promise for
 // f32), 2e-5 against the double oracle. Stored quantized rows against the exact rows: half a
@@ -244,7 +257,7 @@ class paged_fuzzer {
     EXPECT_EQ(s.used, 0) << cfg_.name;
     EXPECT_EQ(s.free + s.cached, s.total) << cfg_.name;
     EXPECT_EQ(s.cached, paged_.pool().n_published()) << cfg_.name;
-    counts_.print(cfg_.name);
+    counts_.print((std::string(cfg_.name) + ", seed " + std::to_string(cfg_.seed)).c_str());
   }
 
  private:
@@ -265,6 +278,7 @@ class paged_fuzzer {
       std::string s;
       for (const auto& [k, v] : n) s += " " + k + "=" + std::to_string(v);
       std::printf("[ fuzz     ] %s:%s\n", name, s.c_str());
+      std::fflush(stdout);
     }
   };
 
@@ -350,6 +364,16 @@ class paged_fuzzer {
     return s;
   }
   bool layers_equal(const seq_state& s) const { return min_next(s) == max_next(s); }
+  // Whether every layer of s holds as many tokens and stores as many of them in pages: then the
+  // first layer of an append takes the pages for all (see guard_forward_pass_pages).
+  bool lockstep(const seq_state& s) const {
+    if (!layers_equal(s)) return false;
+    if (!guard_forward_pass_pages) return true;
+    for (Index l = 1; l < small.n_layers(); ++l) {
+      if (paged_.view(s.id, l).tail_tokens != paged_.view(s.id, 0).tail_tokens) return false;
+    }
+    return true;
+  }
 
   // -- operations ------------------------------------------------------------------------------
 
@@ -444,7 +468,7 @@ class paged_fuzzer {
 
   // Appends n tokens to layers [l0, l1) of s, each at its own position.
   void append_layers(seq_state& s, Index l0, Index l1, Index n) {
-    const bool lockstep = layers_equal(s);  // then the first layer takes the pages for all
+    const bool lockstep = this->lockstep(s);
     const std::vector<Index> all = ids();
     const Index need = paged_.pages_needed(s.id, n);
     const Index available = paged_.stats().free + paged_.stats().cached;
@@ -525,7 +549,7 @@ class paged_fuzzer {
     seq_state& s = pick();
     if (max_next(s) + n > max_position() || guarded_append(s, 0, small.n_layers())) return;
     note("prefill(" + std::to_string(s.id) + ", " + std::to_string(n) + " tokens, every layer)");
-    const bool lockstep = layers_equal(s);
+    const bool lockstep = this->lockstep(s);
     const std::vector<Index> all = ids();
     const bool was_exact = exact(s);
     for (Index l = 0; l < small.n_layers(); ++l) {
@@ -1013,15 +1037,23 @@ class paged_fuzzer {
   int op_ = 0;
 };
 
+// Runs cfg, and with KVCACHE_FUZZ_SEEDS=n set, n - 1 more seeds of it too (a longer soak).
 template <class Format>
-void fuzz(const fuzz_config& cfg, Format format) {
-  if (cfg.window > 0) {
-    paged_fuzzer<Format, ring_layout> f(
-        cfg, format, ring_layout{cfg.window, cfg.sinks, paged_fuzzer<Format, ring_layout>::max_rollback});
-    f.run();
-  } else {
-    paged_fuzzer<Format, contiguous_layout> f(cfg, format, contiguous_layout{});
-    f.run();
+void fuzz(const fuzz_config& base, Format format) {
+  const char* env = std::getenv("KVCACHE_FUZZ_SEEDS");
+  const int seeds = env != nullptr ? std::max(1, std::atoi(env)) : 1;
+  for (int i = 0; i < seeds && !::testing::Test::HasFailure(); ++i) {
+    fuzz_config cfg = base;
+    cfg.seed = base.seed + 1000u * unsigned(i);
+    if (cfg.window > 0) {
+      paged_fuzzer<Format, ring_layout> f(
+          cfg, format,
+          ring_layout{cfg.window, cfg.sinks, paged_fuzzer<Format, ring_layout>::max_rollback});
+      f.run();
+    } else {
+      paged_fuzzer<Format, contiguous_layout> f(cfg, format, contiguous_layout{});
+      f.run();
+    }
   }
 }
 
@@ -1051,6 +1083,10 @@ TEST(PagedFuzz, PlainF32WindowWithSinksLayersApart) {
 // The window at least the quantized tail (residual + group = 7): see BugWindow below for shorter.
 TEST(PagedFuzz, Int8Group4Residual3WindowWithSinks) {
   fuzz({"int8 g4 r3 p8 window 12 sinks 2", 8, 12, 12, 2, false, 18, 1000}, quantized_format<8>(4, 3));
+}
+TEST(PagedFuzz, Int8Group4Residual3WindowWithSinksLayersApart) {
+  fuzz({"int8 g4 r3 p8 window 12 sinks 2 layers apart", 8, 12, 12, 2, true, 20, 800},
+       quantized_format<8>(4, 3));
 }
 TEST(PagedFuzz, Int4Group4WindowWithSinks) {
   fuzz({"int4 g4 r0 p4 window 9 sinks 5", 4, 16, 9, 5, false, 19, 1000}, quantized_format<4>(4, 0));
@@ -1433,9 +1469,10 @@ TEST(PagedHostile, MovedFromAndMovedOverCaches) {
 
 // ---- defects -------------------------------------------------------------------------------
 
-// Rolling a sequence back to 0 (or cropping it below its first page) empties its block table but
-// leaves its end (table_end) where it was, so the next append looks for the page holding
-// position 0 in an empty table: s.first.back() on an empty vector.
+// Rolling a sequence back to 0 empties its block table, but crop() sets table_end only when
+// pages remain (paged/cache.hpp:305), so it keeps its old value; the next append then takes
+// position 0 for a position inside the table and looks up its page with page_index, which
+// reads s.first.back() of the empty table (paged/cache.hpp:583, from plan_append:608).
 TEST(BugCrop, AppendAfterACropThatEmptiesTheTableReadsOutOfBounds) {
   f32_cache paged(small, {4, 8});
   const Index s = paged.create();
@@ -1615,6 +1652,36 @@ TEST(BugWindow, AQuantizedTailLongerThanTheWindowReadsPastTheBlockTable) {
       decode_attention(small_heads, q, ring.view(l), y, ws);
       EXPECT_LE((x - y).cwiseAbs().maxCoeff(), 1e-5) << "position " << t << " layer " << l;
     }
+  }
+}
+
+// "The first layer of a forward pass takes [the pages] for all layers" holds only while every
+// layer stores as many tokens in pages. A crop while the layers' positions differ leaves a
+// quantized sequence with equal positions but different tails: here layer 0 stores 8 tokens
+// (tail 2) and layer 1 stores 4 (tail 6). After a fork, one more token needs no page in
+// layer 0, but makes layer 1 store group [4, 8) into a shared page, which takes a page for
+// the copy: with none left, layer 1 is refused after layer 0 appended (pages_needed says 1).
+TEST(BugForwardPass, ALaterLayerRunsOutOfPagesAfterTheFirstLayerSucceeded) {
+  using F = quantized_format<8>;
+  paged_kv_cache<F> paged(small, {4, 2}, F(4, 3));
+  const Index a = paged.create();
+  paged.append(a, 0, plain_rows(0, 14, 1), plain_rows(0, 14, 2));  // stores [0, 8)
+  paged.append(a, 1, plain_rows(1, 10, 3), plain_rows(1, 10, 4));  // stores [0, 4)
+  paged.crop(a, 10);
+  ASSERT_EQ(paged.view(a, 0).tail_tokens, 2);
+  ASSERT_EQ(paged.view(a, 1).tail_tokens, 6);
+  const Index b = paged.fork(a);
+  ASSERT_EQ(paged.stats().free + paged.stats().cached, 0);
+  EXPECT_EQ(paged.pages_needed(b, 1), 1);
+  bool first_refused = false;
+  try {
+    paged.append(b, 0, plain_rows(0, 1, 5), plain_rows(0, 1, 6));
+  } catch (const std::length_error&) {
+    first_refused = true;
+  }
+  if (!first_refused) {
+    EXPECT_NO_THROW(paged.append(b, 1, plain_rows(1, 1, 7), plain_rows(1, 1, 8)))
+        << "layer 0 of the forward pass went through, layer 1 is refused";
   }
 }
 
