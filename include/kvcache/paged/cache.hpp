@@ -300,6 +300,8 @@ class paged_kv_cache {
     sequence& s = seq_at(seq, "crop");
     check_crop(seq, s, n);
     const Index sinks_held = sink_pages(s), window_from = held_from(s);
+    const Index sink_end =
+        sinks_held > 0 ? s.first[static_cast<std::size_t>(sinks_held - 1)] + page_size() : 0;
     Index stored_end = 0;
     for (auto& L : s.layers) {
       const Index E = L.next - L.tail_n;
@@ -318,7 +320,11 @@ class paged_kv_cache {
     }
     // The next page starts where the kept tokens' last page ends; after a window's gap when
     // every page after it went; at the page holding the stored end when none is left.
-    if (s.gap && Index(s.pages.size()) <= sinks_held) {
+    if (s.gap && stored_end <= sink_end) {
+      // Cut back into the sink pages: every token left is held, the gap is gone.
+      s.gap = false;
+      s.table_end = s.pages.empty() ? 0 : s.first.back() + page_size();
+    } else if (s.gap && Index(s.pages.size()) <= sinks_held) {
       s.table_end = window_from;
     } else {
       s.table_end = s.pages.empty() ? stored_end / page_size() * page_size()
