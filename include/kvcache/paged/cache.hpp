@@ -1275,7 +1275,9 @@ class paged_kv_cache {
                                         unit_, " or at least ", E);
       }
     }
-    if (s.gap && n < lowest) {
+    Index highest = 0;
+    for (const auto& L : s.layers) highest = std::max(highest, L.next);
+    if (s.gap && n < highest) {  // cutting no layer changes nothing
       // The newest position left, n - 1, sees the keys from max(sinks, n - window) on: they
       // must all be held, in the sink pages or after the gap (as they are after n appends).
       const Index from = held_from(s);
