@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // Hostile tests of the paged KV cache: a seeded random differential test of thousands of
 // operations (create, create from a cached prefix, fork, append, per-layer append, prefill,
-// crop, rollback, publish, free, batched attention, calls on sequences that do not exist) on
-// small pools that run out often, checked after every operation against kv_cache references
-// built from the same rows, a double-precision oracle and the pool's invariants; then sizes,
-// ids, tokens, batches and workspaces chosen to break it, one at a time.
+// crop, rollback, context shift, publish, free, batched attention, calls on sequences that do
+// not exist) on small pools that run out often, checked after every operation against kv_cache
+// references built from the same rows, a double-precision oracle and the pool's invariants;
+// then sizes, ids, tokens, batches and workspaces chosen to break it, one at a time.
+// KVCACHE_FUZZ_SEEDS=n runs n seeds of each random configuration.
 //
 // Tests named Regression* reproduce defects this file found in the headers, fixed since.
 // KVCACHE_FUZZ_TRACE=1 prints every random operation and the live sequences after it.
@@ -194,6 +195,9 @@ constexpr bool guard_refused_exact_window_crop = KVCACHE_FUZZ_GUARDS;
 // RegressionForwardPass.ALaterLayerRunsOutOfPagesAfterTheFirstLayerSucceeded: a later layer of an
 // append may run out of pages when the layers store different numbers of tokens.
 constexpr bool guard_forward_pass_pages = KVCACHE_FUZZ_GUARDS;
+// RegressionCrop.ToTheLowestPositionCutsLayersAheadOfAWindowThatGaveKeysBack: such a crop (of
+// a sequence whose layers stood apart) frees the sequence.
+constexpr bool guard_crop_of_layers_apart = KVCACHE_FUZZ_GUARDS;
 
 // Tolerances. Attention over the same stored state: 1e-6 against a kv_cache (the promise for
 // f32), 2e-5 against the double oracle. Stored quantized rows against the exact rows: half a
@@ -228,7 +232,7 @@ class paged_fuzzer {
         paged_(small, {cfg.page_size, cfg.n_pages, cfg.window, cfg.sinks}, format),
         rng_(cfg.seed), threads_(2) {
     std::uniform_int_distribution<int> tok(0, 999);
-    for (int b = 0; b < 3; ++b) {
+    for (int b = 0; b < 2; ++b) {
       std::vector<std::int32_t> p(40);
       for (auto& t : p) t = tok(rng_);
       bases_.push_back(p);
@@ -267,6 +271,8 @@ class paged_fuzzer {
     std::vector<Index> next;            // per layer
     std::vector<row_matrix<float>> k, v;  // per layer: every row appended, exact
     Index safe_from = 0;  // queries from this position on see every key their mask allows
+    bool shifted = false;  // a context shift moved rows: they no longer follow from the ids
+    bool approx = false;   // quantized differently from its reference (after a shift)
     std::unique_ptr<ref_cache> ref;
   };
   struct op_counts {
@@ -331,6 +337,9 @@ class paged_fuzzer {
   }
   // Rebuilds s's reference from its rows: what a cache that appended them would hold.
   void rebuild_ref(seq_state& s) {
+    // After a shift a quantized sequence holds tokens quantized twice (read back, re-rotated,
+    // quantized again), which a cache of the rows quantizes once.
+    if (s.shifted && !Format::lossless) s.approx = true;
     s.ref = make_ref();
     for (Index l = 0; l < small.n_layers(); ++l) {
       const auto& K = s.k[static_cast<std::size_t>(l)];
@@ -340,6 +349,7 @@ class paged_fuzzer {
   // Whether s's reference stores the same tokens quantized as the paged cache (always, for a
   // plain format): then both attend over the same values.
   bool exact(const seq_state& s) const {
+    if (s.approx) return false;
     for (Index l = 0; l < small.n_layers(); ++l) {
       if (paged_.view(s.id, l).tail_tokens != s.ref->tail_size(l)) return false;
     }
@@ -381,13 +391,14 @@ class paged_fuzzer {
     if (live_.empty() || (room && r < 6)) return create_seq();
     if (room && r < 14) return create_with_prefix();
     if (room && r < 20) return fork_seq();
-    if (r < 44) return append_all(int(rand(0, 9)) < 7 ? rand(1, 4) : rand(5, 40));
-    if (r < 50 && cfg_.lagging) return append_layer();
-    if (r < 58) return prefill_all(rand(1, 40));
-    if (r < 66) return crop_seq();
+    if (r < 41) return append_all(int(rand(0, 9)) < 7 ? rand(1, 4) : rand(5, 40));
+    if (r < 47 && cfg_.lagging) return append_layer();
+    if (r < 55) return prefill_all(rand(1, 40));
+    if (r < 63) return crop_seq();
     if (r < 72) return publish_seq();
     if (r < 79) return free_seq(static_cast<std::size_t>(rand(0, Index(live_.size()) - 1)));
-    if (r < 90) return batch();
+    if (r < 87) return batch();
+    if (r < 90) return shift_seq();
     return hostile();
   }
 
@@ -403,16 +414,17 @@ class paged_fuzzer {
     EXPECT_EQ(paged_.stats().used, used);  // needs no page
     seq_state s = new_state(id);
     // Most sequences follow a shared prompt, so that their published pages serve others.
-    if (chance(0.7)) {
-      const auto& b = bases_[static_cast<std::size_t>(rand(0, 2))];
+    if (chance(0.9)) {
+      const auto& b = bases_[static_cast<std::size_t>(rand(0, 1))];
       s.pending.assign(b.begin(), b.begin() + rand(0, Index(b.size())));
     }
     live_.push_back(std::move(s));
   }
 
   void create_with_prefix() {
-    const auto& b = bases_[static_cast<std::size_t>(rand(0, 2))];
-    std::vector<std::int32_t> prompt(b.begin(), b.begin() + rand(0, Index(b.size())));
+    const auto& b = bases_[static_cast<std::size_t>(rand(0, 1))];
+    const Index m = chance(0.8) ? rand(cfg_.page_size + 1, Index(b.size())) : rand(0, Index(b.size()));
+    std::vector<std::int32_t> prompt(b.begin(), b.begin() + m);
     for (Index i = rand(0, 6); i > 0; --i) prompt.push_back(random_token());
     if (!prompt.empty() && chance(0.15)) prompt[static_cast<std::size_t>(rand(0, Index(prompt.size()) - 1))] += 1;
     const std::string key = chance(0.8) ? "" : "tenant-b";
@@ -460,6 +472,8 @@ class paged_fuzzer {
     s.k = from.k;
     s.v = from.v;
     s.safe_from = from.safe_from;
+    s.shifted = from.shifted;
+    s.approx = from.approx;
     s.ref = std::make_unique<ref_cache>(*from.ref);
     live_.push_back(std::move(s));
   }
@@ -618,6 +632,7 @@ class paged_fuzzer {
       n = rand(0, lowest);
     }
     const bool use_rollback = chance(0.3) && n >= 0 && n <= lowest;
+    const bool apart = !layers_equal(s);
     note(std::string(use_rollback ? "rollback(" : "crop(") + std::to_string(s.id) + ", " +
          std::to_string(use_rollback ? lowest - n : n) + ")");
     // Refusals by design: out of range, or a quantized group cut below what a layer stores.
@@ -655,7 +670,7 @@ class paged_fuzzer {
     EXPECT_FALSE(must_refuse) << "crop to " << n << " should have been refused";
     if (must_refuse) return;
     if (!can_be_exact) {
-      if (!guard_window_crop_off_by_one) {
+      if (!guard_window_crop_off_by_one && !(guard_crop_of_layers_apart && apart)) {
         ADD_FAILURE() << "crop to " << n << " was accepted though the window of position "
                       << n - 1 << " was given back";
         return;
@@ -680,6 +695,7 @@ class paged_fuzzer {
 
   void publish_seq() {
     seq_state& s = pick();
+    if (s.shifted) return;  // its rows no longer follow from its ids: not for other prompts
     const Index n = chance(0.8) ? Index(s.tokens.size()) : rand(0, Index(s.tokens.size()));
     const std::string key = chance(0.8) ? "" : "tenant-b";
     note("publish(" + std::to_string(s.id) + ", " + std::to_string(n) + " tokens, key '" + key + "')");
@@ -780,6 +796,75 @@ class paged_fuzzer {
     }
   }
 
+  // Context shift (kv_cache::shift semantics): drops positions [first, last) of every layer and
+  // moves the later tokens back, re-rotating their keys. Checked against kv_cache::shift of
+  // the reference where it shifts too, and always against the rows shifted here.
+  void shift_seq() {
+    seq_state& s = pick();
+    const Index lowest = min_next(s);
+    Index first, last;
+    if (rand(0, 9) == 0) {
+      const Index bad[][2] = {{cfg_.sinks - 1, cfg_.sinks}, {0, lowest + 1}, {lowest, lowest - 1},
+                              {kMin, 0}, {0, kMax}, {kMax, kMax}};
+      const auto& b = bad[rand(0, 5)];
+      first = b[0];
+      last = b[1];
+    } else {
+      if (lowest < cfg_.sinks) return;
+      first = rand(cfg_.sinks, lowest);
+      last = rand(first, std::min(lowest, first + 40));
+    }
+    const bool must_refuse = first < cfg_.sinks || first > last || last > lowest;
+    note("shift(" + std::to_string(s.id) + ", [" + std::to_string(first) + ", " +
+         std::to_string(last) + "))");
+    const bool was_exact = exact(s);
+    const std::vector<Index> all = ids();
+    const auto before = snapshot_of(paged_, all);
+    try {
+      paged_.shift(s.id, first, last, rope_);
+    } catch (const std::out_of_range&) {
+      counts_.add("shift_refused");
+      EXPECT_TRUE(snapshot_of(paged_, all) == before) << "a refused shift changed the cache";
+      EXPECT_TRUE(must_refuse || cfg_.window > 0) << "a shift without a window was refused";
+      return;
+    } catch (const std::length_error&) {
+      counts_.add("shift_exhausted");
+      EXPECT_TRUE(snapshot_of(paged_, all) == before) << "a shift that ran out of pages changed the cache";
+      return;
+    }
+    EXPECT_FALSE(must_refuse) << "shift [" << first << ", " << last << ") should have been refused";
+    if (must_refuse) return;
+    counts_.add("shift");
+    const Index delta = last - first;
+    for (Index l = 0; l < small.n_layers(); ++l) {
+      auto& K = s.k[static_cast<std::size_t>(l)];
+      auto& V = s.v[static_cast<std::size_t>(l)];
+      const Index next = s.next[static_cast<std::size_t>(l)], after = next - last;
+      row_matrix<float> k(next - delta, small.kv_width()), v(next - delta, small.kv_width());
+      k.topRows(first) = K.topRows(first);
+      v.topRows(first) = V.topRows(first);
+      k.bottomRows(after) = K.bottomRows(after);
+      v.bottomRows(after) = V.bottomRows(after);
+      if (after > 0) rope_.rotate(k.bottomRows(after), -delta);
+      K = k;
+      V = v;
+      s.next[static_cast<std::size_t>(l)] = next - delta;
+    }
+    s.tokens.erase(s.tokens.begin() + first, s.tokens.begin() + last);
+    s.shifted = true;
+    s.safe_from = std::max<Index>(0, min_next(s) - 1);
+    bool ref_shifted = true;
+    try {
+      s.ref->shift(first, last, rope_);
+    } catch (const std::exception&) {
+      ref_shifted = false;  // a ring may not hold what the shift moves
+    }
+    if (!ref_shifted) rebuild_ref(s);
+    // A quantized sequence then holds what the reference's shift left only if it held what the
+    // reference held before, and only kv_cache::shift re-quantizes as the paged shift does.
+    if (!Format::lossless && (!was_exact || !ref_shifted)) s.approx = true;
+  }
+
   // A call naming a sequence or layer that does not exist: std::out_of_range, nothing changed.
   void hostile() {
     Index bad;
@@ -792,7 +877,7 @@ class paged_fuzzer {
                                Index(live_.size()) + 1000};
       bad = choices[rand(0, 5)];
     }
-    const int what = int(rand(0, 14));
+    const int what = int(rand(0, 15));
     note("hostile call " + std::to_string(what) + " on sequence " + std::to_string(bad));
     counts_.add("hostile");
     const std::vector<Index> all = ids();
@@ -824,6 +909,7 @@ class paged_fuzzer {
           break;
         }
         case 12: paged_.pages_needed(bad, 1); break;
+        case 14: paged_.shift(bad, cfg_.sinks, cfg_.sinks, rope_); break;
         case 13: {
           const row_matrix<float> q = random_q(2);
           row_matrix<float> out(2, small_heads.q_width());
@@ -980,7 +1066,8 @@ class paged_fuzzer {
         err = std::max(err, double((K.row(r) - HK.row(p)).cwiseAbs().maxCoeff()));
         err = std::max(err, double((V.row(r) - HV.row(p)).cwiseAbs().maxCoeff()));
       }
-      EXPECT_LE(err, tol_.element) << "sequence " << s.id << " layer " << l
+      // A shift reads quantized tokens back, re-rotates and quantizes them again.
+      EXPECT_LE(err, tol_.element * (s.shifted ? 3.0 : 1.0)) << "sequence " << s.id << " layer " << l
                                    << " holds other rows than were appended";
       if (ex && cfg_.window == 0) {
         EXPECT_TRUE(K == s.ref->keys(l)) << "sequence " << s.id << " layer " << l;
@@ -1013,6 +1100,7 @@ class paged_fuzzer {
   paged_kv_cache<Format> paged_;
   std::mt19937_64 rng_;
   thread_pool threads_;
+  rope rope_{small.head_dim()};
   attention_workspace<float> ws_, ws_ref_;
   paged_batch<Format> batch_;
   std::vector<seq_state> live_;
@@ -1207,6 +1295,7 @@ TEST(PagedHostile, SequencesAndLayersThatDoNotExistAreRefused) {
     EXPECT_THROW(paged.values(bad, 1), std::out_of_range);
     EXPECT_THROW(paged.bytes(bad), std::out_of_range);
     EXPECT_THROW(paged.fork(bad), std::out_of_range);
+    EXPECT_THROW(paged.shift(bad, 2, 3, rope(small.head_dim())), std::out_of_range);
     EXPECT_THROW(paged.free(bad), std::out_of_range);
     EXPECT_THROW(paged.batch({a, bad, a}, 0, batch), std::out_of_range);
     EXPECT_EQ(batch.size(), 0);
@@ -1228,6 +1317,12 @@ TEST(PagedHostile, SequencesAndLayersThatDoNotExistAreRefused) {
     EXPECT_THROW(paged.rollback(a, n), std::out_of_range) << n;
   }
   EXPECT_THROW(paged.crop(a, 3), std::out_of_range);  // inside the stored group [0, 4)
+  const rope r(small.head_dim());
+  for (const auto& [first, last] : {std::pair<Index, Index>{1, 3}, {3, 2}, {2, 10}, {kMin, 2},
+                                    {2, kMax}, {kMax, kMax}}) {
+    EXPECT_THROW(paged.shift(a, first, last, r), std::out_of_range) << first << " " << last;
+  }
+  EXPECT_THROW(paged.shift(a, 2, 3, rope(small.head_dim() + 2)), std::invalid_argument);
   EXPECT_TRUE(snapshot_of(paged, {a}) == before);
   // Shapes that do not fit.
   EXPECT_THROW(paged.append(a, 0, plain_rows(0, 2, 1), plain_rows(0, 3, 1)), std::invalid_argument);
@@ -1467,6 +1562,49 @@ TEST(PagedHostile, AppendsAfterARollbackToNothing) {
   EXPECT_EQ(q.page_positions(t), std::vector<Index>{0});
 }
 
+// A context shift writes no page that another sequence or the prefix index holds, and a shift
+// the pool cannot serve changes nothing.
+TEST(PagedHostile, AShiftLeavesSharedAndPublishedPagesAlone) {
+  f32_cache paged(small, {4, 8});
+  const rope r(small.head_dim());
+  std::vector<std::int32_t> tokens(13);
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = std::int32_t(40 + i);
+  const Index a = paged.create();
+  for (Index l = 0; l < small.n_layers(); ++l) {
+    paged.append(a, l, token_rows(small, l, 0, tokens.data(), 12, 0),
+                 token_rows(small, l, 0, tokens.data(), 12, 1));
+  }
+  ASSERT_EQ(paged.publish(a, tokens.data(), 12), 3);
+  const auto keys_a = paged.keys(a, 1), values_a = paged.values(a, 1);
+  const Index b = paged.fork(a);
+  paged.shift(b, 2, 5, r);
+  EXPECT_EQ(paged.position(b), 9);
+  EXPECT_TRUE(paged.keys(a, 1) == keys_a && paged.values(a, 1) == values_a) << "b's shift shows in a";
+  for (const Index p : paged.block_table(b)) {
+    EXPECT_FALSE(paged.pool().published(p)) << "b holds published page " << p << " after the shift";
+  }
+  EXPECT_EQ(paged.match_prefix(tokens.data(), 13), 12);
+  const Index c = paged.create(tokens.data(), 13);
+  ASSERT_EQ(paged.prefix_hit(c), 12);
+  EXPECT_TRUE(paged.keys(c, 1) == keys_a) << "the shift wrote into a published page";
+  // b's shifted rows: positions 0, 1 kept, 5..11 moved to 2..8 with keys rotated back by 3.
+  row_matrix<float> want(9, small.kv_width());
+  want << keys_a.topRows(2), keys_a.middleRows(5, 7);
+  r.rotate(want.bottomRows(7), -3);
+  EXPECT_TRUE(paged.keys(b, 1) == want);
+  // A full pool: a shift that must copy a shared page is refused and changes nothing.
+  const Index d = paged.create();
+  append_all_layers(paged, d, 4 * (paged.stats().free + paged.stats().cached), 9);
+  ASSERT_EQ(paged.stats().free + paged.stats().cached, 0);
+  const Index e = paged.fork(a);
+  const auto before = snapshot_of(paged, {a, b, c, d, e});
+  EXPECT_THROW(paged.shift(e, 1, 2, r), std::length_error);
+  EXPECT_TRUE(snapshot_of(paged, {a, b, c, d, e}) == before);
+  // d alone holds its pages: shifted in place, no page needed.
+  paged.shift(d, 1, 2, r);
+  EXPECT_EQ(paged.position(d), paged.position(d, 0));
+}
+
 // A window must hold the page being filled and the quantized tail: a shorter one let an append
 // give back the page that the tail's next group was stored into, then store it there anyway
 // (into a page another sequence may have taken since). Refused now; the shortest window allowed
@@ -1501,6 +1639,45 @@ TEST(PagedHostile, AWindowShorterThanAPageOrTheTailIsRefused) {
 }
 
 // ---- defects -------------------------------------------------------------------------------
+
+// crop(seq, n) checks the window only for n below the lowest position over the layers
+// (check_crop, paged/cache.hpp, `if (s.gap && n < lowest)`), taking a crop to the lowest
+// position for one that changes nothing. But layers ahead of it are cut back to n. In a forward
+// pass, layer 0 appends token 11 first, and its append gives back page [4, 8): no query from
+// position 11 on sees key 7 (window 4). Cutting the pass short, crop(seq, 11) puts layer 0 back
+// at 11, whose newest position 10 sees key 7, which is gone: the crop is accepted, not exact
+// (a cache that never appended token 11 to layer 0 holds key 7; the ring below does).
+TEST(RegressionCrop, ToTheLowestPositionCutsLayersAheadOfAWindowThatGaveKeysBack) {
+  const Index window = 4;
+  f32_cache paged(small, {4, 8, window, 0});
+  kv_cache<ring_layout, plain_format<float>> ring(small, {window, 0, 8});
+  const Index s = paged.create();
+  const auto append = [&](Index l, Index t) {
+    const auto k = plain_rows(l, 1, 50 + unsigned(t)), v = plain_rows(l, 1, 90 + unsigned(t));
+    paged.append(s, l, k, v);
+    ring.append(l, k, v);
+  };
+  for (Index t = 0; t < 11; ++t) {
+    for (Index l = 0; l < small.n_layers(); ++l) append(l, t);
+  }
+  append(0, 11);  // layer 0 of the next forward pass
+  ASSERT_EQ(paged.page_positions(s).front(), 8) << "page [4, 8) was given back";
+  ring.crop(11);
+  bool refused = false;
+  try {
+    paged.crop(s, 11);
+  } catch (const std::out_of_range&) {
+    refused = true;
+  }
+  if (refused) return;  // exact or refused: refused is right
+  attention_workspace<float> ws;
+  const row_vector<float> q = random_matrix<float>(1, small_heads.q_width(), 5);
+  row_vector<float> got(small_heads.q_width()), want(small_heads.q_width());
+  decode_attention(small_heads, q, paged.view(s, 0), got, ws);
+  decode_attention(small_heads, q, ring.view(0), want, ws);
+  EXPECT_LE((got - want).cwiseAbs().maxCoeff(), 1e-6)
+      << "crop(11) was accepted, but position 10 of layer 0 sees key 7, which the window gave back";
+}
 
 // A fork taken between the layers of a forward pass (layer 0 holds 8 tokens, layer 1 none)
 // shares pages 0 and 1. Layer 1 of each sequence then writes positions 0..7: copy-on-write
