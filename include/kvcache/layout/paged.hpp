@@ -23,6 +23,13 @@ struct paged_layout {
   Index window = 0;
   Index sinks = 0;
 
+  // Not inlined: built by GCC 12 at -O3 -march=native (AVX-512), a layout {a, a} made inline
+  // (as an aggregate or by an inline constructor) was seen with window = sinks = a in the test
+  // programs, while the same code alone was right.
+  [[gnu::noinline]] paged_layout(Index page_size_ = 16, Index n_pages_ = 0, Index window_ = 0,
+                         Index sinks_ = 0) noexcept
+      : page_size(page_size_), n_pages(n_pages_), window(window_), sinks(sinks_) {}
+
   static constexpr const char* name = "paged";
 
   /// Throws std::invalid_argument unless page_size >= 1, n_pages >= 1, window >= 0 and
@@ -42,6 +49,12 @@ struct paged_layout {
       detail::fail<std::invalid_argument>("paged_layout: sinks = ", sinks, " must be in [0, ",
                                           "window = ", window, ") (no sinks without a window)");
     }
+  }
+
+  /// This layout, once check() has passed.
+  paged_layout checked() const {
+    check();
+    return *this;
   }
 
   /// The mask every sequence's view is read through.

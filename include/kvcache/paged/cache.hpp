@@ -72,8 +72,8 @@ class paged_kv_cache {
   /// multiple of a quantized format's group; a window must be at least a page and at least a
   /// quantized format's residual + group), std::length_error when sizes overflow,
   /// std::bad_alloc when memory is short.
-  paged_kv_cache(const cache_shape& shape, paged_layout layout, Format format = Format())
-      : shape_(shape), layout_((layout.check(), layout)), format_(format),
+  paged_kv_cache(const cache_shape& shape, const paged_layout& layout, Format format = Format())
+      : shape_(shape), layout_(layout.checked()), format_(format),
         pool_(shape, layout.page_size, layout.n_pages, format) {
     unit_ = format_.unit_tokens();
     uses_tail_ = unit_ > 1 || format_.residual() > 0;
