@@ -42,6 +42,27 @@ void check_kv_input(const char* fn, Index width, const Eigen::MatrixBase<Derived
     fail<std::invalid_argument>(fn, ": k has ", k.rows(), " rows (tokens) but v has ", v.rows());
   }
 }
+// Refuses the inputs of prefill_attention unless q and out are `n x n_heads*head_dim`, k and
+// v `n x n_kv_heads*head_dim` (kv_width) and the options usable.
+template <class Q, class DerivedK, class DerivedV, class Out>
+void check_prefill_input(const attention_shape& heads, Index kv_width, const Q& q,
+                         const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+                         const Out& out, const attention_options& opt) {
+  if (q.cols() != heads.q_width()) {
+    fail<std::invalid_argument>("prefill_attention: q has ", q.cols(),
+                                " columns, expected n_heads*head_dim = ", heads.q_width());
+  }
+  if (k.rows() != q.rows()) {
+    fail<std::invalid_argument>("prefill_attention: q has ", q.rows(),
+                                " rows (tokens) but k has ", k.rows());
+  }
+  check_kv_input("prefill_attention", kv_width, k, v);
+  if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
+    fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ", out.cols(),
+                                ", expected ", q.rows(), " x ", heads.q_width());
+  }
+  check_options("prefill_attention", opt);
+}
 }  // namespace detail
 
 /// One layer of a kv_cache as attention reads it: per kv head up to three runs of the format's
@@ -436,22 +457,7 @@ class kv_cache {
                const attention_options& opt) {
     layer_state& L = at(l, "prefill_attention");
     detail::check_view("prefill_attention", heads, view_of(L));
-    if (q.cols() != heads.q_width()) {
-      detail::fail<std::invalid_argument>("prefill_attention: q has ", q.cols(),
-                                          " columns, expected n_heads*head_dim = ",
-                                          heads.q_width());
-    }
-    if (k.rows() != q.rows()) {
-      detail::fail<std::invalid_argument>("prefill_attention: q has ", q.rows(),
-                                          " rows (tokens) but k has ", k.rows());
-    }
-    detail::check_kv_input("prefill_attention", shape_.kv_width(), k, v);
-    if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
-      detail::fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ",
-                                          out.cols(), ", expected ", q.rows(), " x ",
-                                          heads.q_width());
-    }
-    detail::check_options("prefill_attention", opt);
+    detail::check_prefill_input(heads, shape_.kv_width(), q, k, v, out, opt);
     const Index n = q.rows();
     if (n == 0) return;
     check_room("prefill_attention", l, L, n);

@@ -257,17 +257,7 @@ class paged_kv_cache {
     sequence& s = seq_at(seq, "prefill_attention");
     layer_state& L = layer_at(s, l, "prefill_attention");
     detail::check_view("prefill_attention", heads, view_of(s, L));
-    if (q.cols() != heads.q_width() || q.rows() != k.rows()) {
-      detail::fail<std::invalid_argument>("prefill_attention: q is ", q.rows(), " x ", q.cols(),
-                                          ", expected ", k.rows(), " x ", heads.q_width());
-    }
-    detail::check_kv_input("prefill_attention", shape_.kv_width(), k, v);
-    if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
-      detail::fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ",
-                                          out.cols(), ", expected ", q.rows(), " x ",
-                                          heads.q_width());
-    }
-    detail::check_options("prefill_attention", opt);
+    detail::check_prefill_input(heads, shape_.kv_width(), q, k, v, out, opt);
     const Index n = q.rows();
     if (n == 0) return;
     {  // a workspace another call holds is refused before anything changes
