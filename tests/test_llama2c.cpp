@@ -12,6 +12,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <iterator>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -533,6 +534,60 @@ TEST_F(Tokenizer, MergesTheHigherScoringPairFirst) {
   // llama2.c starts its search at -1e10: pieces scored no higher never merge.
   const tokenizer never = write_and_load(path("never.bin"), vocab_with(-1e10f, -2e10f));
   EXPECT_EQ(never.encode("abc", false, false), (std::vector<int>{sp, a, b, c}));
+}
+
+// llama2.c's merge loop as it is written: rescan every adjacent pair, merge the best-scoring
+// (the leftmost on ties), repeat. O(n^2); the reference for the heap-based encode.
+std::vector<int> rescan_merges(const std::vector<entry>& vocab, std::vector<int> tokens) {
+  std::map<std::string, int> ids;
+  for (std::size_t i = 0; i < vocab.size(); ++i) ids.emplace(vocab[i].piece, int(i));
+  for (;;) {
+    float best = -1e10f;
+    int best_id = -1;
+    std::size_t best_at = 0;
+    for (std::size_t i = 0; i + 1 < tokens.size(); ++i) {
+      const auto it = ids.find(vocab[std::size_t(tokens[i])].piece + vocab[std::size_t(tokens[i + 1])].piece);
+      if (it != ids.end() && vocab[std::size_t(it->second)].score > best) {
+        best = vocab[std::size_t(it->second)].score;
+        best_id = it->second;
+        best_at = i;
+      }
+    }
+    if (best_id < 0) return tokens;
+    tokens[best_at] = best_id;
+    tokens.erase(tokens.begin() + std::ptrdiff_t(best_at) + 1);
+  }
+}
+
+TEST_F(Tokenizer, HeapMergesEqualTheRescanOnRandomText) {
+  // Pieces over a four-letter alphabet with few distinct scores, so ties are common and merges
+  // overlap in every way; the texts are long enough for chains of merges to cross.
+  std::mt19937 gen(7);
+  std::vector<entry> vocab = reserved_pieces();
+  const std::string alphabet = " abc";
+  std::map<std::string, bool> seen;
+  for (const char ch : alphabet) {
+    vocab.push_back({std::string(1, ch), -100.0f});
+    seen[std::string(1, ch)] = true;
+  }
+  while (vocab.size() < 259 + 60) {
+    std::string piece;
+    const int len = 2 + int(gen() % 5);
+    for (int i = 0; i < len; ++i) piece += alphabet[gen() % alphabet.size()];
+    if (seen[piece]) continue;
+    seen[piece] = true;
+    vocab.push_back({piece, -float(gen() % 4)});
+  }
+  const tokenizer t = write_and_load(path("random.bin"), vocab);
+  for (int round = 0; round < 300; ++round) {
+    std::string text;
+    const int len = 1 + int(gen() % 80);
+    for (int i = 0; i < len; ++i) text += alphabet[gen() % alphabet.size()];
+    std::vector<int> initial = {259};  // the dummy prefix
+    for (const char ch : text) initial.push_back(259 + int(alphabet.find(ch)));
+    ASSERT_EQ(t.encode(text, false, false), rescan_merges(vocab, initial)) << "text '" << text << "'";
+    ASSERT_EQ(decode_all(t, t.encode(text, true, false)), text);
+  }
 }
 
 TEST_F(Tokenizer, EncodeNeedsASpacePieceAndByteTokens) {

@@ -461,16 +461,17 @@ class tokenizer {
   /// token when the text is non-empty; each codepoint's piece, or its bytes as byte-fallback
   /// tokens (byte + 3) when the vocabulary lacks it; then, repeatedly, the adjacent pair whose
   /// concatenation is the highest-scoring piece is merged (the leftmost on ties; scores at or
-  /// below -1e10 never merge); optional EOS (2). Costs O(n^2) piece lookups for n initial
-  /// tokens. Throws std::runtime_error if the vocabulary lacks " " or a fallback byte token.
+  /// below -1e10 never merge); optional EOS (2). The merges run on a linked list with a heap
+  /// of candidate pairs, O(n log n) piece lookups for n initial tokens, so a whole book
+  /// encodes in one call; the result is the pair-by-pair rescan's. Throws std::runtime_error
+  /// if the vocabulary lacks " " or a fallback byte token.
   std::vector<int> encode(const std::string& text, bool bos, bool eos) const {
-    std::vector<int> tokens;
-    tokens.reserve(text.size() + 3);
-    if (bos) tokens.push_back(bos_id);
+    std::vector<int> symbols;  // the initial tokens, merged in place below
+    symbols.reserve(text.size() + 1);
     if (!text.empty()) {
       const std::optional<int> space = find(" ");
       if (!space) throw file_error("the vocabulary has no \" \" piece for the dummy prefix");
-      tokens.push_back(*space);
+      symbols.push_back(*space);
     }
     auto is_continuation = [](char b) { return (static_cast<unsigned char>(b) & 0xC0) == 0x80; };
     std::string codepoint;
@@ -480,7 +481,7 @@ class tokenizer {
       // A codepoint is at most 4 bytes; longer runs of continuation bytes are split.
       if (i + 1 < text.size() && is_continuation(text[i + 1]) && codepoint.size() < 4) continue;
       if (const std::optional<int> id = find(codepoint)) {
-        tokens.push_back(*id);
+        symbols.push_back(*id);
       } else {
         for (const char b : codepoint) {
           const int byte_id = static_cast<unsigned char>(b) + byte_fallback_offset;
@@ -489,29 +490,17 @@ class tokenizer {
                              " has no fallback token: id ", byte_id,
                              " is past vocab_size = ", vocab_size());
           }
-          tokens.push_back(byte_id);
+          symbols.push_back(byte_id);
         }
       }
       codepoint.clear();
     }
-
-    std::string pair;
-    for (;;) {
-      float best_score = -1e10f;
-      int best_id = -1;
-      std::size_t best_at = 0;
-      for (std::size_t i = 0; i + 1 < tokens.size(); ++i) {
-        pair.assign(pieces_[std::size_t(tokens[i])]).append(pieces_[std::size_t(tokens[i + 1])]);
-        const std::optional<int> id = find(pair);
-        if (id && scores_[std::size_t(*id)] > best_score) {
-          best_score = scores_[std::size_t(*id)];
-          best_id = *id;
-          best_at = i;
-        }
-      }
-      if (best_id < 0) break;
-      tokens[best_at] = best_id;
-      tokens.erase(tokens.begin() + std::ptrdiff_t(best_at) + 1);
+    merge_pairs(symbols);
+    std::vector<int> tokens;
+    tokens.reserve(symbols.size() + 2);
+    if (bos) tokens.push_back(bos_id);
+    for (const int t : symbols) {
+      if (t >= 0) tokens.push_back(t);
     }
     if (eos) tokens.push_back(eos_id);
     return tokens;
@@ -531,6 +520,53 @@ class tokenizer {
   }
 
  private:
+  // Merges adjacent symbols as encode() describes, marking merged-away entries -1. Symbols
+  // form a linked list by index; the heap holds candidate pairs, best score first and the
+  // leftmost among equal scores. An entry is stale once either side has merged since it was
+  // pushed: its left symbol then holds another token, or its right is no longer next.
+  void merge_pairs(std::vector<int>& symbols) const {
+    const std::size_t n = symbols.size();
+    std::vector<std::size_t> next(n), prev(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      next[i] = i + 1;
+      prev[i] = i - 1;  // wraps for i = 0: never read, the head has no left neighbour
+    }
+    struct candidate {
+      float score;
+      std::size_t left, right;
+      int left_token, right_token, merged;
+    };
+    auto worse = [](const candidate& a, const candidate& b) {
+      return a.score != b.score ? a.score < b.score : a.left > b.left;
+    };
+    std::vector<candidate> heap;
+    std::string pair;
+    auto consider = [&](std::size_t left, std::size_t right) {
+      const int a = symbols[left], b = symbols[right];
+      pair.assign(pieces_[std::size_t(a)]).append(pieces_[std::size_t(b)]);
+      const std::optional<int> id = find(pair);
+      if (!id || !(scores_[std::size_t(*id)] > -1e10f)) return;
+      heap.push_back({scores_[std::size_t(*id)], left, right, a, b, *id});
+      std::push_heap(heap.begin(), heap.end(), worse);
+    };
+    for (std::size_t i = 0; i + 1 < n; ++i) consider(i, i + 1);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      const candidate c = heap.back();
+      heap.pop_back();
+      if (symbols[c.left] != c.left_token || next[c.left] != c.right ||
+          symbols[c.right] != c.right_token) {
+        continue;  // stale
+      }
+      symbols[c.left] = c.merged;
+      symbols[c.right] = -1;
+      next[c.left] = next[c.right];
+      if (next[c.left] < n) prev[next[c.left]] = c.left;
+      if (c.left > 0) consider(prev[c.left], c.left);  // symbol 0 is always the head
+      if (next[c.left] < n) consider(c.left, next[c.left]);
+    }
+  }
+
   std::optional<int> find(const std::string& piece) const {
     const auto it = ids_.find(piece);
     if (it == ids_.end()) return std::nullopt;
