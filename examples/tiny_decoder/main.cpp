@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // tiny_decoder: a small Llama-style decoder that generates with and without the KV cache and
 // shows that both pick the same tokens while the cache is far faster.
+#include "evaluate.hpp"
 #include "generate.hpp"
 #include "llama2c.hpp"
 
@@ -36,6 +37,8 @@ compares them.
   --mode cached|uncached|compare  what to run (default compare)
   --prompt-len N      random prompt of N tokens from --seed (default 16)
   --prompt TEXT       prompt text (needs --tokenizer)
+  --prompt-tokens IDS prompt as token ids, comma-separated (e.g. 1,403,9), each below the
+                      vocabulary size; a BOS is not added
   --gen N             tokens to generate (default 128)
   --seed N            seed of the random weights, prompt and sampling (default 42)
   --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T);
@@ -56,6 +59,21 @@ compares them.
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
                       random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed)
+  --logits-out FILE   write the logits of every generation step of the cached run (the
+                      uncached one with --mode uncached): a 16-byte header, the ASCII magic
+                      "KVLOGITS" then uint32 rows and uint32 vocab_size, then rows x vocab_size
+                      float32; all little-endian; row i is the distribution token i was drawn
+                      from
+  --eval FILE         instead of generating: the teacher-forced loss over the text in FILE
+                      (needs --tokenizer), in chunks of BOS + seq_len - 1 tokens, one decode step
+                      a token, with the cache the other flags choose: perplexity, bits per byte,
+                      and the mean KL divergence of its next-token distributions against an f32
+                      cache that holds every token, run beside it
+  --eval-json FILE    --eval FILE with --json: {"tokens","perplexity","bits_per_byte",
+                      "mean_kl_vs_f32","kv_bytes",...}
+  --eval-tokens-out FILE
+                      with --eval: one CSV line per predicted token: index,position,token,nll,kl
+                      (nats; position within its chunk, the BOS at 0)
   --json              print one JSON object instead of text
   --help              this text
 
@@ -85,7 +103,10 @@ struct options {
   Index window = 0, sinks = 0;
   Index group = 32, residual = 0;
   std::optional<std::string> save_cache, load_cache;
+  std::optional<std::vector<int>> prompt_tokens;
+  std::optional<std::string> logits_out, eval_path, eval_tokens_out;
 };
+
 
 Index parse_int(const std::string& flag, const std::string& value, Index min,
                 Index max = std::numeric_limits<Index>::max()) {
@@ -103,6 +124,20 @@ Index parse_int(const std::string& flag, const std::string& value, Index min,
   if (v < min) die(flag + " must be >= " + std::to_string(min) + ", got " + value);
   if (v > max) die(flag + " must be <= " + std::to_string(max) + ", got " + value);
   return Index(v);
+}
+
+// "1,2,3" as token ids; each a whole number from 0 to INT32_MAX.
+std::vector<int> parse_token_list(const std::string& flag, const std::string& value) {
+  std::vector<int> ids;
+  std::size_t at = 0;
+  for (;;) {
+    const std::size_t comma = value.find(',', at);
+    const std::string item = value.substr(at, comma == std::string::npos ? std::string::npos : comma - at);
+    if (item.empty()) die(flag + " needs comma-separated token ids, got '" + value + "'");
+    ids.push_back(int(parse_int(flag, item, 0, std::numeric_limits<std::int32_t>::max())));
+    if (comma == std::string::npos) return ids;
+    at = comma + 1;
+  }
 }
 
 // A float read through double, so that denormals (1e-45) are numbers as they are; what a
@@ -171,6 +206,15 @@ options parse(int argc, char** argv) {
       o.prompt_len = parse_int(flag, value, 1);
     } else if (flag == "--prompt") {
       o.prompt_text = value;
+    } else if (flag == "--prompt-tokens") {
+      o.prompt_tokens = parse_token_list(flag, value);
+    } else if (flag == "--logits-out") {
+      o.logits_out = value;
+    } else if (flag == "--eval" || flag == "--eval-json") {
+      o.eval_path = value;
+      if (flag == "--eval-json") o.json = true;
+    } else if (flag == "--eval-tokens-out") {
+      o.eval_tokens_out = value;
     } else if (flag == "--gen") {
       o.gen = parse_int(flag, value, 1);
     } else if (flag == "--seed") {
@@ -225,6 +269,12 @@ options parse(int argc, char** argv) {
     }
   }
   if (o.prompt_text && !o.tokenizer_path) die("--prompt needs --tokenizer to turn text into tokens");
+  if (o.prompt_text && o.prompt_tokens) die("--prompt and --prompt-tokens exclude each other");
+  if (o.eval_path && !o.tokenizer_path) die("--eval needs --tokenizer to turn the text into tokens");
+  if (o.eval_tokens_out && !o.eval_path) die("--eval-tokens-out needs --eval");
+  if (o.eval_path && (o.save_cache || o.load_cache || o.logits_out)) {
+    die("--eval excludes --save-cache, --load-cache and --logits-out");
+  }
   if (o.sinks > 0 && o.window == 0) die("--sinks needs --window");
   if (o.save_cache && o.load_cache) die("--save-cache and --load-cache exclude each other");
   if ((o.save_cache || o.load_cache) && o.mode == "uncached") {
@@ -252,6 +302,14 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
     }
     if (o.prompt_text) {
       prompt = tok->encode(*o.prompt_text, /*bos=*/true, /*eos=*/false);
+    } else if (o.prompt_tokens) {
+      prompt = *o.prompt_tokens;
+      for (const int t : prompt) {
+        if (t >= cfg.vocab_size) {
+          die("--prompt-tokens: token " + std::to_string(t) + " is not below the vocabulary size " +
+              std::to_string(cfg.vocab_size));
+        }
+      }
     } else {
       std::mt19937_64 gen(o.seed ^ 0x5eedULL);
       for (Index i = 0; i < o.prompt_len; ++i) prompt.push_back(int(gen() % std::uint64_t(cfg.vocab_size)));
@@ -268,7 +326,9 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
     die("--gen " + std::to_string(o.gen) + " with a prompt of " + std::to_string(prompt.size()) +
         " tokens needs more positions than a 64-bit index holds");
   }
-  if (!o.checkpoint && !o.seq_len_given) cfg.seq_len = std::max<Index>(needed, 1);
+  if (!o.checkpoint && !o.seq_len_given) {
+    cfg.seq_len = o.eval_path ? std::max<Index>(needed, 512) : std::max<Index>(needed, 1);
+  }
   if (needed > cfg.seq_len) {
     die("prompt (" + std::to_string(prompt.size()) + " tokens) + --gen " + std::to_string(o.gen) +
         " needs " + std::to_string(needed) + " positions but seq_len is " + std::to_string(cfg.seq_len));
@@ -345,17 +405,10 @@ tiny::run_result run_cached(const tiny::config& cfg, const tiny::weights& w, Cac
                         io.save || io.load ? &io : nullptr);
 }
 
-// The cached run with storage `kv_type`: a sliding window cache with --window, a contiguous
-// or quantized cache otherwise.
-tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg,
-                             const tiny::weights& w, const options& o,
-                             const kvcache::attention_mask& mask, const std::vector<int>& prompt,
-                             const std::function<void(Index)>& progress,
-                             const std::vector<int>* forced = nullptr, bool prompt_cache = false) {
-  auto go = [&](auto cache) {
-    return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced, prompt_cache);
-  };
-  // Any format in either layout: a ring with --window, a contiguous cache otherwise.
+// Calls go(cache) with the cache the flags choose for storage `kv_type`: a ring (sliding
+// window) with --window, a contiguous cache with room for seq_len tokens otherwise.
+template <class Go>
+auto with_cache(const std::string& kv_type, const tiny::config& cfg, const options& o, Go&& go) {
   auto in_layout = [&](auto format) {
     using Format = decltype(format);
     if (o.window > 0) {
@@ -374,12 +427,108 @@ tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg
   return in_layout(kvcache::plain_format<float>());
 }
 
+// The cached run with storage `kv_type`.
+tiny::run_result run_kv_type(const std::string& kv_type, const tiny::config& cfg,
+                             const tiny::weights& w, const options& o,
+                             const kvcache::attention_mask& mask, const std::vector<int>& prompt,
+                             const std::function<void(Index)>& progress,
+                             const std::vector<int>* forced = nullptr, bool prompt_cache = false) {
+  return with_cache(kv_type, cfg, o, [&](auto cache) {
+    return run_cached(cfg, w, std::move(cache), o, mask, prompt, progress, forced, prompt_cache);
+  });
+}
+
+// --eval: the file's tokens through a decoder over the chosen cache, an f32 contiguous one
+// beside it. Prints the report; returns the exit status.
+int run_eval(const tiny::config& cfg, const tiny::weights& w, const tiny::tokenizer& tok,
+             const options& o) {
+  std::string text;
+  {
+    if (const std::string wrong = tiny::detail::not_a_regular_file(*o.eval_path); !wrong.empty()) {
+      die("--eval " + *o.eval_path + ": " + wrong);
+    }
+    std::ifstream in(*o.eval_path, std::ios::binary);
+    if (!in) die("--eval " + *o.eval_path + ": cannot open it");
+    std::ostringstream all;
+    all << in.rdbuf();
+    text = all.str();
+  }
+  if (text.empty()) die("--eval " + *o.eval_path + ": the file is empty");
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<int> tokens = tok.encode(text, /*bos=*/false, /*eos=*/false);
+  std::ofstream per_token;
+  if (o.eval_tokens_out) {
+    per_token.open(*o.eval_tokens_out, std::ios::trunc);
+    if (!per_token) die("--eval-tokens-out " + *o.eval_tokens_out + ": cannot open it for writing");
+    per_token << "index,position,token,nll,kl\n";
+    per_token.precision(9);
+  }
+  tiny::decoder<> reference(cfg, w, o.threads);
+  const tiny::eval_result r = with_cache(o.kv_type, cfg, o, [&](auto cache) {
+    tiny::decoder<decltype(cache)> dec(cfg, w, std::move(cache), o.threads);
+    return tiny::evaluate(dec, reference, tokens, cfg.seq_len, tiny::tokenizer::bos_id,
+                          [&](const tiny::token_score& t) {
+                            if (per_token.is_open()) {
+                              per_token << t.index << ',' << t.position << ',' << t.token << ','
+                                        << t.nll << ',' << t.kl << '\n';
+                            }
+                          });
+  });
+  if (per_token.is_open() && !per_token.flush()) {
+    die("--eval-tokens-out " + *o.eval_tokens_out + ": write failed");
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double bits_per_byte = r.nll / std::log(2.0) / double(text.size());
+  const double bytes_per_token = r.kv_positions > 0 ? double(r.kv_bytes) / double(r.kv_positions) : 0.0;
+  if (o.json) {
+    std::ostringstream js;
+    js.precision(9);
+    js << "{\"tokens\":" << r.tokens << ",\"perplexity\":" << r.perplexity()
+       << ",\"bits_per_byte\":" << bits_per_byte << ",\"mean_kl_vs_f32\":" << r.mean_kl()
+       << ",\"kv_bytes\":" << r.kv_bytes << ",\"kv_positions\":" << r.kv_positions
+       << ",\"kv_bytes_per_token\":" << bytes_per_token << ",\"mean_nll\":" << r.mean_nll()
+       << ",\"text_bytes\":" << text.size() << ",\"chunks\":" << r.chunks
+       << ",\"chunk\":" << cfg.seq_len << ",\"kv_type\":\"" << o.kv_type << "\""
+       << ",\"group\":" << o.group << ",\"residual\":" << o.residual << ",\"window\":" << o.window
+       << ",\"sinks\":" << o.sinks << ",\"file\":\"" << json_escape(*o.eval_path) << "\""
+       << ",\"seconds\":" << seconds << "}\n";
+    std::cout << js.str();
+    return 0;
+  }
+  std::printf("eval: %s, %zu bytes, %td tokens in %td chunks of up to %td positions (BOS + %td)\n",
+              o.eval_path->c_str(), text.size(), r.tokens, r.chunks, cfg.seq_len, cfg.seq_len - 1);
+  std::string cache = o.kv_type;
+  if (o.kv_type == "int8" || o.kv_type == "int4") {
+    cache += ", group " + std::to_string(o.group) + ", residual " + std::to_string(o.residual);
+  }
+  if (o.window > 0) cache += ", window " + std::to_string(o.window) + " + " + std::to_string(o.sinks) + " sinks";
+  std::printf("cache: %s; %td bytes after %td positions (%.1f bytes a position)\n", cache.c_str(),
+              r.kv_bytes, r.kv_positions, bytes_per_token);
+  std::printf("perplexity %.4f, %.4f bits per byte, mean KL divergence against an f32 cache %.3g "
+              "nats (%.1f s)\n",
+              r.perplexity(), bits_per_byte, r.mean_kl(), seconds);
+  return 0;
+}
+
 // KL(p || q) of the softmax distributions of two logit vectors, in nats.
 double kl_divergence(const tiny::vector& p_logits, const tiny::vector& q_logits) {
-  const Eigen::ArrayXd p = p_logits.cast<double>().array(), q = q_logits.cast<double>().array();
-  const Eigen::ArrayXd lp = p - (p.maxCoeff() + std::log((p - p.maxCoeff()).exp().sum()));
-  const Eigen::ArrayXd lq = q - (q.maxCoeff() + std::log((q - q.maxCoeff()).exp().sum()));
-  return (lp.exp() * (lp - lq)).sum();
+  return tiny::nll_and_kl(q_logits, p_logits, 0).second;
+}
+
+// --logits-out: "KVLOGITS", uint32 rows, uint32 vocab_size, then the rows as float32, all
+// little-endian.
+void write_logits(const std::string& path, const std::vector<tiny::vector>& rows, Index vocab) {
+  if (rows.size() > std::numeric_limits<std::uint32_t>::max() ||
+      vocab > Index(std::numeric_limits<std::uint32_t>::max())) {
+    die("--logits-out " + path + ": more rows or a larger vocabulary than its header holds");
+  }
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) die("--logits-out " + path + ": cannot open it for writing");
+  out.write("KVLOGITS", 8);
+  tiny::detail::write_le_i32(out, std::int32_t(std::uint32_t(rows.size())));
+  tiny::detail::write_le_i32(out, std::int32_t(std::uint32_t(vocab)));
+  for (const tiny::vector& row : rows) tiny::detail::write_floats(out, row.data(), vocab);
+  if (!out.flush()) die("--logits-out " + path + ": write failed");
 }
 
 // Bytes per element of a full-precision kv type.
@@ -397,6 +546,7 @@ int main(int argc, char** argv) {
   try {
     cfg.validate();
     if (!o.checkpoint) w = tiny::random_weights(cfg, o.seed);
+    if (o.eval_path) return run_eval(cfg, w, *tok, o);
 
     kvcache::attention_mask mask;  // what the uncached run attends with: the same model
     mask.window = o.window;
@@ -458,6 +608,9 @@ int main(int argc, char** argv) {
         formula_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
                                                       cfg.head_dim(), element_bytes(o.kv_type)));
       }
+    }
+    if (o.logits_out) {
+      write_logits(*o.logits_out, (cached ? cached->run : uncached->run).logits, cfg.vocab_size);
     }
     bool identical = false;
     double max_diff = 0;
