@@ -66,3 +66,39 @@ tiny_decoder_exits(prompt_cache_other_kind 2 "format is \"f32\" in the file, \"i
 set_tests_properties(tiny_decoder.prompt_cache_other_kind PROPERTIES FIXTURES_REQUIRED prompt_cache_file)
 tiny_decoder_exits(prompt_cache_both 2 "--save-cache and --load-cache exclude each other"
   --save-cache a.kv --load-cache b.kv)
+
+# Token-level interface: token ids in, each step's logits out.
+tiny_decoder_exits(prompt_tokens_empty_item 2 "--prompt-tokens needs comma-separated token ids, got '1,,2'"
+  --prompt-tokens 1,,2)
+tiny_decoder_exits(prompt_tokens_not_a_number 2 "--prompt-tokens needs a whole number, got 'x'"
+  --prompt-tokens 1,x)
+tiny_decoder_exits(prompt_tokens_past_vocab 2 "token 512 is not below the vocabulary size 512"
+  --prompt-tokens 1,512)
+tiny_decoder_exits(prompt_and_prompt_tokens 2 "--prompt and --prompt-tokens exclude each other"
+  --prompt hi --tokenizer t.bin --prompt-tokens 1)
+add_test(NAME tiny_decoder.logits_out
+  COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder>
+    -DFILE=${CMAKE_CURRENT_BINARY_DIR}/logits_out.bin "-DARGS=--prompt-tokens|5,6,7|--gen|6"
+    -DROWS=6 -DVOCAB=512 -P ${CMAKE_CURRENT_LIST_DIR}/cmake/logits_out.cmake)
+set_tests_properties(tiny_decoder.logits_out PROPERTIES LABELS tiny_decoder)
+
+# --eval over the committed model's held-out text.
+set(brown ${PROJECT_SOURCE_DIR}/examples/tiny_decoder/brown)
+tiny_decoder_exits(eval_needs_tokenizer 2 "--eval needs --tokenizer" --eval ${brown}/heldout.txt)
+tiny_decoder_exits(eval_tokens_out_needs_eval 2 "--eval-tokens-out needs --eval"
+  --eval-tokens-out x.csv)
+tiny_decoder_exits(eval_excludes_save_cache 2 "--eval excludes --save-cache"
+  --eval x.txt --tokenizer t.bin --save-cache c.kv)
+tiny_decoder_exits(eval_missing_file 2 "--eval .*/missing.txt: cannot open it"
+  --checkpoint ${brown}/model.bin --tokenizer ${brown}/tokenizer.bin --eval ${brown}/missing.txt)
+tiny_decoder_exits(eval_directory 2 "--eval .*: is a directory"
+  --checkpoint ${brown}/model.bin --tokenizer ${brown}/tokenizer.bin --eval ${brown})
+# A short text through an int4 window cache: the report's keys, and KL above 0.
+file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/eval_short.txt
+  "The jury said it did find that many of the city's voters had been confused by the new law.\n")
+add_test(NAME tiny_decoder.eval_json
+  COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder> -DSTATUS=0 -DSTDERR=
+    "-DARGS=--checkpoint|${brown}/model.bin|--tokenizer|${brown}/tokenizer.bin|--eval-json|${CMAKE_CURRENT_BINARY_DIR}/eval_short.txt|--kv-type|int4|--group|8|--window|8|--sinks|2"
+    "-DSTDOUT=\"tokens\":[0-9]+,\"perplexity\":[0-9.]+,\"bits_per_byte\":[0-9.]+,\"mean_kl_vs_f32\":[0-9.]*[1-9][0-9.e-]*,\"kv_bytes\":[1-9]"
+    -P ${CMAKE_CURRENT_LIST_DIR}/cmake/expect_exit.cmake)
+set_tests_properties(tiny_decoder.eval_json PROPERTIES LABELS tiny_decoder)

@@ -58,7 +58,8 @@ compares them.
   --checkpoint FILE   llama2.c checkpoint (.bin, version 0) instead of random weights
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
-                      random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed)
+                      random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed,
+                      at least 512 with --eval)
   --logits-out FILE   write the logits of every generation step of the cached run (the
                       uncached one with --mode uncached): a 16-byte header, the ASCII magic
                       "KVLOGITS" then uint32 rows and uint32 vocab_size, then rows x vocab_size

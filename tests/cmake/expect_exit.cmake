@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Runs PROGRAM with ARGS (separated by '|') and fails unless it exits with STATUS and its
-# standard error matches the regular expression STDERR.
+# standard error matches the regular expression STDERR (and, when STDOUT is given, its standard
+# output matches STDOUT).
 cmake_minimum_required(VERSION 3.21)
 
 string(REPLACE "|" ";" args "${ARGS}")
@@ -11,4 +12,7 @@ if(NOT status STREQUAL "${STATUS}")
 endif()
 if(NOT err MATCHES "${STDERR}")
   message(FATAL_ERROR "stderr does not match '${STDERR}':\n${err}")
+endif()
+if(DEFINED STDOUT AND NOT out MATCHES "${STDOUT}")
+  message(FATAL_ERROR "stdout does not match '${STDOUT}':\n${out}")
 endif()
