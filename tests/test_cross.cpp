@@ -296,6 +296,36 @@ TYPED_TEST(CrossTest, BytesEqualTheFormula) {
   }
 }
 
+// fill takes what a model computes: the product of the encoder's output by W_k^T (evaluated
+// once), a block of a larger buffer, another expression (of another scalar type for plain
+// storage).
+TYPED_TEST(CrossTest, FillTakesExpressions) {
+  const attention_shape s(8, 2, 24);
+  const auto encoded = random_matrix<float>(45, 32, 1);
+  const auto wk = random_matrix<float>(s.kv_width(), 32, 2);
+  const auto wv = random_matrix<float>(s.kv_width(), 32, 3);
+  // What fill evaluates the products to (the same product code, so the same rounding).
+  const auto k = (encoded * wk.transpose()).eval();
+  const auto v = (encoded * wv.transpose()).eval();
+  auto evaluated = TestFixture::make(cache_shape(3, s), 64);
+  evaluated.fill(0, k, v);
+  auto products = TestFixture::make(cache_shape(3, s), 64);
+  products.fill(0, encoded * wk.transpose(), encoded * wv.transpose());
+  row_matrix<float> buffer = random_matrix<float>(64, 2 * s.kv_width(), 4);
+  buffer.topLeftCorner(45, s.kv_width()) = k;
+  buffer.topRightCorner(45, s.kv_width()) = v;
+  products.fill(1, buffer.topLeftCorner(45, s.kv_width()), buffer.topRightCorner(45, s.kv_width()));
+  if constexpr (TestFixture::format::lossless) {
+    products.fill(2, k.cast<double>(), v.cast<double>());
+  } else {  // quantized formats are written from float rows
+    products.fill(2, k * 1.0f, v * 1.0f);
+  }
+  for (Index l = 0; l < 3; ++l) {
+    EXPECT_EQ(products.keys(l), evaluated.keys(0)) << "layer " << l;
+    EXPECT_EQ(products.values(l), evaluated.values(0)) << "layer " << l;
+  }
+}
+
 // Every refused fill names what is wrong and leaves every layer as it was.
 TYPED_TEST(CrossTest, RefusedFillsChangeNothing) {
   using cache = typename TestFixture::cache;

@@ -83,12 +83,16 @@ class cross_attention_cache {
 
   /// Writes the keys and values of all the encoder's tokens into layer `l`: `k` and `v` are
   /// `(tokens x n_kv_heads*head_dim)`, one row per encoder token with the kv heads side by side
-  /// (the encoder's output times the layer's W_k^T and W_v^T), of any scalar type convertible
-  /// to the compute type. Cost: one write of every row, O(tokens x n_kv_heads x head_dim).
+  /// (the encoder's output times the layer's W_k^T and W_v^T): float for a quantized format,
+  /// any scalar type convertible to the compute type for a plain one. An expression without
+  /// storage of its own (such as that product) is evaluated once, after the checks.
+  /// Cost: one write of every row, O(tokens x n_kv_heads x head_dim), plus the evaluation of an
+  /// expression.
   /// Throws std::out_of_range for a bad layer; std::invalid_argument for a wrong shape, no
   /// tokens, or a number of tokens other than the filled layers hold; std::length_error past
-  /// capacity(); std::logic_error when the layer is filled already (clear() first). Nothing
-  /// changes when it throws.
+  /// capacity(); std::logic_error when the layer is filled already (clear() first);
+  /// std::bad_alloc when an expression cannot be evaluated for want of memory. Nothing changes
+  /// when it throws.
   template <class DerivedK, class DerivedV>
   void fill(Index l, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v) {
     if (l < 0 || l >= n_layers()) {
@@ -113,7 +117,15 @@ class cross_attention_cache {
           "fill: ", n, " encoder tokens for layer ", l, " but the filled layers hold ", tokens_,
           "; every layer attends over the same encoder output");
     }
-    cache_.append(l, k, v);
+    // The format reads its input a row or a head at a time: an expression such as a product
+    // would be evaluated again for each.
+    constexpr bool k_stored = (int(DerivedK::Flags) & Eigen::DirectAccessBit) != 0;
+    constexpr bool v_stored = (int(DerivedV::Flags) & Eigen::DirectAccessBit) != 0;
+    if constexpr (k_stored && v_stored) {
+      cache_.append(l, k, v);
+    } else {
+      cache_.append(l, k.eval(), v.eval());
+    }
     tokens_ = n;
   }
 
