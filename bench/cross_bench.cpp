@@ -130,8 +130,9 @@ struct recompute_fixture {
 };
 
 void BM_cross_recompute(benchmark::State& state, Index tokens) {
-  auto& f = held_fixture<recompute_fixture>("cross_recompute/" + std::to_string(tokens),
-                                            [&] { return std::make_unique<recompute_fixture>(tokens); });
+  auto& f = held_fixture<recompute_fixture>(
+      "cross_recompute/" + std::to_string(tokens),
+      [&] { return std::make_unique<recompute_fixture>(tokens); });
   kvcache::attention_options opt;
   opt.pool = &pool();
   f.step(opt);  // warm-up
@@ -142,10 +143,11 @@ void BM_cross_recompute(benchmark::State& state, Index tokens) {
   // Two products of tokens x d_model by d_model x kv_width, a multiply and an add each.
   const double flops = 2.0 * 2.0 * double(tokens) * double(d_model) * double(kv_width);
   state.SetItemsProcessed(state.iterations());
-  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   // What a step reads before it attends: the encoder's output and the two weight matrices.
-  state.SetBytesProcessed(int64_t(state.iterations()) *
-                          int64_t((tokens * d_model + 2 * kv_width * d_model) * Index(sizeof(float))));
+  const Index read = (tokens * d_model + 2 * kv_width * d_model) * Index(sizeof(float));
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(read));
   state.counters["threads"] = double(pool().size());
   state.SetLabel("20 heads x 64 (Whisper large), d_model 1280, one layer, K and V projected "
                  "from the encoder output every step, f32, " + threads_label());
@@ -169,7 +171,8 @@ void register_cross() {
       {"int4", BM_cross_cached<kvcache::quantized_format<4>>}};
   for (const auto& [name, f] : formats) {
     for (const Index n : lengths) {
-      add("cross_attention/cached/" + std::string(name) + "/" + to_string(n), f, std::string(name), n)
+      add("cross_attention/cached/" + std::string(name) + "/" + to_string(n), f,
+          std::string(name), n)
           ->Unit(benchmark::kMicrosecond)->UseRealTime();
     }
   }

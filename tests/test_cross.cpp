@@ -337,7 +337,8 @@ TYPED_TEST(CrossTest, RefusedFillsChangeNothing) {
   const snapshot<cache> before(c);
   const auto unchanged = [&] { EXPECT_TRUE(snapshot<cache>(c) == before); };
 
-  expect_throw_with<std::out_of_range>([&] { c.fill(3, k, v); }, "fill: layer 3 out of range [0, 3)");
+  expect_throw_with<std::out_of_range>([&] { c.fill(3, k, v); },
+                                       "fill: layer 3 out of range [0, 3)");
   unchanged();
   expect_throw_with<std::out_of_range>([&] { c.fill(-1, k, v); }, "fill: layer -1 out of range");
   unchanged();
@@ -390,8 +391,9 @@ TYPED_TEST(CrossTest, RefusedAttention) {
   row_matrix<T> out(3, s.q_width());
   expect_throw_with<std::logic_error>([&] { cross_attention(s, q, c, 1, out, ws); },
                                       "cross_attention: layer 1 is not filled");
-  expect_throw_with<std::logic_error>([&] { cross_attention(s, q.topRows(1), c, 1, out.topRows(1), ws); },
-                                      "cross_attention: layer 1 is not filled");
+  expect_throw_with<std::logic_error>(
+      [&] { cross_attention(s, q.topRows(1), c, 1, out.topRows(1), ws); },
+      "cross_attention: layer 1 is not filled");
   expect_throw_with<std::out_of_range>([&] { cross_attention(s, q, c, 2, out, ws); },
                                        "cross_attention: layer 2 out of range [0, 2)");
   const row_matrix<T> narrow = row_matrix<T>::Zero(3, s.q_width() - 1);

@@ -269,8 +269,8 @@ class decoder {
     }
     kvcache::attention_mask everything;
     everything.causal = false;
-    att_.topRows(n) = kvcache::reference_attention<float>(shape_, q_.topRows(n), cross_k_.topRows(s),
-                                                          cross_v_.topRows(s), everything);
+    att_.topRows(n) = kvcache::reference_attention<float>(
+        shape_, q_.topRows(n), cross_k_.topRows(s), cross_v_.topRows(s), everything);
   }
 
   config cfg_;
