@@ -151,5 +151,7 @@ benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args
 
 // The paged cache's benchmarks (paged_bench.cpp).
 void register_paged();
+// The cross-attention cache's benchmarks (cross_bench.cpp).
+void register_cross();
 
 }  // namespace kvcache_bench

@@ -104,4 +104,32 @@ TEST(NoAllocation, DecodeAttentionWithSplitK) {
   EXPECT_EQ(allocations.load() - before, 0);
 }
 
+// Cross-attention of one decoder row (decode_attention) and of a chunk (batch_attention) over
+// an int8 cross cache, on one thread and on two.
+TEST(NoAllocation, CrossAttentionAfterWarmUp) {
+  const kvcache::attention_shape s(8, 2, 64);
+  kvcache::cross_attention_cache<kvcache::quantized_format<8>> cross(kvcache::cache_shape(1, s),
+                                                                     1500);
+  cross.fill(0, kvcache::row_matrix<float>::Random(1500, 128),
+             kvcache::row_matrix<float>::Random(1500, 128));
+  kvcache::thread_pool pool(2);
+  for (kvcache::thread_pool* threads : {static_cast<kvcache::thread_pool*>(nullptr), &pool}) {
+    kvcache::attention_options opt;
+    opt.pool = threads;
+    kvcache::attention_workspace<float> ws;
+    const kvcache::row_matrix<float> q = kvcache::row_matrix<float>::Random(6, 512);
+    kvcache::row_matrix<float> out(6, 512);
+    kvcache::cross_attention(s, q.topRows(1), cross, 0, out.topRows(1), ws, opt);
+    kvcache::cross_attention(s, q, cross, 0, out, ws, opt);
+    const long before = allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    EXPECT_NO_THROW(for (int i = 0; i < 10; ++i) {
+      kvcache::cross_attention(s, q.topRows(1), cross, 0, out.topRows(1), ws, opt);
+      kvcache::cross_attention(s, q, cross, 0, out, ws, opt);
+    });
+    Eigen::internal::set_is_malloc_allowed(true);
+    EXPECT_EQ(allocations.load() - before, 0) << (threads != nullptr ? "2 threads" : "1 thread");
+  }
+}
+
 }  // namespace

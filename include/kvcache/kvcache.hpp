@@ -10,6 +10,7 @@
 #include "kvcache/attention/reference.hpp"
 #include "kvcache/cache.hpp"
 #include "kvcache/cache/contiguous.hpp"
+#include "kvcache/cache/cross.hpp"
 #include "kvcache/cache/fixed.hpp"
 #include "kvcache/cache/quantized.hpp"
 #include "kvcache/cache/sliding_window.hpp"

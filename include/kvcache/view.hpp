@@ -22,10 +22,12 @@ struct kv_block {
 };
 
 /// Which keys a query may see, as a function of positions. A query at position p sees a key at
-/// position k when k <= p (`causal`) and, when `window` > 0, also p - window < k (Mistral's
-/// sliding window) or k < `sinks` (StreamingLLM's attention sinks). `q_pos0` is for
-/// reference_attention, whose keys sit at positions 0..n_keys-1: the position of its first
-/// query, -1 placing the queries last. The kernels read causal, window and sinks from a view.
+/// position k when k <= p (`causal`; without it, keys at every position, as a decoder's
+/// cross-attention sees every token of the encoder's output) and, when `window` > 0, also
+/// p - window < k (Mistral's sliding window) or k < `sinks` (StreamingLLM's attention sinks).
+/// `q_pos0` is for reference_attention, whose keys sit at positions 0..n_keys-1: the position
+/// of its first query, -1 placing the queries last. The kernels read causal, window and sinks
+/// from a view.
 struct attention_mask {
   bool causal = true;
   Index q_pos0 = -1;

@@ -51,7 +51,7 @@ void check_batch(const char* fn, const attention_shape& shape, const std::vector
     if (nq > 0 && v.size() == 0) {
       fail<std::invalid_argument>(fn, ": sequence ", b, " of the batch holds no token to attend to");
     }
-    if (nq > v.end_position()) {
+    if (v.mask().causal && nq > v.end_position()) {
       fail<std::out_of_range>(fn, ": sequence ", b, " has ", nq, " queries but its newest ",
                               "position is ", v.end_position() - 1);
     }
@@ -161,9 +161,10 @@ void batch_attention_unguarded(const char* fn, const attention_shape& shape,
 /// `sequence(b)` returning a view: paged_batch from paged_kv_cache::batch) has the queries in
 /// rows qo_indptr[b] .. qo_indptr[b+1] - 1 of `q` (`total x n_heads*head_dim`); they are its
 /// newest tokens, so with m of them query i sits at position end_position() - m + i and sees,
-/// causally, what the sequence's mask lets it see. One query per sequence is batched decode;
-/// more is a prefill chunk, and a batch may mix both (chunked prefill, Sarathi-Serve). The
-/// result goes to the same rows of `out`.
+/// causally, what the sequence's mask lets it see (every key of a view whose mask is not
+/// causal, whatever the number of queries: cross-attention). One query per sequence is batched
+/// decode; more is a prefill chunk, and a batch may mix both (chunked prefill, Sarathi-Serve).
+/// The result goes to the same rows of `out`.
 ///
 /// Work is cut into items (sequence, kv head, tile of queries, run of keys) balanced by
 /// tokens: with `opt.pool`, each sequence's keys are split into runs of about
@@ -174,8 +175,8 @@ void batch_attention_unguarded(const char* fn, const attention_shape& shape,
 /// Equals attending each sequence alone (decode_attention, causal_attention) up to rounding.
 /// Allocates nothing once `ws` has run a batch of the same or a larger size.
 /// Throws std::invalid_argument when q, out, qo_indptr or a view do not fit `shape` or a
-/// sequence with queries holds no token, std::out_of_range when a sequence has more queries
-/// than positions, std::logic_error when `ws` is in use by another call.
+/// sequence with queries holds no token, std::out_of_range when a sequence with a causal mask
+/// has more queries than positions, std::logic_error when `ws` is in use by another call.
 template <class Batch>
 void batch_attention(const attention_shape& shape,
                      const Eigen::Ref<const row_matrix<detail::batch_compute_t<Batch>>>& q,

@@ -148,8 +148,8 @@ inline constexpr Index micro_kernel_rows = 8;
 
 
 // Sets to -inf the scores that `mask` hides: row r's query sits at position row_pos[r], the
-// tile's key j at position first + j. Keys after the query are hidden (causal), and with a
-// window those in [sinks, p - window] too.
+// tile's key j at position first + j. Keys after the query are hidden when the mask is causal,
+// and with a window those in [sinks, p - window] too.
 template <class Scores>
 void apply_mask(Scores& S, const Index* row_pos, Index first, const attention_mask& mask) {
   using T = typename Scores::Scalar;
@@ -157,7 +157,8 @@ void apply_mask(Scores& S, const Index* row_pos, Index first, const attention_ma
   const Index n = S.cols();
   for (Index r = 0; r < S.rows(); ++r) {
     const Index p = row_pos[r];
-    const Index visible = std::clamp<Index>(p - first + 1, 0, n);  // keys at or before p
+    // Keys at or before p; every key of the tile without a causal mask.
+    const Index visible = mask.causal ? std::clamp<Index>(p - first + 1, 0, n) : n;
     if (visible < n) S.row(r).tail(n - visible).setConstant(neg_inf);
     if (mask.window > 0) {
       const Index lo = std::clamp<Index>(mask.sinks - first, 0, visible);
@@ -175,7 +176,7 @@ inline bool needs_mask(const Index* row_pos, Index rows, Index first, Index n,
   if (row_pos == nullptr) return false;
   for (Index r = 0; r < rows; ++r) {
     const Index p = row_pos[r];
-    if (first + n - 1 > p) return true;
+    if (mask.causal && first + n - 1 > p) return true;
     if (mask.window > 0 && first <= p - mask.window && first + n > mask.sinks) return true;
   }
   return false;
@@ -359,8 +360,8 @@ struct page_tile_of<const kv_block<Scalar>*> {
 };
 
 // Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
-// `st`. Keys whose position lies after `max_pos` are skipped, not masked: no row can see them
-// (so causal prefill does half the work of the full square).
+// `st`. Under a causal mask, keys whose position lies after `max_pos` are skipped, not masked:
+// no row can see them (so causal prefill does half the work of the full square).
 template <class View, class T>
 void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
                   Index max_pos, Index tile, typename attention_workspace<T>::worker_scratch& ws,
@@ -382,8 +383,9 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
   for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
     const Index first = view.position(b);
-    if (first > max_pos) break;
-    const Index seen = std::min(blk.tokens, max_pos - first + 1);  // keys at or before max_pos
+    if (mask.causal && first > max_pos) break;
+    // Keys at or before max_pos, or every key without a causal mask.
+    const Index seen = mask.causal ? std::min(blk.tokens, max_pos - first + 1) : blk.tokens;
     const Index lo = std::max(k0, offset), hi = std::min(k1, offset + seen);
     if (lo < hi) {
       bool gathered = false;
