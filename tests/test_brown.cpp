@@ -22,7 +22,7 @@ const std::string dir = KVCACHE_BROWN_DIR;
 
 // The bound the README states for the f32 cache over the first eight chunks (4088 tokens) of
 // the held-out text: the model measures 24.4 there (29.7 over the whole text); random weights
-// of the same shape give several hundred. Eight chunks keep the test short under ASan.
+// of the same shape give over 1000. Eight chunks keep the test short under ASan.
 constexpr double heldout_perplexity_bound = 30.0;
 constexpr std::size_t bound_tokens = 8 * 511;
 

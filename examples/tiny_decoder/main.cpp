@@ -708,7 +708,13 @@ int main(int argc, char** argv) {
     std::printf("\ntokens:");
     for (std::size_t i = 0; i < std::min<std::size_t>(shown.size(), 24); ++i) std::printf(" %d", shown[i]);
     std::printf(shown.size() > 24 ? " ...\n" : "\n");
-    if (tok) std::printf("text: %s\n", text_of(shown).c_str());
+    if (tok && o.prompt_text) {  // the prompt, then the continuation (in bold on a terminal)
+      const bool bold = isatty(1) != 0;
+      std::printf("\n%s%s%s%s\n\n", o.prompt_text->c_str(), bold ? "\033[1m" : "",
+                  text_of(shown).c_str(), bold ? "\033[0m" : "");
+    } else if (tok) {
+      std::printf("text: %s\n", text_of(shown).c_str());
+    }
     if (cached && uncached) {
       std::printf("identical tokens: %s; largest |logit difference| over %zu steps: %.3g\n",
                   identical ? "yes" : "NO", cached->run.logits.size(), max_diff);
