@@ -4,7 +4,7 @@
 # builds tiny_decoder (release) and evaluates every cache on the Brown model's held-out text.
 # Arguments go to examples/tiny_decoder/quality.py (e.g. --jobs 1, --distance 300).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the outputs below are the repository's
 
 scripts/deps.sh g++ cmake ninja-build libeigen3-dev libxxhash-dev python3-matplotlib
 

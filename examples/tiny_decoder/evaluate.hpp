@@ -16,7 +16,7 @@ namespace tiny {
 /// The score of one predicted token.
 struct token_score {
   Index index;     // in the evaluated token sequence
-  Index position;  // in its chunk (the BOS is position 0)
+  Index position;  // in its chunk: 1 for the first token after the BOS (at 0)
   int token;
   double nll;      // -log p(token), in nats
   double kl;       // KL(reference || evaluated) of the distributions it was drawn from, in nats
@@ -47,7 +47,7 @@ inline std::pair<double, double> nll_and_kl(const vector& logits, const vector& 
 /// Runs `tokens` (a text's tokens, without BOS) through `dec` in chunks of BOS + up to
 /// chunk - 1 tokens, one decode step per token, the cache reset between chunks, and scores
 /// each token by the logits that predict it: the teacher-forced loss of the model over the
-/// text with this cache, as perplexity tools such as llama.cpp's compute it. `ref` runs the
+/// text with this cache, every token scored once. `ref` runs the
 /// same steps beside it to give the KL divergence (pass a decoder whose cache is f32 and holds
 /// every token). `on_token`, when set, is called with each token's score.
 /// Throws std::invalid_argument if chunk < 2 or exceeds either decoder's seq_len, or if a
@@ -82,7 +82,7 @@ eval_result evaluate(decoder<Cache>& dec, decoder<RefCache>& ref, const std::vec
       r.nll += nll;
       r.kl += kl;
       ++r.tokens;
-      if (on_token) on_token({i, i - start, target, nll, kl});
+      if (on_token) on_token({i, i - start + 1, target, nll, kl});
       input = target;
     }
     if (dec.position() >= r.kv_positions) {

@@ -457,7 +457,8 @@ class tokenizer {
     return scores_[std::size_t(token)];
   }
 
-  /// Encodes UTF-8 `text` as llama2.c's encode does: optional BOS (1); a dummy-prefix " "
+  /// Encodes UTF-8 `text` as llama2.c's encode does: optional BOS (1, itself among the pairs
+  /// that may merge, as in llama2.c); a dummy-prefix " "
   /// token when the text is non-empty; each codepoint's piece, or its bytes as byte-fallback
   /// tokens (byte + 3) when the vocabulary lacks it; then, repeatedly, the adjacent pair whose
   /// concatenation is the highest-scoring piece is merged (the leftmost on ties; scores at or
@@ -467,7 +468,8 @@ class tokenizer {
   /// if the vocabulary lacks " " or a fallback byte token.
   std::vector<int> encode(const std::string& text, bool bos, bool eos) const {
     std::vector<int> symbols;  // the initial tokens, merged in place below
-    symbols.reserve(text.size() + 1);
+    symbols.reserve(text.size() + 2);
+    if (bos) symbols.push_back(bos_id);  // among the pairs, as in llama2.c
     if (!text.empty()) {
       const std::optional<int> space = find(" ");
       if (!space) throw file_error("the vocabulary has no \" \" piece for the dummy prefix");
@@ -497,8 +499,7 @@ class tokenizer {
     }
     merge_pairs(symbols);
     std::vector<int> tokens;
-    tokens.reserve(symbols.size() + 2);
-    if (bos) tokens.push_back(bos_id);
+    tokens.reserve(symbols.size() + 1);
     for (const int t : symbols) {
       if (t >= 0) tokens.push_back(t);
     }

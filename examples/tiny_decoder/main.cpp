@@ -59,7 +59,7 @@ compares them.
   --tokenizer FILE    llama2.c tokenizer.bin, to encode --prompt and print text
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
                       random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed,
-                      at least 512 with --eval)
+                      512 with --eval)
   --logits-out FILE   write the logits of every generation step of the cached run (the
                       uncached one with --mode uncached): a 16-byte header, the ASCII magic
                       "KVLOGITS" then uint32 rows and uint32 vocab_size, then rows x vocab_size
@@ -74,7 +74,7 @@ compares them.
                       "mean_kl_vs_f32","kv_bytes",...}
   --eval-tokens-out FILE
                       with --eval: one CSV line per predicted token: index,position,token,nll,kl
-                      (nats; position within its chunk, the BOS at 0)
+                      (nats; position within its chunk: the BOS is 0, the first token 1)
   --json              print one JSON object instead of text
   --help              this text
 
@@ -276,6 +276,9 @@ options parse(int argc, char** argv) {
   if (o.eval_path && (o.save_cache || o.load_cache || o.logits_out)) {
     die("--eval excludes --save-cache, --load-cache and --logits-out");
   }
+  if (o.eval_path && (o.prompt_text || o.prompt_tokens)) {
+    die("--eval excludes --prompt and --prompt-tokens: the text is the file's");
+  }
   if (o.sinks > 0 && o.window == 0) die("--sinks needs --window");
   if (o.save_cache && o.load_cache) die("--save-cache and --load-cache exclude each other");
   if ((o.save_cache || o.load_cache) && o.mode == "uncached") {
@@ -301,7 +304,9 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
     if (o.tokenizer_path) {
       tok = tiny::tokenizer::load(*o.tokenizer_path, cfg.vocab_size);
     }
-    if (o.prompt_text) {
+    if (o.eval_path) {
+      // No prompt: the text is the file's, in chunks of seq_len.
+    } else if (o.prompt_text) {
       prompt = tok->encode(*o.prompt_text, /*bos=*/true, /*eos=*/false);
     } else if (o.prompt_tokens) {
       prompt = *o.prompt_tokens;
@@ -321,18 +326,23 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
     die(e.what());
   }
   Index needed = 0;
-  try {
-    needed = kvcache::detail::checked_add(Index(prompt.size()), o.gen, "prompt + --gen") - 1;
-  } catch (const std::length_error&) {
-    die("--gen " + std::to_string(o.gen) + " with a prompt of " + std::to_string(prompt.size()) +
-        " tokens needs more positions than a 64-bit index holds");
+  if (!o.eval_path) {
+    try {
+      needed = kvcache::detail::checked_add(Index(prompt.size()), o.gen, "prompt + --gen") - 1;
+    } catch (const std::length_error&) {
+      die("--gen " + std::to_string(o.gen) + " with a prompt of " + std::to_string(prompt.size()) +
+          " tokens needs more positions than a 64-bit index holds");
+    }
   }
   if (!o.checkpoint && !o.seq_len_given) {
-    cfg.seq_len = o.eval_path ? std::max<Index>(needed, 512) : std::max<Index>(needed, 1);
+    cfg.seq_len = o.eval_path ? 512 : std::max<Index>(needed, 1);
   }
   if (needed > cfg.seq_len) {
     die("prompt (" + std::to_string(prompt.size()) + " tokens) + --gen " + std::to_string(o.gen) +
         " needs " + std::to_string(needed) + " positions but seq_len is " + std::to_string(cfg.seq_len));
+  }
+  if (o.eval_path && cfg.seq_len < 2) {
+    die("--eval needs a seq_len of at least 2 (a BOS and a token), got " + std::to_string(cfg.seq_len));
   }
   if (!o.checkpoint) check_shape(cfg);  // with the sequence length now known
   if (o.residual > cfg.seq_len) {
@@ -456,7 +466,12 @@ int run_eval(const tiny::config& cfg, const tiny::weights& w, const tiny::tokeni
   }
   if (text.empty()) die("--eval " + *o.eval_path + ": the file is empty");
   const auto start = std::chrono::steady_clock::now();
-  const std::vector<int> tokens = tok.encode(text, /*bos=*/false, /*eos=*/false);
+  std::vector<int> tokens;
+  try {
+    tokens = tok.encode(text, /*bos=*/false, /*eos=*/false);
+  } catch (const std::runtime_error& e) {
+    die("--eval " + *o.eval_path + ": " + e.what());
+  }
   std::ofstream per_token;
   if (o.eval_tokens_out) {
     per_token.open(*o.eval_tokens_out, std::ios::trunc);
@@ -496,8 +511,8 @@ int run_eval(const tiny::config& cfg, const tiny::weights& w, const tiny::tokeni
     std::cout << js.str();
     return 0;
   }
-  std::printf("eval: %s, %zu bytes, %td tokens in %td chunks of up to %td positions (BOS + %td)\n",
-              o.eval_path->c_str(), text.size(), r.tokens, r.chunks, cfg.seq_len, cfg.seq_len - 1);
+  std::printf("eval: %s, %zu bytes, %td tokens in %td chunks of a BOS + up to %td tokens\n",
+              o.eval_path->c_str(), text.size(), r.tokens, r.chunks, cfg.seq_len - 1);
   std::string cache = o.kv_type;
   if (o.kv_type == "int8" || o.kv_type == "int4") {
     cache += ", group " + std::to_string(o.group) + ", residual " + std::to_string(o.residual);

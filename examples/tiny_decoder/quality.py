@@ -113,6 +113,8 @@ def probe(decoder, model, out_dir, distance, jobs):
             rows = list(csv.DictReader(f))
         tokens = [int(r["token"]) for r in rows]
         nll = [float(r["nll"]) for r in rows]
+        if any(int(r["position"]) != int(r["index"]) + 1 for r in rows):
+            sys.exit(f"quality.py: {path} does not fit one chunk: lower --distance")
         length = tokens.index(NEWLINE)  # the first copy: tokens [0, length)
         second = len(tokens) - length
         if tokens[second:] != tokens[:length]:

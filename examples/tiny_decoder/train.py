@@ -56,7 +56,7 @@ def detokenize(words):
 def read_brown(corpus_dir):
     """Yields (name, text) for each text of the corpus, in name order."""
     names = sorted(n for n in os.listdir(corpus_dir) if re.fullmatch(r"c[a-r]\d\d", n))
-    if len(names) < 400:
+    if len(names) != 500:
         sys.exit(f"train.py: {corpus_dir} holds {len(names)} Brown texts, expected 500")
     for name in names:
         with open(os.path.join(corpus_dir, name), encoding="ascii", errors="replace") as f:
@@ -234,6 +234,11 @@ def main():
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     started = time.time()
+    log = []
+
+    def say(line):
+        log.append(line)
+        print(line, flush=True)
 
     texts = list(read_brown(a.corpus))
     heldout = [t for i, (_, t) in enumerate(texts) if i % a.heldout_every == 50 % a.heldout_every]
@@ -253,12 +258,12 @@ def main():
         stream.extend([NEWLINE, NEWLINE])
     data = torch.tensor(stream, dtype=torch.long)
     chars = sum(len(t) for t in train)
-    print(f"{len(train)} texts, {chars} characters, {len(data)} tokens "
-          f"({chars / len(data):.2f} characters a token); {len(heldout)} held out", flush=True)
+    say(f"{len(train)} texts, {chars} characters, {len(data)} tokens "
+        f"({chars / len(data):.2f} characters a token); {len(heldout)} held out")
 
     model = Decoder(a)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params} parameters", flush=True)
+    say(f"{n_params} parameters")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -283,8 +288,8 @@ def main():
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == a.steps - 1:
-            print(f"step {step:5d}  loss {np.mean(losses[-50:]):.3f}  lr {lr:.2e}  "
-                  f"{time.time() - started:7.1f} s", flush=True)
+            say(f"step {step:5d}  loss {np.mean(losses[-50:]):.3f}  lr {lr:.2e}  "
+                f"{time.time() - started:7.1f} s")
 
     model.eval()
     with torch.no_grad():  # held-out loss in chunks of BOS + seq_len - 1 tokens
@@ -293,7 +298,7 @@ def main():
             held.extend(sp.encode(t))
             held.extend([NEWLINE, NEWLINE])
         nll, n = 0.0, 0
-        for s in range(0, len(held) - 1, a.seq_len - 1):
+        for s in range(0, len(held), a.seq_len - 1):
             chunk = torch.tensor(held[s:s + a.seq_len - 1])
             x = torch.cat([torch.tensor([sp.bos_id()]), chunk[:-1]])[None]
             nll += F.cross_entropy(model(x)[0], chunk, reduction="sum").item()
@@ -304,7 +309,7 @@ def main():
               "train_loss_last_50": float(np.mean(losses[-50:])),
               "heldout_tokens": n, "heldout_loss": nll / n,
               "heldout_perplexity": math.exp(nll / n), "seconds": time.time() - started,
-              "torch": torch.__version__}
+              "torch": torch.__version__, "log": log}
     with open(os.path.join(a.out, "train.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
