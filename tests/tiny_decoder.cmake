@@ -66,3 +66,17 @@ tiny_decoder_exits(prompt_cache_other_kind 2 "format is \"f32\" in the file, \"i
 set_tests_properties(tiny_decoder.prompt_cache_other_kind PROPERTIES FIXTURES_REQUIRED prompt_cache_file)
 tiny_decoder_exits(prompt_cache_both 2 "--save-cache and --load-cache exclude each other"
   --save-cache a.kv --load-cache b.kv)
+
+# Multi-head latent attention: cached and uncached pick the same tokens (the program exits 1
+# otherwise with an f32 cache), and --json reports the latent cache beside the GQA model of the
+# same size.
+add_test(NAME tiny_decoder.mla_json
+  COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder>
+    "-DARGS=--attention|mla|--kv-lora-rank|32|--rope-dim|8|--layers|2|--gen|24|--json"
+    -P ${CMAKE_CURRENT_LIST_DIR}/cmake/mla_json.cmake)
+set_tests_properties(tiny_decoder.mla_json PROPERTIES LABELS tiny_decoder)
+tiny_decoder_exits(mla_window 0 "" --attention mla --window 16 --sinks 2 --gen 24 --mode compare)
+tiny_decoder_exits(attention_unknown 2 "--attention must be gqa or mla, got 'mha'" --attention mha)
+tiny_decoder_exits(mla_rope_odd 2 "--rope-dim must be even, got 7" --attention mla --rope-dim 7)
+tiny_decoder_exits(mla_checkpoint 2 "--attention mla runs random weights"
+  --attention mla --checkpoint model.bin)
