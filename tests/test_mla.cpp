@@ -388,6 +388,50 @@ TEST(MlaKernel, RollbackThenDecodeEqualsNeverAppended) {
   EXPECT_EQ((x - y).cwiseAbs().maxCoeff(), 0.0f);
 }
 
+// Context shift of latent rows re-rotates k_pe (the columns after kv_lora_rank) and nothing
+// else: the kept rows equal rows written at their new positions in the first place, in a
+// contiguous cache, a quantized one (re-quantized from the group holding `first`) and a paged one.
+template <class Cache, class Append, class Shift, class Keys>
+void check_shift(Cache& moved, Cache& fresh, Append append, Shift shift, Keys keys, double tol) {
+  const mla_shape s(4, 32, 16, 8, 16);
+  const rope r(s.rope_dim());
+  const Index n = 60, first = 20, last = 27, delta = last - first;
+  row_matrix<float> rows = random_matrix(n, s.latent_dim(), 26);
+  row_matrix<float> at_new = rows;
+  r.apply(rows.rightCols(s.rope_dim()), 0);  // k_pe rotated at its position
+  // Kept rows at their positions after the shift: 0..first-1, then first.. for those after last.
+  row_matrix<float> kept(n - delta, s.latent_dim());
+  kept.topRows(first) = rows.topRows(first);
+  kept.bottomRows(n - last) = at_new.bottomRows(n - last);
+  r.apply(kept.bottomRows(n - last).rightCols(s.rope_dim()), first);
+  append(moved, rows);
+  shift(moved, first, last, r);
+  append(fresh, kept);
+  EXPECT_LT((keys(moved) - keys(fresh)).cwiseAbs().maxCoeff(), tol);
+}
+
+TEST(MlaKernel, ContextShiftRotatesTheRopeColumnsAlone) {
+  const mla_shape s(4, 32, 16, 8, 16);
+  using f32_cache = kv_cache<contiguous_layout, plain_format<float>>;
+  f32_cache a(s.cache(1)), b(s.cache(1));
+  const auto append = [](auto& c, const row_matrix<float>& rows) { c.append(0, rows); };
+  const auto shift = [](auto& c, Index first, Index last, const rope& r) { c.shift(first, last, r); };
+  const auto keys = [](const auto& c) { return row_matrix<float>(c.keys(0)); };
+  check_shift(a, b, append, shift, keys, 1e-5);
+  using int8_cache = kv_cache<contiguous_layout, quantized_format<8>>;
+  int8_cache qa(s.cache(1), {}, quantized_format<8>(8, 4)), qb(s.cache(1), {}, quantized_format<8>(8, 4));
+  // Tokens 16..19 share the rebuilt group with the moved ones: quantized twice, within a step
+  // (2 / 255) of quantizing once.
+  check_shift(qa, qb, append, shift, keys, 0.03);
+  paged_kv_cache<plain_format<Eigen::half>> pa(s.cache(1), paged_layout(16, 16)),
+      pb(s.cache(1), paged_layout(16, 16));
+  const Index sa = pa.create(), sb = pb.create();
+  check_shift(
+      pa, pb, [&](auto& c, const row_matrix<float>& rows) { c.append(&c == &pa ? sa : sb, 0, rows); },
+      [&](auto& c, Index first, Index last, const rope& r) { c.shift(&c == &pa ? sa : sb, first, last, r); },
+      [&](const auto& c) { return row_matrix<float>(c.keys(&c == &pa ? sa : sb, 0)); }, 4e-3);
+}
+
 // ---- refused inputs -------------------------------------------------------------------------
 
 TEST(MlaErrors, ShapesAreChecked) {
@@ -424,7 +468,7 @@ TEST(MlaErrors, LatentCachesTakeRowsAloneAndLeaveTheCacheUnchanged) {
   kv_cache<contiguous_layout, plain_format<float>> plain(cache_shape(1, 4, 1, 40));
   EXPECT_THROW(plain.append(0, rows), std::invalid_argument);
   EXPECT_EQ(plain.size(0), 0);
-  // Context shift would rotate the latent with the RoPE part: refused, nothing changes.
+  // Context shift rotates k_pe alone: a rope of rope_dim, not of the whole row.
   EXPECT_THROW(latent.shift(1, 2, rope(s.latent_dim())), std::invalid_argument);
   EXPECT_EQ(latent.keys(0), rows);
   paged_kv_cache<plain_format<float>> pg(s.cache(1), paged_layout(16, 4));

@@ -76,6 +76,27 @@ void check_prefill_input(const attention_shape& heads, const attention_shape& ca
   }
   check_options("prefill_attention", opt);
 }
+// Refuses, naming shift, a rope that does not rotate the keys of shape `s`: head_dim wide, or
+// with values in the keys the columns after them (MLA's k_pe: rope_dim wide).
+inline void check_shift_rope(const attention_shape& s, const rope& r) {
+  const Index want = s.values_in_keys() ? s.head_dim() - s.value_dim() : s.head_dim();
+  if (r.head_dim() != want) {
+    fail<std::invalid_argument>("shift: rope has head_dim ", r.head_dim(), ", the cache ", want,
+                                s.values_in_keys() ? " (the key columns after the values)" : "");
+  }
+}
+
+// Re-rotates the keys `k` (rows of n_kv_heads*head_dim) of shape `s` by `delta` positions:
+// each head whole, or with values in the keys only its columns after value_dim.
+template <class K>
+void rotate_keys(const attention_shape& s, const rope& r, K&& k, Index delta) {
+  if (!s.values_in_keys()) {
+    r.rotate(k, delta);
+    return;
+  }
+  const Index d = s.head_dim(), dv = s.value_dim();
+  for (Index h = 0; h < s.n_kv_heads(); ++h) r.rotate(k.middleCols(h * d + dv, d - dv), delta);
+}
 }  // namespace detail
 
 /// One layer of a kv_cache as attention reads it: per kv head up to three runs of the format's
@@ -368,17 +389,11 @@ class kv_cache {
   /// Cost: reads and rewrites the tokens from `first` on. Allocates scratch for them once.
   /// Throws std::out_of_range unless sinks <= first <= last <= position(l) for every layer, or
   /// when a ring would be left without the window's tokens (it cannot give back evicted ones),
-  /// std::invalid_argument when rope.head_dim() differs from the cache's or the cache's values
-  /// are in its keys (only part of an MLA latent row is rotated); nothing changes then.
+  /// std::invalid_argument when rope.head_dim() differs from the cache's (with values in the
+  /// keys, as MLA's latent rows [c_kv | k_pe], only the columns after them are rotated, and
+  /// rope.head_dim() must be their width, rope_dim); nothing changes then.
   void shift(Index first, Index last, const rope& rope) {
-    if (keys_only()) {
-      detail::fail<std::invalid_argument>("shift: a cache whose values are in its keys (MLA's "
-                                          "latent) is not re-rotated by shift");
-    }
-    if (rope.head_dim() != shape_.head_dim()) {
-      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
-                                          ", the cache ", shape_.head_dim());
-    }
+    detail::check_shift_rope(shape_, rope);
     Index most = 0;
     for (Index l = 0; l < n_layers(); ++l) {
       const layer_state& L = layers_[static_cast<std::size_t>(l)];
@@ -984,7 +999,8 @@ class kv_cache {
     if (pos0 < 0) pos0 = w.tail_position;
     const Index width = shape_.kv_width();
     k.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(L.tail_k.data(), L.tail_n, width);
-    v.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(L.tail_v.data(), L.tail_n, width);
+    const compute_type* tail_values = keys_only() ? L.tail_k.data() : L.tail_v.data();
+    v.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(tail_values, L.tail_n, width);
     n += L.tail_n;
     // Drop them from the layer, then append back the kept ones at their new positions.
     drop_from(L, from);
@@ -994,7 +1010,7 @@ class kv_cache {
     if (L.ring_n == 0 && L.tail_n == 0) L.next = keep_before > 0 ? pos0 : std::max(pos0, last) - delta;
     const Index dropped = std::clamp<Index>(last - pos0, keep_before, n) - keep_before;
     const Index after = n - keep_before - dropped;
-    if (after > 0) rope.rotate(k.middleRows(keep_before + dropped, after), -delta);
+    if (after > 0) detail::rotate_keys(shape_, rope, k.middleRows(keep_before + dropped, after), -delta);
     write(L, k.topRows(keep_before), v.topRows(keep_before));
     write(L, k.middleRows(keep_before + dropped, after), v.middleRows(keep_before + dropped, after));
   }

@@ -393,19 +393,13 @@ class paged_kv_cache {
   /// sinks <= first <= last <= position(seq, l) for every layer, or when a window already gave
   /// back tokens that the shift would move or that the window of the newest position left would
   /// see (the rebuilt tokens must start within the sink pages, closing the gap, or after it);
-  /// std::invalid_argument when rope.head_dim() differs from the cache's; std::length_error
+  /// std::invalid_argument when rope.head_dim() differs from the cache's (kv_cache::shift says
+  /// how values in the keys are rotated); std::length_error
   /// when the pool has too few free or cached pages for the pages to copy and the new ones
   /// (after those the shift gives back that no other sequence holds); nothing changes then.
   void shift(Index seq, Index first, Index last, const rope& rope) {
     sequence& s = seq_at(seq, "shift");
-    if (keys_only()) {
-      detail::fail<std::invalid_argument>("shift: a cache whose values are in its keys (MLA's "
-                                          "latent) is not re-rotated by shift");
-    }
-    if (rope.head_dim() != shape_.head_dim()) {
-      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
-                                          ", the cache ", shape_.head_dim());
-    }
+    detail::check_shift_rope(shape_, rope);
     for (Index l = 0; l < n_layers(); ++l) {
       const layer_state& L = s.layers[static_cast<std::size_t>(l)];
       if (first < layout_.sinks || first > last || last > L.next) {
@@ -425,7 +419,7 @@ class paged_kv_cache {
       values[l].resize(before + after, width);
       read_tokens(s, L, from, first, keys[l], values[l], 0);
       read_tokens(s, L, last, L.next, keys[l], values[l], before);
-      if (after > 0) rope.rotate(keys[l].bottomRows(after), -delta);
+      if (after > 0) detail::rotate_keys(shape_, rope, keys[l].bottomRows(after), -delta);
     }
     s.pages.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
     s.first.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
