@@ -151,5 +151,7 @@ benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args
 
 // The paged cache's benchmarks (paged_bench.cpp).
 void register_paged();
+// Multi-head latent attention against GQA and MHA decode (mla_bench.cpp).
+void register_mla();
 
 }  // namespace kvcache_bench

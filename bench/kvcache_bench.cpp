@@ -298,6 +298,7 @@ void register_all() {
         ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   register_paged();
+  register_mla();
 }
 
 }  // namespace
