@@ -4,10 +4,13 @@
 // bytes against memory.hpp's latent formula, and refused inputs.
 #include "common.hpp"
 
+#include <kvcache/io/cache_file.hpp>
+#include <kvcache/io/paged_file.hpp>
 #include <kvcache/mla.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <vector>
 
 namespace {
@@ -430,6 +433,38 @@ TEST(MlaKernel, ContextShiftRotatesTheRopeColumnsAlone) {
       pa, pb, [&](auto& c, const row_matrix<float>& rows) { c.append(&c == &pa ? sa : sb, 0, rows); },
       [&](auto& c, Index first, Index last, const rope& r) { c.shift(&c == &pa ? sa : sb, first, last, r); },
       [&](const auto& c) { return row_matrix<float>(c.keys(&c == &pa ? sa : sb, 0)); }, 4e-3);
+}
+
+// A latent cache saved and loaded back is bit-identical; a cache that stores values apart
+// refuses its file, naming the format.
+TEST(MlaKernel, SaveAndLoad) {
+  const mla_shape s(4, 32, 16, 8, 16);
+  kv_cache<contiguous_layout, quantized_format<8>> a(s.cache(2), {}, quantized_format<8>(8, 4));
+  for (Index l = 0; l < 2; ++l) a.append(l, random_matrix(29, s.latent_dim(), unsigned(27 + l)));
+  std::stringstream file;
+  io::save(a, file);
+  auto b = kv_cache<contiguous_layout, quantized_format<8>>(s.cache(2), {}, quantized_format<8>(8, 4));
+  io::load(b, file);
+  EXPECT_EQ(b.keys(1), a.keys(1));
+  EXPECT_EQ(b.bytes(), a.bytes());
+  file.clear();
+  file.seekg(0);
+  kv_cache<contiguous_layout, quantized_format<8>> apart(cache_shape(2, 4, 1, s.latent_dim()), {},
+                                                          quantized_format<8>(8, 4));
+  try {
+    io::load(apart, file);
+    FAIL() << "a cache of keys and values loaded a latent cache";
+  } catch (const io::format_error& e) {
+    EXPECT_NE(std::string(e.what()).find("int8 keys only"), std::string::npos) << e.what();
+  }
+  // One sequence of a paged latent cache.
+  paged_kv_cache<plain_format<Eigen::bfloat16>> p(s.cache(1), paged_layout(16, 8));
+  const Index seq = p.create();
+  p.append(seq, 0, random_matrix(37, s.latent_dim(), 30));
+  std::stringstream one;
+  io::save(p, seq, one);
+  const Index copy = io::load(p, one);
+  EXPECT_EQ(p.keys(copy, 0), p.keys(seq, 0));
 }
 
 // ---- refused inputs -------------------------------------------------------------------------

@@ -383,6 +383,12 @@ void convert_rows(const Scalar* src, Index stride, Index n, Index d, T* dst, Ind
   }
 }
 
+// Eigen's matrix products keep their packed blocks on the stack up to
+// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and on the heap beyond: products at most this deep and
+// this wide (with tiles of the default 128 keys) stay on the stack, so rows wider than a
+// usual head (MLA's latent, 576) are multiplied in slices of this many columns.
+inline constexpr Index product_slice = 128;
+
 // Folds one tile of keys K (n x d, rows of T) whose first dv columns are the values too into
 // `st`: scores, mask_tile(scores), one online softmax step, then the weighted sum of the same
 // rows. Every row is read from memory once for both.
@@ -397,7 +403,12 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
     micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
                             ws.s.data(), ws.s.cols());
   } else {
-    S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
+    S.noalias() = ws.q.topLeftCorner(rows, std::min(d, product_slice)) *
+                  K.leftCols(std::min(d, product_slice)).transpose();
+    for (Index x = product_slice; x < d; x += product_slice) {
+      const Index w = std::min(product_slice, d - x);
+      S.noalias() += ws.q.block(0, x, rows, w) * K.middleCols(x, w).transpose();
+    }
   }
   mask_tile(S);
   online_softmax_update(S, st);
@@ -405,7 +416,10 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
     micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
                                 st.o.data(), st.o.cols());
   } else {
-    st.o.topLeftCorner(rows, dv).noalias() += S * K.leftCols(dv);
+    for (Index x = 0; x < dv; x += product_slice) {
+      const Index w = std::min(product_slice, dv - x);
+      st.o.block(0, x, rows, w).noalias() += S * K.middleCols(x, w);
+    }
   }
 }
 

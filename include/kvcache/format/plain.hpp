@@ -36,8 +36,11 @@ class plain_format {
   Index unit_tokens() const noexcept { return 1; }
   /// The newest tokens kept in full precision before they are stored: none.
   Index residual() const noexcept { return 0; }
-  /// "f64", "f32", "f16" or "bf16".
-  std::string name() const { return scalar_traits<Scalar>::name; }
+  /// "f64", "f32", "f16" or "bf16"; storing keys only, followed by " keys only" (so that a
+  /// saved cache of one is never loaded into a cache of the other).
+  std::string name() const {
+    return std::string(scalar_traits<Scalar>::name) + (keys_only_ ? " keys only" : "");
+  }
   /// Nothing to check: every head_dim is stored as is.
   void check(const char* /*fn*/, Index /*head_dim*/) const noexcept {}
   /// Bytes of one stored unit, keys and values (keys only, with values in keys) of `heads` kv

@@ -73,7 +73,10 @@ class quantized_format {
   Index group_size() const noexcept { return group_; }
   Index unit_tokens() const noexcept { return group_; }
   Index residual() const noexcept { return residual_; }
-  std::string name() const { return scalar_traits<scalar_type>::name; }
+  /// "int8" or "int4"; storing keys only, followed by " keys only".
+  std::string name() const {
+    return std::string(scalar_traits<scalar_type>::name) + (keys_only_ ? " keys only" : "");
+  }
   /// The format as memory.hpp's formulas count it.
   kv_dtype dtype() const noexcept {
     return Bits == 8 ? kv_dtype::int8(static_cast<int>(group_))
