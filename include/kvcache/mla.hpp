@@ -36,6 +36,13 @@ namespace kvcache {
 ///
 /// DeepSeek-V2: 128 heads, kv_lora_rank 512, qk_nope_dim 128, rope_dim 64, v_head_dim 128:
 /// 576 elements per token and layer, where the MHA it replaces caches 2 x 128 x 128 = 32768.
+///
+/// A cache of shape cache(n_layers) holds latent_dim() elements a token and layer in its
+/// format, so its bytes() is kv_latent_cache_bytes(1, tokens, n_layers, kv_lora_rank,
+/// rope_dim, dtype) (memory.hpp). Quantized, rows are grouped as keys (per channel over groups
+/// of tokens) where the formula groups channels per token: the two agree when the group
+/// divides kv_lora_rank and rope_dim (32 or 64 at 512 and 64), and as for every quantized
+/// cache, the newest partial group waits in float.
 class mla_shape {
  public:
   /// Throws std::invalid_argument unless n_heads, kv_lora_rank, qk_nope_dim and v_head_dim are
