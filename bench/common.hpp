@@ -153,5 +153,7 @@ benchmark::internal::Benchmark* add(const std::string& name, Fn fn, Args... args
 void register_paged();
 // The cross-attention cache's benchmarks (cross_bench.cpp).
 void register_cross();
+// Multi-head latent attention against GQA and MHA decode (mla_bench.cpp).
+void register_mla();
 
 }  // namespace kvcache_bench

@@ -299,6 +299,7 @@ void register_all() {
   }
   register_paged();
   register_cross();
+  register_mla();
 }
 
 }  // namespace

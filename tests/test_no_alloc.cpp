@@ -130,6 +130,54 @@ TEST(NoAllocation, CrossAttentionAfterWarmUp) {
     Eigen::internal::set_is_malloc_allowed(true);
     EXPECT_EQ(allocations.load() - before, 0) << (threads != nullptr ? "2 threads" : "1 thread");
   }
+// MLA decode over latent rows: absorbed queries, the attention of 16 heads over one latent kv
+// head (more rows than the micro-kernels take), the value projection; and the decoder with MLA.
+TEST(NoAllocation, LatentDecodeAfterWarmUp) {
+  kvcache::thread_pool pool(2);
+  // A small latent, and DeepSeek-V2-Lite's (512 + 64, heads of 128), whose tiles of latent rows
+  // are the largest matrix products the kernel runs.
+  for (const kvcache::mla_shape& s : {kvcache::mla_shape(16, 64, 32, 16, 32),
+                                      kvcache::mla_shape(16, 512, 128, 64, 128)}) {
+  kvcache::kv_cache<kvcache::contiguous_layout, kvcache::plain_format<Eigen::half>> cache(s.cache(1));
+  cache.append(0, kvcache::row_matrix<float>::Random(1000, s.latent_dim()));
+  const kvcache::row_matrix<float> w_uk =
+      kvcache::row_matrix<float>::Random(s.n_heads() * s.qk_nope_dim(), s.kv_lora_rank());
+  const kvcache::row_matrix<float> w_uv =
+      kvcache::row_matrix<float>::Random(s.n_heads() * s.v_head_dim(), s.kv_lora_rank());
+  const kvcache::row_vector<float> q = kvcache::row_vector<float>::Random(s.q_width());
+  kvcache::row_vector<float> out(s.out_width());
+  kvcache::mla_workspace<float> ws;
+  for (kvcache::thread_pool* p : {static_cast<kvcache::thread_pool*>(nullptr), &pool}) {
+    kvcache::attention_options opt;
+    opt.pool = p;
+    kvcache::mla_decode_attention(s, w_uk, w_uv, q, cache.view(0), out, ws, opt);
+    const long before = allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    EXPECT_NO_THROW(for (int i = 0; i < 5; ++i) {
+      kvcache::mla_decode_attention(s, w_uk, w_uv, q, cache.view(0), out, ws, opt);
+    }) << "Eigen allocated";
+    Eigen::internal::set_is_malloc_allowed(true);
+    EXPECT_EQ(allocations.load() - before, 0) << "latent " << s.latent_dim();
+  }
+  }
+  tiny::config cfg;
+  cfg.dim = 64;
+  cfg.hidden_dim = 96;
+  cfg.n_layers = 2;
+  cfg.n_heads = 16;
+  cfg.vocab_size = 50;
+  cfg.seq_len = 300;
+  cfg.kv_lora_rank = 32;
+  cfg.rope_dim = 8;
+  const tiny::weights w = tiny::random_weights(cfg, 3);
+  tiny::decoder<> dec(cfg, w, 1);
+  dec.forward_cached(std::vector<int>{1, 2, 3, 4, 5});
+  dec.forward_cached(6);
+  const long before = allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  EXPECT_NO_THROW(for (int step = 0; step < 100; ++step) dec.forward_cached(7)) << "Eigen allocated";
+  Eigen::internal::set_is_malloc_allowed(true);
+  EXPECT_EQ(allocations.load() - before, 0);
 }
 
 }  // namespace

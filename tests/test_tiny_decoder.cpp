@@ -71,6 +71,51 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(std::get<1>(info.param));
     });
 
+// Multi-head latent attention: the cached decoder (weight absorption over one latent row per
+// token and layer) picks the tokens of the uncached one (each head's keys and values
+// decompressed), with the same logit tolerance, in a contiguous cache and in a ring with the
+// window's mask; the cache holds what kv_latent_cache_bytes counts.
+TEST(Decoder, LatentAttentionCachedEqualsUncached) {
+  config cfg;
+  cfg.dim = 64;
+  cfg.hidden_dim = 128;
+  cfg.n_layers = 2;
+  cfg.n_heads = 4;
+  cfg.vocab_size = 97;
+  cfg.kv_lora_rank = 24;
+  cfg.rope_dim = 8;
+  const Index gen = 24;
+  for (const Index prompt_len : {Index(1), Index(7), Index(40)}) {
+    cfg.seq_len = prompt_len + gen;
+    const weights w = random_weights(cfg, 9);
+    std::vector<int> prompt;
+    for (Index i = 0; i < prompt_len; ++i) prompt.push_back(int((i * 37 + 11) % cfg.vocab_size));
+    for (const Index threads : {1, 2}) {
+      decoder<> dec(cfg, w, threads);
+      const auto cached = generate(dec, prompt, gen, mode::cached, sampler());
+      const auto uncached = generate(dec, prompt, gen, mode::uncached, sampler());
+      EXPECT_EQ(cached.tokens, uncached.tokens) << "prompt " << prompt_len;
+      for (std::size_t s = 0; s < cached.logits.size(); ++s) {
+        EXPECT_LT((cached.logits[s] - uncached.logits[s]).cwiseAbs().template maxCoeff<Eigen::PropagateNaN>(),
+                  logit_tolerance)
+            << "step " << s;
+      }
+      EXPECT_EQ(cached.kv_bytes, kvcache::kv_latent_cache_bytes(1, prompt_len + gen - 1, cfg.n_layers,
+                                                                24, 8, kvcache::kv_dtype::f32()));
+    }
+  }
+  // A sliding window over the latents equals recomputation with the window's mask.
+  cfg.seq_len = 90;
+  const weights w = random_weights(cfg, 10);
+  const std::vector<int> prompt = {3, 1, 4, 1, 5, 9, 2, 6};
+  using ring_f32 = kvcache::kv_cache<kvcache::ring_layout, kvcache::plain_format<float>>;
+  const kvcache::attention_mask mask{true, -1, 20, 3};
+  decoder<ring_f32> ring(cfg, w, ring_f32(cfg.cache(), kvcache::ring_layout{20, 3}), 1, mask);
+  const auto cached = generate(ring, prompt, 60, mode::cached, sampler());
+  const auto uncached = generate(ring, prompt, 60, mode::uncached, sampler());
+  EXPECT_EQ(cached.tokens, uncached.tokens);
+}
+
 config small_gqa(Index seq_len) {
   config cfg;
   cfg.dim = 64;

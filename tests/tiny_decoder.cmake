@@ -102,3 +102,17 @@ add_test(NAME tiny_decoder.eval_json
     "-DSTDOUT=\"tokens\":[0-9]+,\"perplexity\":[0-9.]+,\"bits_per_byte\":[0-9.]+,\"mean_kl_vs_f32\":[0-9.]*[1-9][0-9.e-]*,\"kv_bytes\":[1-9]"
     -P ${CMAKE_CURRENT_LIST_DIR}/cmake/expect_exit.cmake)
 set_tests_properties(tiny_decoder.eval_json PROPERTIES LABELS tiny_decoder)
+# Multi-head latent attention: cached and uncached pick the same tokens (the program exits 1
+# otherwise with an f32 cache), and --json reports the latent cache beside the GQA model of the
+# same size.
+add_test(NAME tiny_decoder.mla_json
+  COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:tiny_decoder>
+    "-DARGS=--attention|mla|--kv-lora-rank|32|--rope-dim|8|--layers|2|--gen|24|--json"
+    -P ${CMAKE_CURRENT_LIST_DIR}/cmake/mla_json.cmake)
+set_tests_properties(tiny_decoder.mla_json PROPERTIES LABELS tiny_decoder)
+tiny_decoder_exits(mla_window 0 "" --attention mla --window 16 --sinks 2 --gen 24 --mode compare)
+tiny_decoder_exits(attention_unknown 2 "--attention must be gqa or mla, got 'mha'" --attention mha)
+tiny_decoder_exits(mla_rope_odd 2 "--rope-dim must be even, got 7" --attention mla --rope-dim 7)
+tiny_decoder_exits(mla_checkpoint 2 "--attention mla runs random weights"
+  --attention mla --checkpoint model.bin)
+tiny_decoder_exits(mla_eval 2 "--attention mla excludes --eval" --attention mla --eval x.txt --tokenizer t.bin)

@@ -19,7 +19,10 @@ namespace tiny {
 enum class mode { cached, uncached };
 
 /// Runs a model over token sequences, keeping keys and values in a `Cache`: a
-/// contiguous_cache (the default), a sliding_window_cache or a quantized_cache. Buffers are
+/// contiguous_cache (the default), a sliding_window_cache or a quantized_cache. A model with
+/// multi-head latent attention (config::mla) keeps one latent row per token and layer in it
+/// instead, and attends by weight absorption (kvcache/mla.hpp); uncached, it decompresses each
+/// head's keys and values, as a model without absorption does. Buffers are
 /// sized once for `seq_len` tokens, so no decode step allocates (the uncached path's reference
 /// attention aside, which materializes its scores as generation without a cache does).
 template <class Cache = kvcache::contiguous_cache<float>>
@@ -36,7 +39,8 @@ class decoder {
   decoder(const config& c, const weights& w, Cache cache, Index threads,
           kvcache::attention_mask uncached_mask = {})
       : cfg_(c), w_(w), shape_(c.attention()),
-        rope_(c.head_dim(), c.rope_theta, kvcache::rope_style::interleaved, c.seq_len),
+        rope_(c.mla() ? c.rope_dim : c.head_dim(), c.rope_theta, kvcache::rope_style::interleaved,
+              c.seq_len),
         cache_(std::move(cache)), mask_(uncached_mask) {
     c.validate();
     if (threads > 1) pool_ = std::make_unique<kvcache::thread_pool>(threads);
@@ -44,9 +48,13 @@ class decoder {
     const Index n = c.seq_len;
     x_.resize(n, c.dim);
     xb_.resize(n, c.dim);
-    q_.resize(n, c.n_heads * c.head_dim());
-    k_.resize(n, c.kv_dim());
-    v_.resize(n, c.kv_dim());
+    q_.resize(n, c.q_dim());
+    if (c.mla()) {
+      latent_.resize(n, c.kv_lora_rank + c.rope_dim);
+    } else {
+      k_.resize(n, c.kv_dim());
+      v_.resize(n, c.kv_dim());
+    }
     att_.resize(n, c.n_heads * c.head_dim());
     hb_.resize(n, c.hidden_dim);
     hb2_.resize(n, c.hidden_dim);
@@ -101,9 +109,8 @@ class decoder {
       const layer_weights& lw = w_.layers[std::size_t(l)];
       rmsnorm(x_.topRows(n), lw.attn_norm, xb_.topRows(n));
       qkv(lw, n);
-      rope_.apply(q_.topRows(n), pos0);
-      rope_.apply(k_.topRows(n), pos0);
-      attention(l, n, m);
+      rotate(n, pos0);
+      attention(lw, l, n, m);
       x_.topRows(n).noalias() += att_.topRows(n) * lw.wo.transpose();  // output proj, residual
       rmsnorm(x_.topRows(n), lw.ffn_norm, xb_.topRows(n));
       mlp(lw, n);  // SwiGLU, residual
@@ -131,15 +138,38 @@ class decoder {
     }
   }
 
+  // Queries, and keys and values; with MLA, queries and the latent rows [c_kv | k_pe].
   void qkv(const layer_weights& lw, Index n) {
     const auto xb = xb_.topRows(n);
     q_.topRows(n).noalias() = xb * lw.wq.transpose();
+    if (cfg_.mla()) {
+      latent_.topRows(n).noalias() = xb * lw.w_dkv.transpose();
+      return;
+    }
     k_.topRows(n).noalias() = xb * lw.wk.transpose();
     v_.topRows(n).noalias() = xb * lw.wv.transpose();
   }
 
+  // RoPE at positions pos0..: every head of q and k, or with MLA each head's q_pe and k_pe.
+  void rotate(Index n, Index pos0) {
+    if (!cfg_.mla()) {
+      rope_.apply(q_.topRows(n), pos0);
+      rope_.apply(k_.topRows(n), pos0);
+      return;
+    }
+    const Index hd = cfg_.head_dim(), dr = cfg_.rope_dim;
+    for (Index h = 0; h < cfg_.n_heads; ++h) {
+      rope_.apply(q_.block(0, h * (hd + dr) + hd, n, dr), pos0);
+    }
+    rope_.apply(latent_.block(0, cfg_.kv_lora_rank, n, dr), pos0);
+  }
+
   // Writes att_ rows [0, n): the attention of the n queries over every earlier token.
-  void attention(Index l, Index n, mode m) {
+  void attention(const layer_weights& lw, Index l, Index n, mode m) {
+    if (cfg_.mla()) {
+      latent_attention(lw, l, n, m);
+      return;
+    }
     if (m == mode::uncached) {
       att_.topRows(n) = kvcache::reference_attention<float>(shape_, q_.topRows(n), k_.topRows(n),
                                                             v_.topRows(n), mask_);
@@ -149,6 +179,21 @@ class decoder {
     } else {
       kvcache::prefill_attention(shape_, q_.topRows(n), k_.topRows(n), v_.topRows(n), cache_, l,
                                  att_.topRows(n), ws_, opt_);
+    }
+  }
+
+  void latent_attention(const layer_weights& lw, Index l, Index n, mode m) {
+    const kvcache::mla_shape s = cfg_.latent();
+    if (m == mode::uncached) {
+      att_.topRows(n) = kvcache::mla_reference_attention<float>(s, lw.w_uk, lw.w_uv, q_.topRows(n),
+                                                                latent_.topRows(n), mask_);
+    } else if (n == 1) {
+      cache_.append(l, latent_.topRows(1));
+      kvcache::mla_decode_attention(s, lw.w_uk, lw.w_uv, q_.row(0), cache_.view(l), att_.row(0),
+                                    mla_ws_, opt_);
+    } else {
+      kvcache::mla_prefill_attention(s, lw.w_uk, lw.w_uv, q_.topRows(n), latent_.topRows(n),
+                                     cache_, l, att_.topRows(n), mla_ws_, opt_);
     }
   }
 
@@ -176,7 +221,9 @@ class decoder {
   std::unique_ptr<kvcache::thread_pool> pool_;
   kvcache::attention_options opt_;
   kvcache::attention_workspace<float> ws_;
+  kvcache::mla_workspace<float> mla_ws_;
   matrix x_, xb_, q_, k_, v_, att_, hb_, hb2_;  // [token][...] activations of this call
+  matrix latent_;                               // [token][kv_lora_rank + rope_dim], MLA
   kvcache::row_vector<float> xn_;               // [dim] the last token, normed
   vector logits_;                               // [vocab] of the last token
 };

@@ -60,6 +60,15 @@ compares them.
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
                       random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed,
                       512 with --eval)
+  --attention gqa|mla gqa (default): --heads query heads on --kv-heads key/value heads; mla:
+                      multi-head latent attention (DeepSeek-V2) with random weights, the cache
+                      holding per layer and token a latent of --kv-lora-rank and a RoPE key of
+                      --rope-dim (each head's no-RoPE query, key and value are head_dim wide);
+                      cached runs decode by weight absorption, uncached ones decompress every
+                      head's keys and values; --json's gqa_kv_bytes is what the GQA model of
+                      the same size (--heads, --kv-heads, head_dim) would cache
+  --kv-lora-rank R    mla: latent width (default 64)
+  --rope-dim D        mla: decoupled RoPE width, even (default 16)
   --logits-out FILE   write the logits of every generation step of the cached run (the
                       uncached one with --mode uncached): a 16-byte header, the ASCII magic
                       "KVLOGITS" then uint32 rows and uint32 vocab_size, then rows x vocab_size
@@ -106,6 +115,8 @@ struct options {
   std::optional<std::string> save_cache, load_cache;
   std::optional<std::vector<int>> prompt_tokens;
   std::optional<std::string> logits_out, eval_path, eval_tokens_out;
+  bool mla = false;
+  Index kv_lora_rank = 64, rope_dim = 16;
 };
 
 
@@ -262,6 +273,14 @@ options parse(int argc, char** argv) {
       o.cfg.n_kv_heads = parse_int(flag, value, 1);
     } else if (flag == "--vocab") {
       o.cfg.vocab_size = parse_int(flag, value, 1);
+    } else if (flag == "--attention") {
+      if (value != "gqa" && value != "mla") die("--attention must be gqa or mla, got '" + value + "'");
+      o.mla = value == "mla";
+    } else if (flag == "--kv-lora-rank") {
+      o.kv_lora_rank = parse_int(flag, value, 1, std::numeric_limits<std::int32_t>::max());
+    } else if (flag == "--rope-dim") {
+      o.rope_dim = parse_int(flag, value, 2, std::numeric_limits<std::int32_t>::max());
+      if (o.rope_dim % 2 != 0) die("--rope-dim must be even, got " + value);
     } else if (flag == "--seq-len") {
       o.cfg.seq_len = parse_int(flag, value, 1);
       o.seq_len_given = true;
@@ -280,6 +299,13 @@ options parse(int argc, char** argv) {
     die("--eval excludes --prompt and --prompt-tokens: the text is the file's");
   }
   if (o.sinks > 0 && o.window == 0) die("--sinks needs --window");
+  if (o.mla) {
+    if (o.checkpoint) die("--attention mla runs random weights; it excludes --checkpoint");
+    if (o.save_cache || o.load_cache) die("--attention mla excludes --save-cache and --load-cache");
+    if (o.eval_path) die("--attention mla excludes --eval (its decoder has random weights)");
+    o.cfg.kv_lora_rank = o.kv_lora_rank;
+    o.cfg.rope_dim = o.rope_dim;
+  }
   if (o.save_cache && o.load_cache) die("--save-cache and --load-cache exclude each other");
   if ((o.save_cache || o.load_cache) && o.mode == "uncached") {
     die("--save-cache and --load-cache need a cached run (--mode cached or compare)");
@@ -611,19 +637,31 @@ int main(int argc, char** argv) {
 
     // What the formula says the cache holds: every token that went through it (at most
     // window + sinks with a window), at the storage's bytes per element, scales included.
-    Index formula_bytes = 0;
+    // With MLA, the latent formula, and beside it what the GQA model of the same size would
+    // cache.
+    Index formula_bytes = 0, gqa_bytes = 0;
     if (cached) {
       const Index held = o.window > 0 ? std::min(cached->run.tokens_cached, o.window + o.sinks)
                                       : cached->run.tokens_cached;
       if (o.kv_type == "int8" || o.kv_type == "int4") {
         const auto dtype = o.kv_type == "int8" ? kvcache::kv_dtype::int8(int(o.group))
                                                : kvcache::kv_dtype::int4(int(o.group));
-        formula_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
-                                                      cfg.head_dim(), dtype));
+        gqa_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
+                                                  cfg.head_dim(), dtype));
+        if (cfg.mla()) {
+          formula_bytes = Index(kvcache::kv_latent_cache_bytes(1, held, cfg.n_layers,
+                                                               cfg.kv_lora_rank, cfg.rope_dim, dtype));
+        }
       } else {
-        formula_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
-                                                      cfg.head_dim(), element_bytes(o.kv_type)));
+        gqa_bytes = Index(kvcache::kv_cache_bytes(1, held, cfg.n_layers, cfg.n_kv_heads,
+                                                  cfg.head_dim(), element_bytes(o.kv_type)));
+        if (cfg.mla()) {
+          const auto dtype = o.kv_type == "f32" ? kvcache::kv_dtype::f32() : kvcache::kv_dtype::f16();
+          formula_bytes = Index(kvcache::kv_latent_cache_bytes(1, held, cfg.n_layers,
+                                                               cfg.kv_lora_rank, cfg.rope_dim, dtype));
+        }
       }
+      if (!cfg.mla()) formula_bytes = gqa_bytes;
     }
     if (o.logits_out) {
       write_logits(*o.logits_out, (cached ? cached->run : uncached->run).logits, cfg.vocab_size);
@@ -654,6 +692,8 @@ int main(int argc, char** argv) {
          << ",\"n_layers\":" << cfg.n_layers << ",\"n_heads\":" << cfg.n_heads
          << ",\"n_kv_heads\":" << cfg.n_kv_heads << ",\"head_dim\":" << cfg.head_dim()
          << ",\"vocab_size\":" << cfg.vocab_size << ",\"seq_len\":" << cfg.seq_len
+         << ",\"attention\":\"" << (cfg.mla() ? "mla" : "gqa") << "\""
+         << ",\"kv_lora_rank\":" << cfg.kv_lora_rank << ",\"rope_dim\":" << cfg.rope_dim
          << ",\"weights\":\"" << (o.checkpoint ? json_escape(*o.checkpoint) : "random") << "\"}"
          << ",\"prompt_len\":" << prompt.size() << ",\"gen\":" << o.gen << ",\"threads\":" << o.threads
          << ",\"kv_type\":\"" << o.kv_type << "\",\"window\":" << o.window
@@ -676,7 +716,7 @@ int main(int argc, char** argv) {
         js << "}";
         first = false;
       }
-      js << "},\"kv_bytes_formula\":" << formula_bytes;
+      js << "},\"kv_bytes_formula\":" << formula_bytes << ",\"gqa_kv_bytes\":" << gqa_bytes;
       if (cached) {
         js << ",\"vs_f32_cache\":{\"max_abs_logit_diff\":" << vs.max_abs_logit_diff
            << ",\"mean_kl\":" << vs.mean_kl
@@ -691,10 +731,17 @@ int main(int argc, char** argv) {
       return 0;
     }
 
-    std::printf("model: dim %td, %td layers, %td query heads on %td kv heads (head_dim %td), "
-                "vocab %td, %s weights\n",
-                cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(), cfg.vocab_size,
-                o.checkpoint ? o.checkpoint->c_str() : "random");
+    if (cfg.mla()) {
+      std::printf("model: dim %td, %td layers, %td query heads with multi-head latent attention "
+                  "(latent %td + RoPE %td, head_dim %td), vocab %td, random weights\n",
+                  cfg.dim, cfg.n_layers, cfg.n_heads, cfg.kv_lora_rank, cfg.rope_dim,
+                  cfg.head_dim(), cfg.vocab_size);
+    } else {
+      std::printf("model: dim %td, %td layers, %td query heads on %td kv heads (head_dim %td), "
+                  "vocab %td, %s weights\n",
+                  cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(),
+                  cfg.vocab_size, o.checkpoint ? o.checkpoint->c_str() : "random");
+    }
     std::printf("prompt: %zu tokens, generating %td, %s, %td attention thread%s\n\n", prompt.size(),
                 o.gen, o.temperature == 0.0f ? "greedy" : "sampled", o.threads, o.threads == 1 ? "" : "s");
     for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
@@ -710,6 +757,12 @@ int main(int argc, char** argv) {
                                     std::to_string(o.sinks) + " sinks").c_str()
                                  : "",
                     r->run.kv_bytes, r->run.tokens_cached, formula_bytes);
+        if (cfg.mla()) {
+          std::printf("          the GQA model of the same size (%td kv heads of %td) would "
+                      "cache %td bytes: %.2fx\n",
+                      cfg.n_kv_heads, cfg.head_dim(), gqa_bytes,
+                      r->run.kv_bytes > 0 ? double(gqa_bytes) / double(r->run.kv_bytes) : 0.0);
+        }
         if (o.save_cache || o.load_cache) {
           std::printf("          prompt cache %s %s; time to first token %.2f ms\n",
                       o.save_cache ? "saved to" : "loaded from",

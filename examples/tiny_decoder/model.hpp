@@ -28,11 +28,28 @@ struct config {
   Index seq_len = 2048;  // longest sequence (prompt + generated)
   float rope_theta = 10000.0f;
   float norm_eps = 1e-5f;
+  // Multi-head latent attention (DeepSeek-V2) in place of GQA when kv_lora_rank > 0: per layer
+  // and token the cache holds a latent of kv_lora_rank and a RoPE key of rope_dim; each head's
+  // query is [q_nope | q_pe] (head_dim + rope_dim), its value head_dim wide. n_kv_heads is
+  // then unused.
+  Index kv_lora_rank = 0;
+  Index rope_dim = 0;
 
   Index head_dim() const { return dim / n_heads; }
   Index kv_dim() const { return n_kv_heads * head_dim(); }
-  kvcache::attention_shape attention() const { return {n_heads, n_kv_heads, head_dim()}; }
+  bool mla() const { return kv_lora_rank > 0; }
+  /// The MLA layer's sizes: qk_nope_dim and v_head_dim are head_dim.
+  kvcache::mla_shape latent() const {
+    return {n_heads, kv_lora_rank, head_dim(), rope_dim, head_dim()};
+  }
+  /// The attention the cache serves: n_heads over n_kv_heads of head_dim, or with MLA the
+  /// absorbed attention over one latent head.
+  kvcache::attention_shape attention() const {
+    return mla() ? latent().attention() : kvcache::attention_shape(n_heads, n_kv_heads, head_dim());
+  }
   kvcache::cache_shape cache() const { return {n_layers, attention()}; }
+  /// Width of a token's queries.
+  Index q_dim() const { return mla() ? latent().q_width() : n_heads * head_dim(); }
 
   /// Throws std::invalid_argument, naming the field, unless every size is positive, dim is a
   /// multiple of n_heads with an even head_dim, and n_heads a multiple of n_kv_heads.
@@ -57,6 +74,12 @@ struct config {
                                   " is not a multiple of n_kv_heads = " +
                                   std::to_string(n_kv_heads));
     }
+    if (kv_lora_rank < 0 || (mla() && (rope_dim < 2 || rope_dim % 2 != 0))) {
+      throw std::invalid_argument("config: MLA needs kv_lora_rank >= 1 and an even rope_dim >= 2, "
+                                  "got " + std::to_string(kv_lora_rank) + " and " +
+                                  std::to_string(rope_dim));
+    }
+    if (mla()) (void)latent();  // its sizes checked
   }
 };
 
@@ -64,9 +87,12 @@ struct config {
 /// `(out_features x in_features)` row-major, so y = W x, and for a batch Y = X W^T.
 struct layer_weights {
   vector attn_norm;  // [dim]
-  matrix wq;         // [n_heads*head_dim][dim]
-  matrix wk;         // [n_kv_heads*head_dim][dim]
-  matrix wv;         // [n_kv_heads*head_dim][dim]
+  matrix wq;         // [n_heads*head_dim][dim]; MLA: [n_heads*(head_dim + rope_dim)][dim]
+  matrix wk;         // [n_kv_heads*head_dim][dim] (GQA)
+  matrix wv;         // [n_kv_heads*head_dim][dim] (GQA)
+  matrix w_dkv;      // MLA: [kv_lora_rank + rope_dim][dim], down to [c_kv | k_pe]
+  matrix w_uk;       // MLA: [n_heads*head_dim][kv_lora_rank], c_kv up to each head's key
+  matrix w_uv;       // MLA: [n_heads*head_dim][kv_lora_rank], c_kv up to each head's value
   matrix wo;         // [dim][n_heads*head_dim]
   vector ffn_norm;   // [dim]
   matrix w1;         // [hidden_dim][dim] gate
@@ -111,9 +137,16 @@ inline weights random_weights(const config& c, std::uint64_t seed) {
   for (Index l = 0; l < c.n_layers; ++l) {
     layer_weights lw;
     lw.attn_norm = norm_weights(c.dim);
-    lw.wq = fill(c.n_heads * c.head_dim(), c.dim, in_dim);
-    lw.wk = fill(c.kv_dim(), c.dim, in_dim);
-    lw.wv = fill(c.kv_dim(), c.dim, in_dim);
+    lw.wq = fill(c.q_dim(), c.dim, in_dim);
+    if (c.mla()) {
+      const double in_rank = 1.0 / std::sqrt(double(c.kv_lora_rank));
+      lw.w_dkv = fill(c.kv_lora_rank + c.rope_dim, c.dim, in_dim);
+      lw.w_uk = fill(c.n_heads * c.head_dim(), c.kv_lora_rank, in_rank);
+      lw.w_uv = fill(c.n_heads * c.head_dim(), c.kv_lora_rank, in_rank);
+    } else {
+      lw.wk = fill(c.kv_dim(), c.dim, in_dim);
+      lw.wv = fill(c.kv_dim(), c.dim, in_dim);
+    }
     lw.wo = fill(c.dim, c.n_heads * c.head_dim(), in_dim);
     lw.ffn_norm = norm_weights(c.dim);
     lw.w1 = fill(c.hidden_dim, c.dim, in_dim);

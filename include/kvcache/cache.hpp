@@ -26,10 +26,22 @@
 namespace kvcache {
 
 namespace detail {
-// Refuses k and v unless both are `tokens x width` with the same number of rows, naming `fn`.
+// Refuses k and v unless both are `tokens x kv_width` of the cache's shape `cache` with the
+// same number of rows, naming `fn`. `keys_alone` says the caller passed the keys alone (v is
+// k): a cache whose values are in its keys takes only that, every other cache only both.
 template <class DerivedK, class DerivedV>
-void check_kv_input(const char* fn, Index width, const Eigen::MatrixBase<DerivedK>& k,
-                    const Eigen::MatrixBase<DerivedV>& v) {
+void check_kv_input(const char* fn, const attention_shape& cache,
+                    const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+                    bool keys_alone) {
+  if (cache.values_in_keys() && !keys_alone) {
+    fail<std::invalid_argument>(fn, ": this cache's values are the first value_dim = ",
+                                cache.value_dim(), " columns of its keys; pass the ",
+                                cache.kv_width(), "-wide key rows alone");
+  }
+  if (!cache.values_in_keys() && keys_alone) {
+    fail<std::invalid_argument>(fn, ": this cache stores values apart from keys; pass both");
+  }
+  const Index width = cache.kv_width();
   if (k.cols() != width) {
     fail<std::invalid_argument>(fn, ": k has ", k.cols(),
                                 " columns, expected n_kv_heads*head_dim = ", width);
@@ -42,12 +54,13 @@ void check_kv_input(const char* fn, Index width, const Eigen::MatrixBase<Derived
     fail<std::invalid_argument>(fn, ": k has ", k.rows(), " rows (tokens) but v has ", v.rows());
   }
 }
-// Refuses the inputs of prefill_attention unless q and out are `n x n_heads*head_dim`, k and
-// v `n x n_kv_heads*head_dim` (kv_width) and the options usable.
+// Refuses the inputs of prefill_attention unless q is `n x n_heads*head_dim`, out
+// `n x n_heads*value_dim`, k and v `n x n_kv_heads*head_dim` of the cache's shape `cache` (as
+// check_kv_input) and the options usable.
 template <class Q, class DerivedK, class DerivedV, class Out>
-void check_prefill_input(const attention_shape& heads, Index kv_width, const Q& q,
+void check_prefill_input(const attention_shape& heads, const attention_shape& cache, const Q& q,
                          const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
-                         const Out& out, const attention_options& opt) {
+                         const Out& out, const attention_options& opt, bool keys_alone) {
   if (q.cols() != heads.q_width()) {
     fail<std::invalid_argument>("prefill_attention: q has ", q.cols(),
                                 " columns, expected n_heads*head_dim = ", heads.q_width());
@@ -56,12 +69,33 @@ void check_prefill_input(const attention_shape& heads, Index kv_width, const Q& 
     fail<std::invalid_argument>("prefill_attention: q has ", q.rows(),
                                 " rows (tokens) but k has ", k.rows());
   }
-  check_kv_input("prefill_attention", kv_width, k, v);
-  if (out.rows() != q.rows() || out.cols() != heads.q_width()) {
+  check_kv_input("prefill_attention", cache, k, v, keys_alone);
+  if (out.rows() != q.rows() || out.cols() != heads.out_width()) {
     fail<std::invalid_argument>("prefill_attention: out is ", out.rows(), " x ", out.cols(),
-                                ", expected ", q.rows(), " x ", heads.q_width());
+                                ", expected ", q.rows(), " x ", heads.out_width());
   }
   check_options("prefill_attention", opt);
+}
+// Refuses, naming shift, a rope that does not rotate the keys of shape `s`: head_dim wide, or
+// with values in the keys the columns after them (MLA's k_pe: rope_dim wide).
+inline void check_shift_rope(const attention_shape& s, const rope& r) {
+  const Index want = s.values_in_keys() ? s.head_dim() - s.value_dim() : s.head_dim();
+  if (r.head_dim() != want) {
+    fail<std::invalid_argument>("shift: rope has head_dim ", r.head_dim(), ", the cache ", want,
+                                s.values_in_keys() ? " (the key columns after the values)" : "");
+  }
+}
+
+// Re-rotates the keys `k` (rows of n_kv_heads*head_dim) of shape `s` by `delta` positions:
+// each head whole, or with values in the keys only its columns after value_dim.
+template <class K>
+void rotate_keys(const attention_shape& s, const rope& r, K&& k, Index delta) {
+  if (!s.values_in_keys()) {
+    r.rotate(k, delta);
+    return;
+  }
+  const Index d = s.head_dim(), dv = s.value_dim();
+  for (Index h = 0; h < s.n_kv_heads(); ++h) r.rotate(k.middleCols(h * d + dv, d - dv), delta);
 }
 }  // namespace detail
 
@@ -91,6 +125,8 @@ struct cache_view {
   Index tail_position = 0;
   Index kv_heads = 0;
   Index dim = 0;
+  Index vdim = 0;              // width of the values
+  bool shared_values = false;  // values are the first vdim columns of the keys
   Index unit = 1;
   Index tokens = 0;
   Index end = 0;
@@ -100,6 +136,8 @@ struct cache_view {
 
   Index n_kv_heads() const noexcept { return kv_heads; }
   Index head_dim() const noexcept { return dim; }
+  Index value_dim() const noexcept { return vdim; }
+  bool values_in_keys() const noexcept { return shared_values; }
   Index size() const noexcept { return tokens; }
   Index n_blocks() const noexcept { return n_runs + (tail_tokens > 0 ? 1 : 0); }
   Index position(Index i) const noexcept {
@@ -151,7 +189,8 @@ class kv_cache {
   /// fit the shape, std::length_error when the sizes overflow, std::bad_alloc when memory is
   /// short.
   explicit kv_cache(const cache_shape& shape, Layout layout = Layout(), Format format = Format())
-      : shape_(shape), layout_(layout), format_(format), plan_(layout.plan(format.unit_tokens())) {
+      : shape_(shape), layout_(layout), format_(format.with_values_in_keys(shape.values_in_keys())),
+        plan_(layout.plan(format.unit_tokens())) {
     format_.check("kv_cache", shape.head_dim());
     unit_ = format_.unit_tokens();
     uses_tail_ = unit_ > 1 || format_.residual() > 0;
@@ -234,11 +273,16 @@ class kv_cache {
   /// when positions overflow; nothing changes when it throws.
   template <class DerivedK, class DerivedV>
   void append(Index l, const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v) {
-    layer_state& L = at(l, "append");
-    detail::check_kv_input("append", shape_.kv_width(), k, v);
-    check_room("append", l, L, k.rows());
-    reserve_layer(L, held(L) + k.rows());
-    write(L, k, v);
+    append_rows(l, k, v, false);
+  }
+
+  /// Appends `kv.rows()` tokens to a cache whose shape has its values in its keys
+  /// (cache_shape::with_values_in_keys; MLA's latent): `kv` is `tokens x n_kv_heads*head_dim`,
+  /// each row the key whose first value_dim columns are also the value, stored once. Throws as
+  /// append(l, k, v) does, and std::invalid_argument on a cache that stores values apart.
+  template <class Derived>
+  void append(Index l, const Eigen::MatrixBase<Derived>& kv) {
+    append_rows(l, kv, kv, true);
   }
 
   /// Makes room for `tokens` tokens in every layer without further allocation, all or nothing.
@@ -291,7 +335,7 @@ class kv_cache {
     }
     layer_state& L = at(l, "concat");
     const layer_state& S = src.at(l, "concat");
-    detail::check_kv_input("concat", shape_.kv_width(), k, v);
+    detail::check_kv_input("concat", shape_, k, v, false);
     check_room("concat", l, S, k.rows());
     layer_state fresh;
     regrow(fresh, S, units_for(held(S) + k.rows()));
@@ -345,12 +389,11 @@ class kv_cache {
   /// Cost: reads and rewrites the tokens from `first` on. Allocates scratch for them once.
   /// Throws std::out_of_range unless sinks <= first <= last <= position(l) for every layer, or
   /// when a ring would be left without the window's tokens (it cannot give back evicted ones),
-  /// std::invalid_argument when rope.head_dim() differs from the cache's; nothing changes then.
+  /// std::invalid_argument when rope.head_dim() differs from the cache's (with values in the
+  /// keys, as MLA's latent rows [c_kv | k_pe], only the columns after them are rotated, and
+  /// rope.head_dim() must be their width, rope_dim); nothing changes then.
   void shift(Index first, Index last, const rope& rope) {
-    if (rope.head_dim() != shape_.head_dim()) {
-      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
-                                          ", the cache ", shape_.head_dim());
-    }
+    detail::check_shift_rope(shape_, rope);
     Index most = 0;
     for (Index l = 0; l < n_layers(); ++l) {
       const layer_state& L = layers_[static_cast<std::size_t>(l)];
@@ -426,7 +469,8 @@ class kv_cache {
   /// Every key layer `l` holds, oldest first, as attention reads it (quantized ones
   /// dequantized): `size(l) x n_kv_heads*head_dim`. For tests and error analysis; allocates.
   row_matrix<compute_type> keys(Index l) const { return held_rows(at(l, "keys"), true); }
-  /// Every value layer `l` holds, as keys(l).
+  /// Every value layer `l` holds, as keys(l): `size(l) x n_kv_heads*value_dim` (the first
+  /// value_dim columns of each key when the values are in the keys).
   row_matrix<compute_type> values(Index l) const { return held_rows(at(l, "values"), false); }
   /// The position of every token layer `l` holds, oldest first.
   std::vector<Index> positions(Index l) const {
@@ -455,9 +499,40 @@ class kv_cache {
                const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v, Index l,
                Eigen::Ref<row_matrix<compute_type>> out, attention_workspace<compute_type>& ws,
                const attention_options& opt) {
+    prefill_rows(heads, q, k, v, l, out, ws, opt, false);
+  }
+
+  /// Prefill onto a cache whose values are in its keys: `kv` is appended as append(l, kv)
+  /// appends it; otherwise as prefill(heads, q, k, v, ...).
+  template <class Derived>
+  void prefill(const attention_shape& heads, const Eigen::Ref<const row_matrix<compute_type>>& q,
+               const Eigen::MatrixBase<Derived>& kv, Index l,
+               Eigen::Ref<row_matrix<compute_type>> out, attention_workspace<compute_type>& ws,
+               const attention_options& opt) {
+    prefill_rows(heads, q, kv, kv, l, out, ws, opt, true);
+  }
+
+ private:
+  template <class DerivedK, class DerivedV>
+  void append_rows(Index l, const Eigen::MatrixBase<DerivedK>& k,
+                   const Eigen::MatrixBase<DerivedV>& v, bool keys_alone) {
+    layer_state& L = at(l, "append");
+    detail::check_kv_input("append", shape_, k, v, keys_alone);
+    check_room("append", l, L, k.rows());
+    reserve_layer(L, held(L) + k.rows());
+    write(L, k, v);
+  }
+
+  template <class DerivedK, class DerivedV>
+  void prefill_rows(const attention_shape& heads,
+                    const Eigen::Ref<const row_matrix<compute_type>>& q,
+                    const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+                    Index l, Eigen::Ref<row_matrix<compute_type>> out,
+                    attention_workspace<compute_type>& ws, const attention_options& opt,
+                    bool keys_alone) {
     layer_state& L = at(l, "prefill_attention");
     detail::check_view("prefill_attention", heads, view_of(L));
-    detail::check_prefill_input(heads, shape_.kv_width(), q, k, v, out, opt);
+    detail::check_prefill_input(heads, shape_, q, k, v, out, opt, keys_alone);
     const Index n = q.rows();
     if (n == 0) return;
     check_room("prefill_attention", l, L, n);
@@ -475,6 +550,7 @@ class kv_cache {
     }
   }
 
+ public:
   /// The counts that place a layer's tokens, for saving and loading (io/cache_file.hpp).
   struct layer_record {
     Index next = 0;       // position of the next token
@@ -502,7 +578,7 @@ class kv_cache {
     detail::for_each_unit_span<Format>(L.units, plan_.sink_units, L.ring_n - r.first_run, f);
     const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
     f(static_cast<const void*>(L.tail_k.data()), bytes);
-    f(static_cast<const void*>(L.tail_v.data()), bytes);
+    if (!keys_only()) f(static_cast<const void*>(L.tail_v.data()), bytes);
   }
 
   /// Bytes for_each_span visits for a layer of record `r`.
@@ -565,7 +641,7 @@ class kv_cache {
     const auto bytes = static_cast<std::size_t>(r.tail_tokens * shape_.kv_width()) * sizeof(compute_type);
     if (uses_tail_) {
       fill(static_cast<void*>(fresh.tail_k.data()), bytes);
-      fill(static_cast<void*>(fresh.tail_v.data()), bytes);
+      if (!keys_only()) fill(static_cast<void*>(fresh.tail_v.data()), bytes);
     }
     fresh.sink_n = r.sink_units;
     fresh.ring_n = r.ring_units;
@@ -603,8 +679,10 @@ class kv_cache {
   }
 
   Index held(const layer_state& L) const noexcept { return (L.sink_n + L.ring_n) * unit_ + L.tail_n; }
+  // Values read from the keys are not stored: the tail holds keys only.
+  bool keys_only() const noexcept { return shape_.values_in_keys(); }
   Index tail_token_bytes() const noexcept {
-    return 2 * shape_.kv_width() * Index(sizeof(compute_type));
+    return (keys_only() ? 1 : 2) * shape_.kv_width() * Index(sizeof(compute_type));
   }
   // Rolling units needed to hold `tokens` tokens of a growing layout.
   Index units_for(Index tokens) const noexcept { return tokens / unit_; }
@@ -645,7 +723,7 @@ class kv_cache {
     L.ring_slots = ring_slots;
     if (uses_tail_) {
       L.tail_k = detail::buffer<compute_type>(tail_cap_ * shape_.kv_width());
-      L.tail_v = detail::buffer<compute_type>(tail_cap_ * shape_.kv_width());
+      if (!keys_only()) L.tail_v = detail::buffer<compute_type>(tail_cap_ * shape_.kv_width());
     }
   }
 
@@ -665,7 +743,7 @@ class kv_cache {
     if (L.tail_n > 0) {
       const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
       std::memcpy(fresh.tail_k.data(), L.tail_k.data(), bytes);
-      std::memcpy(fresh.tail_v.data(), L.tail_v.data(), bytes);
+      if (!keys_only()) std::memcpy(fresh.tail_v.data(), L.tail_v.data(), bytes);
     }
     out = std::move(fresh);
   }
@@ -740,8 +818,10 @@ class kv_cache {
     for (Index i = 0; i < n; ++i) {
       Eigen::Map<row_vector<compute_type>>(L.tail_k.data() + L.tail_n * width, width) =
           k.row(i).template cast<compute_type>();
-      Eigen::Map<row_vector<compute_type>>(L.tail_v.data() + L.tail_n * width, width) =
-          v.row(i).template cast<compute_type>();
+      if (!keys_only()) {
+        Eigen::Map<row_vector<compute_type>>(L.tail_v.data() + L.tail_n * width, width) =
+            v.row(i).template cast<compute_type>();
+      }
       ++L.tail_n;
       ++L.next;
       if (L.tail_n == tail_cap_) flush(L);
@@ -761,12 +841,13 @@ class kv_cache {
   void flush(layer_state& L) {
     const Index width = shape_.kv_width();
     using rows = Eigen::Map<const row_matrix<compute_type>>;
+    const compute_type* values = keys_only() ? L.tail_k.data() : L.tail_v.data();
     format_.write(L.units, place_unit(L), rows(L.tail_k.data(), unit_, width),
-                  rows(L.tail_v.data(), unit_, width));
+                  rows(values, unit_, width));
     L.tail_n -= unit_;
     const auto bytes = static_cast<std::size_t>(L.tail_n * width) * sizeof(compute_type);
     std::memmove(L.tail_k.data(), L.tail_k.data() + unit_ * width, bytes);
-    std::memmove(L.tail_v.data(), L.tail_v.data() + unit_ * width, bytes);
+    if (!keys_only()) std::memmove(L.tail_v.data(), L.tail_v.data() + unit_ * width, bytes);
   }
 
   // Tokens of a prefill chunk that can be appended and attended in one causal pass, so that
@@ -796,11 +877,13 @@ class kv_cache {
     w.format = format_;
     w.storage = &L.units;
     w.tail_keys = L.tail_k.data();
-    w.tail_values = L.tail_v.data();
+    w.tail_values = keys_only() ? L.tail_k.data() : L.tail_v.data();
     w.tail_tokens = L.tail_n;
     w.tail_position = L.next - L.tail_n;
     w.kv_heads = shape_.n_kv_heads();
     w.dim = shape_.head_dim();
+    w.vdim = shape_.value_dim();
+    w.shared_values = keys_only();
     w.unit = unit_;
     w.tokens = held(L);
     w.end = L.next;
@@ -837,10 +920,15 @@ class kv_cache {
       if (!keys) out.middleRows(row, n) = other.middleRows(row, n);
       row += n;
     }
-    const auto& tail = keys ? L.tail_k : L.tail_v;
+    const auto& tail = keys || keys_only() ? L.tail_k : L.tail_v;
     out.bottomRows(L.tail_n) =
         Eigen::Map<const row_matrix<compute_type>>(tail.data(), L.tail_n, shape_.kv_width());
-    return out;
+    if (keys || !keys_only()) return out;
+    // Values read from the keys: the first value_dim columns of each kv head's key.
+    const Index d = shape_.head_dim(), dv = shape_.value_dim();
+    row_matrix<compute_type> values(out.rows(), shape_.n_kv_heads() * dv);
+    for (Index h = 0; h < shape_.n_kv_heads(); ++h) values.middleCols(h * dv, dv) = out.middleCols(h * d, dv);
+    return values;
   }
 
   // Crop: the checks of crop(n) for layer l (see there).
@@ -911,7 +999,8 @@ class kv_cache {
     if (pos0 < 0) pos0 = w.tail_position;
     const Index width = shape_.kv_width();
     k.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(L.tail_k.data(), L.tail_n, width);
-    v.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(L.tail_v.data(), L.tail_n, width);
+    const compute_type* tail_values = keys_only() ? L.tail_k.data() : L.tail_v.data();
+    v.middleRows(n, L.tail_n) = Eigen::Map<const row_matrix<compute_type>>(tail_values, L.tail_n, width);
     n += L.tail_n;
     // Drop them from the layer, then append back the kept ones at their new positions.
     drop_from(L, from);
@@ -921,7 +1010,7 @@ class kv_cache {
     if (L.ring_n == 0 && L.tail_n == 0) L.next = keep_before > 0 ? pos0 : std::max(pos0, last) - delta;
     const Index dropped = std::clamp<Index>(last - pos0, keep_before, n) - keep_before;
     const Index after = n - keep_before - dropped;
-    if (after > 0) rope.rotate(k.middleRows(keep_before + dropped, after), -delta);
+    if (after > 0) detail::rotate_keys(shape_, rope, k.middleRows(keep_before + dropped, after), -delta);
     write(L, k.topRows(keep_before), v.topRows(keep_before));
     write(L, k.middleRows(keep_before + dropped, after), v.middleRows(keep_before + dropped, after));
   }

@@ -24,6 +24,7 @@
 #include "kvcache/layout/paged.hpp"
 #include "kvcache/layout/ring.hpp"
 #include "kvcache/memory.hpp"
+#include "kvcache/mla.hpp"
 #include "kvcache/paged/cache.hpp"
 #include "kvcache/paged/pool.hpp"
 #include "kvcache/paged/prefix_hash.hpp"

@@ -49,6 +49,9 @@ struct layer_block {
 /// A layer as attention reads it. Any type with these members can be read by the kernels:
 ///   using scalar_type = ...;  (names the format: compute_t<scalar_type> is the arithmetic)
 ///   Index n_kv_heads() const; Index head_dim() const;
+///   Index value_dim() const;   head_dim, or the width of the values read from the keys
+///   bool values_in_keys() const;  whether each block's values are the first value_dim()
+///                                 columns of its keys (MLA's latent rows)
 ///   Index size() const;        tokens in all blocks
 ///   Index n_blocks() const;    block_type block(Index kv_head, Index i) const;
 ///   Index position(Index i) const;  position of block i's first token (the same for every head;
@@ -72,6 +75,8 @@ struct single_block_view {
 
   Index n_kv_heads() const noexcept { return kv_heads; }
   Index head_dim() const noexcept { return dim; }
+  Index value_dim() const noexcept { return dim; }
+  bool values_in_keys() const noexcept { return false; }
   Index size() const noexcept { return tokens; }
   Index n_blocks() const noexcept { return tokens > 0 ? 1 : 0; }
   block_type block(Index kv_head, Index /*i*/) const noexcept {

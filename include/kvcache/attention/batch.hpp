@@ -40,9 +40,9 @@ void check_batch(const char* fn, const attention_shape& shape, const std::vector
     fail<std::invalid_argument>(fn, ": q has ", q_cols, " columns, expected n_heads*head_dim = ",
                                 shape.q_width());
   }
-  if (out_rows != q_rows || out_cols != shape.q_width()) {
+  if (out_rows != q_rows || out_cols != shape.out_width()) {
     fail<std::invalid_argument>(fn, ": out is ", out_rows, " x ", out_cols, ", expected ", q_rows,
-                                " x ", shape.q_width());
+                                " x ", shape.out_width());
   }
   for (Index b = 0; b < B; ++b) {
     const auto v = batch.sequence(b);
@@ -71,7 +71,7 @@ void batch_attention_unguarded(const char* fn, const attention_shape& shape,
   check_batch(fn, shape, qo_indptr, batch, q.rows(), q.cols(), out.rows(), out.cols());
   check_options(fn, opt);
   const Index B = batch.size(), H = shape.n_kv_heads(), G = shape.group_size();
-  const Index d = shape.head_dim();
+  const Index d = shape.head_dim(), dv = shape.value_dim();
   const Index workers = opt.pool != nullptr ? opt.pool->size() : 1;
 
   // Items, balanced by tokens.
@@ -107,7 +107,8 @@ void batch_attention_unguarded(const char* fn, const attention_shape& shape,
     }
   }
   const Index n_items = Index(items.size());
-  ws.prepare(workers, rows_max, tile, d, !std::is_same_v<Scalar, T>, n_items);
+  ws.prepare(workers, rows_max, tile, d, !std::is_same_v<Scalar, T> || shape.values_in_keys(),
+             n_items);
   const T scale = score_scale<T>(opt, d);
 
   auto run = [&](Index i, Index worker) {
@@ -147,7 +148,7 @@ void batch_attention_unguarded(const char* fn, const attention_shape& shape,
     const Index row0 = qo_indptr[static_cast<std::size_t>(it.seq)] + it.q0;
     for (Index r = 0; r < it.nq; ++r) {
       for (Index g = 0; g < G; ++g) {
-        out.block(row0 + r, (it.head * G + g) * d, 1, d) = acc.o.row(r * G + g);
+        out.block(row0 + r, (it.head * G + g) * dv, 1, dv) = acc.o.row(r * G + g).head(dv);
       }
     }
     i = j;

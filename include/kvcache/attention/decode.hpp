@@ -20,13 +20,16 @@ void prepare_decode(attention_workspace<T>& ws, const attention_shape& shape, In
                     bool convert, const attention_options& opt = {}) {
   const Index tile = detail::tile_for(opt, tokens);
   const Index splits = detail::decode_splits(opt, shape.n_kv_heads(), tokens, tile);
+  // Values read from the keys take every tile through the workspace's key tile.
   ws.prepare(opt.pool != nullptr ? opt.pool->size() : 1, shape.group_size(), tile,
-             shape.head_dim(), convert, splits > 1 ? shape.n_kv_heads() * splits : 0);
+             shape.head_dim(), convert || shape.values_in_keys(),
+             splits > 1 ? shape.n_kv_heads() * splits : 0);
 }
 
 /// Attention of one token's queries `q` (`n_heads * head_dim`, heads side by side) over the
 /// tokens of `view` that its mask lets the newest position see (every token, unless the view
-/// has a sliding window), written to `out` (same width). The query sits at the view's newest
+/// has a sliding window), written to `out` (`n_heads * value_dim`: the width of q unless the
+/// shape has its values in its keys, as MLA's latent does, see mla.hpp). The query sits at the view's newest
 /// position, end_position() - 1. The `group_size()` query heads that share a kv head are
 /// attended together, so each cached key and value row is read once per group (GQA; MHA and
 /// MQA are its two ends); keys are visited in tiles with an online softmax, so no score vector
@@ -53,9 +56,10 @@ void decode_attention(const attention_shape& shape,
     detail::fail<std::invalid_argument>("decode_attention: q has ", q.size(),
                                         " elements, expected n_heads*head_dim = ", shape.q_width());
   }
-  if (out.size() != shape.q_width()) {
+  if (out.size() != shape.out_width()) {
     detail::fail<std::invalid_argument>("decode_attention: out has ", out.size(),
-                                        " elements, expected n_heads*head_dim = ", shape.q_width());
+                                        " elements, expected n_heads*value_dim = ",
+                                        shape.out_width());
   }
   if (view.size() == 0) {
     detail::fail<std::invalid_argument>("decode_attention: the cache holds no token to attend to");
@@ -63,7 +67,7 @@ void decode_attention(const attention_shape& shape,
   detail::check_options("decode_attention", opt);
   const typename attention_workspace<T>::guard busy(ws, "decode_attention");
 
-  const Index n = view.size(), d = shape.head_dim(), G = shape.group_size();
+  const Index n = view.size(), d = shape.head_dim(), dv = shape.value_dim(), G = shape.group_size();
   const Index H = shape.n_kv_heads(), tile = detail::tile_for(opt, n);
   const Index splits = detail::decode_splits(opt, H, n, tile);
   prepare_decode(ws, shape, n, !std::is_same_v<Scalar, T>, opt);
@@ -86,7 +90,7 @@ void decode_attention(const attention_shape& shape,
     detail::attend_range(view, h, bound(s), bound(s + 1), G, masked ? scratch.pos.data() : nullptr,
                          q_pos, tile, scratch, st);
     if (splits == 1) {
-      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = st.o.row(g);
+      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * dv, dv) = st.o.row(g).head(dv);
     }
   };
   if (opt.pool != nullptr) {
@@ -98,7 +102,7 @@ void decode_attention(const attention_shape& shape,
     for (Index h = 0; h < H; ++h) {
       auto& total = ws.partial(h * splits);
       for (Index s = 1; s < splits; ++s) total.merge(ws.partial(h * splits + s));
-      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * d, d) = total.o.row(g);
+      for (Index g = 0; g < G; ++g) out.segment((h * G + g) * dv, dv) = total.o.row(g).head(dv);
     }
   }
 }

@@ -359,6 +359,147 @@ struct page_tile_of<const kv_block<Scalar>*> {
   using type = page_tile<Scalar>;
 };
 
+// Rows [t0, t0 + n) of a block's keys as a tile of T (see load_tile): mapped in place when
+// stored as T, otherwise converted into `scratch`. Formats overload it for their own blocks.
+template <class T, class Scalar>
+tile_map<T> key_tile(const kv_block<Scalar>& blk, Index t0, Index n, Index d,
+                     row_matrix<T>& scratch) {
+  return load_tile<T>(blk.keys, blk.stride, t0, n, d, scratch);
+}
+template <class T, class StoredBlock>
+tile_map<T> key_tile(const layer_block<StoredBlock, T>& blk, Index t0, Index n, Index d,
+                     row_matrix<T>& scratch) {
+  return blk.in_tail ? key_tile<T>(blk.tail, t0, n, d, scratch)
+                     : key_tile<T>(blk.stored, t0, n, d, scratch);
+}
+
+// `n` stored rows `stride` apart, converted to T into rows `dst_stride` apart.
+template <class T, class Scalar>
+void convert_rows(const Scalar* src, Index stride, Index n, Index d, T* dst, Index dst_stride) {
+  using w = widen<T, Scalar>;
+  const Index dv = d - d % w::width;
+  for (Index t = 0; t < n; ++t, src += stride, dst += dst_stride) {
+    for (Index x = 0; x < dv; x += w::width) Eigen::internal::pstoreu(dst + x, w::load(src + x));
+    for (Index x = dv; x < d; ++x) dst[x] = T(src[x]);
+  }
+}
+
+// Eigen's matrix products keep their packed blocks on the stack up to
+// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and on the heap beyond: products at most this deep and
+// this wide (with tiles of the default 128 keys) stay on the stack, so rows wider than a
+// usual head (MLA's latent, 576) are multiplied in slices of this many columns.
+inline constexpr Index product_slice = 128;
+
+// Folds one tile of keys K (n x d, rows of T) whose first dv columns are the values too into
+// `st`: scores, mask_tile(scores), one online softmax step, then the weighted sum of the same
+// rows. Every row is read from memory once for both.
+template <class T, class Tile, class MaskTile>
+void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
+                      typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                      MaskTile&& mask_tile) {
+  const Index n = K.rows();
+  auto S = ws.s.topLeftCorner(rows, n);
+  const bool micro = rows <= micro_kernel_rows;
+  if (micro) {
+    micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
+                            ws.s.data(), ws.s.cols());
+  } else {
+    S.noalias() = ws.q.topLeftCorner(rows, std::min(d, product_slice)) *
+                  K.leftCols(std::min(d, product_slice)).transpose();
+    for (Index x = product_slice; x < d; x += product_slice) {
+      const Index w = std::min(product_slice, d - x);
+      S.noalias() += ws.q.block(0, x, rows, w) * K.middleCols(x, w).transpose();
+    }
+  }
+  mask_tile(S);
+  online_softmax_update(S, st);
+  if (micro) {
+    micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
+                                st.o.data(), st.o.cols());
+  } else {
+    for (Index x = 0; x < dv; x += product_slice) {
+      const Index w = std::min(product_slice, dv - x);
+      st.o.block(0, x, rows, w).noalias() += S * K.middleCols(x, w);
+    }
+  }
+}
+
+// attend_range for views whose values are the first value_dim() columns of the keys (MLA's
+// latent rows): each tile of keys is loaded once (converted or dequantized once, in the
+// workspace's k tile) and read for both the scores and the values. Blocks shorter than a tile
+// with plain storage (pages) are gathered into one tile, each run masked by its own positions.
+template <class View, class T>
+void attend_range_shared(const View& view, Index h, Index k0, Index k1, Index rows,
+                         const Index* row_pos, Index max_pos, Index tile,
+                         typename attention_workspace<T>::worker_scratch& ws,
+                         softmax_state<T>& st) {
+  const attention_mask mask = view.mask();
+  const Index d = view.head_dim(), dv = view.value_dim();
+  using plain_t = decltype(plain_of(view.block(h, 0)));
+  constexpr bool may_gather = !std::is_same_v<plain_t, std::nullptr_t>;
+  struct gathered_run {
+    Index col = 0;
+    Index n = 0;
+    Index first = 0;
+  };
+  constexpr std::size_t max_runs = 64;
+  std::array<gathered_run, max_runs> runs{};
+  std::size_t count = 0;
+  Index gathered = 0;
+  const auto flush = [&] {
+    if (gathered == 0) return;
+    const tile_map<T> K(ws.k.data(), gathered, d, Eigen::OuterStride<>(ws.k.cols()));
+    fold_shared_tile<T>(K, d, dv, rows, ws, st, [&](auto& S) {
+      for (std::size_t i = 0; i < count; ++i) {
+        const gathered_run& r = runs[i];
+        if (needs_mask(row_pos, rows, r.first, r.n, mask)) {
+          auto Sr = S.middleCols(r.col, r.n);
+          apply_mask(Sr, row_pos, r.first, mask);
+        }
+      }
+    });
+    count = 0;
+    gathered = 0;
+  };
+  Index offset = 0;  // index of the current block's first token within the view
+  for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
+    const auto blk = view.block(h, b);
+    const Index first = view.position(b);
+    if (first > max_pos) break;
+    const Index seen = std::min(blk.tokens, max_pos - first + 1);  // keys at or before max_pos
+    const Index lo = std::max(k0, offset), hi = std::min(k1, offset + seen);
+    if (lo < hi) {
+      bool done = false;
+      if constexpr (may_gather) {
+        const auto* plain = plain_of(blk);
+        if (plain != nullptr && hi - lo < tile) {
+          if (gathered + (hi - lo) > tile || count == max_runs) flush();
+          const Index from = lo - offset;
+          convert_rows<T>(plain->keys + from * plain->stride, plain->stride, hi - lo, d,
+                          ws.k.data() + gathered * ws.k.cols(), ws.k.cols());
+          runs[count++] = {gathered, hi - lo, first + from};
+          gathered += hi - lo;
+          done = true;
+        }
+      }
+      if (!done) {
+        flush();
+        for (Index t0 = lo - offset; t0 < hi - offset; t0 += tile) {
+          const Index n = std::min(tile, hi - offset - t0);
+          const auto K = key_tile<T>(blk, t0, n, d, ws.k);
+          fold_shared_tile<T>(K, d, dv, rows, ws, st, [&](auto& S) {
+            if (needs_mask(row_pos, rows, first + t0, n, mask)) {
+              apply_mask(S, row_pos, first + t0, mask);
+            }
+          });
+        }
+      }
+    }
+    offset += blk.tokens;
+  }
+  flush();
+}
+
 // Folds the keys [k0, k1) of kv head `h` (counted over the view's blocks, oldest first) into
 // `st`. Under a causal mask, keys whose position lies after `max_pos` are skipped, not masked:
 // no row can see them (so causal prefill does half the work of the full square).
@@ -366,6 +507,10 @@ template <class View, class T>
 void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, const Index* row_pos,
                   Index max_pos, Index tile, typename attention_workspace<T>::worker_scratch& ws,
                   softmax_state<T>& st) {
+  if (view.values_in_keys()) {
+    attend_range_shared<View, T>(view, h, k0, k1, rows, row_pos, max_pos, tile, ws, st);
+    return;
+  }
   const attention_mask mask = view.mask();
   const Index d = view.head_dim();
   // Blocks shorter than a tile with plain storage (pages) are gathered into tiles.
@@ -430,6 +575,12 @@ void check_view(const char* fn, const attention_shape& shape, const View& view) 
     fail<std::invalid_argument>(fn, ": cache has ", view.n_kv_heads(), " kv heads of dim ",
                                 view.head_dim(), ", expected ", shape.n_kv_heads(), " of dim ",
                                 shape.head_dim());
+  }
+  if (view.values_in_keys() != shape.values_in_keys() || view.value_dim() != shape.value_dim()) {
+    fail<std::invalid_argument>(fn, ": cache has values ", view.value_dim(), " wide ",
+                                view.values_in_keys() ? "in its keys" : "apart from its keys",
+                                ", the shape ", shape.value_dim(), " wide ",
+                                shape.values_in_keys() ? "in its keys" : "apart from its keys");
   }
 }
 

@@ -16,10 +16,11 @@ void prepare_causal(attention_workspace<T>& ws, const attention_shape& shape, In
   const Index G = shape.group_size(), tile = detail::tile_for(opt, tokens);
   const Index q_tile = std::max<Index>(1, std::min(queries, tile / G));
   ws.prepare(opt.pool != nullptr ? opt.pool->size() : 1, q_tile * G, tile, shape.head_dim(),
-             convert, 0);
+             convert || shape.values_in_keys(), 0);
 }
 
-/// Causal attention of `q.rows()` consecutive query tokens (`n x n_heads*head_dim`) whose
+/// Causal attention of `q.rows()` consecutive query tokens (`n x n_heads*head_dim`; `out` is
+/// `n x n_heads*value_dim`, see decode_attention) whose
 /// first sits at position `q_pos0`: query i, at position q_pos0 + i, attends to the tokens of
 /// `view` that the view's mask lets it see (every token at or before its position, unless the
 /// view has a sliding window). Works in tiles of queries and keys with an online softmax, so no
@@ -41,10 +42,10 @@ void causal_attention(const attention_shape& shape,
     detail::fail<std::invalid_argument>("causal_attention: q has ", q.cols(),
                                         " columns, expected n_heads*head_dim = ", shape.q_width());
   }
-  if (out.rows() != q.rows() || out.cols() != shape.q_width()) {
+  if (out.rows() != q.rows() || out.cols() != shape.out_width()) {
     detail::fail<std::invalid_argument>("causal_attention: out is ", out.rows(), " x ",
                                         out.cols(), ", expected ", q.rows(), " x ",
-                                        shape.q_width());
+                                        shape.out_width());
   }
   if (q_pos0 < 0 || q_pos0 > view.end_position() - q.rows()) {
     detail::fail<std::out_of_range>("causal_attention: ", q.rows(), " queries from position ",
@@ -55,8 +56,8 @@ void causal_attention(const attention_shape& shape,
   const Index n = q.rows();
   if (n == 0) return;
   const typename attention_workspace<T>::guard busy(ws, "causal_attention");
-  const Index d = shape.head_dim(), G = shape.group_size(), H = shape.n_kv_heads();
-  const Index tile = detail::tile_for(opt, view.size());
+  const Index d = shape.head_dim(), dv = shape.value_dim(), G = shape.group_size();
+  const Index H = shape.n_kv_heads(), tile = detail::tile_for(opt, view.size());
   // Queries per item: the rows of an item are (query, head of the group) pairs.
   const Index q_tile = std::max<Index>(1, std::min(n, tile / G));
   const Index q_tiles = detail::ceil_div(n, q_tile);
@@ -79,7 +80,7 @@ void causal_attention(const attention_shape& shape,
                          tile, scratch, st);
     for (Index i = 0; i < nq; ++i) {
       for (Index g = 0; g < G; ++g) {
-        out.block(i0 + i, (h * G + g) * d, 1, d) = st.o.row(i * G + g);
+        out.block(i0 + i, (h * G + g) * dv, 1, dv) = st.o.row(i * G + g).head(dv);
       }
     }
   };

@@ -37,6 +37,12 @@ namespace kvcache {
 /// its elements read back as NaN and attention over them is NaN, as it is over a plain cache.
 /// Finite values beyond fp16's range (65504) saturate the scale to infinity: keep keys and
 /// values within fp16's range.
+///
+/// with_values_in_keys(true) stores keys only, for shapes whose values are the first columns
+/// of the keys (attention_shape::values_in_keys, MLA's latent): rows are quantized as keys
+/// (per channel over groups of tokens, which keeps RoPE's outlier channels in their own
+/// range), no value codes or value scales are allocated, and attention dequantizes the key
+/// rows it reads as values too.
 template <int Bits>
 class quantized_format {
   static_assert(Bits == 8 || Bits == 4, "kvcache: quantized_format holds int8 or int4 codes");
@@ -67,7 +73,10 @@ class quantized_format {
   Index group_size() const noexcept { return group_; }
   Index unit_tokens() const noexcept { return group_; }
   Index residual() const noexcept { return residual_; }
-  std::string name() const { return scalar_traits<scalar_type>::name; }
+  /// "int8" or "int4"; storing keys only, followed by " keys only".
+  std::string name() const {
+    return std::string(scalar_traits<scalar_type>::name) + (keys_only_ ? " keys only" : "");
+  }
   /// The format as memory.hpp's formulas count it.
   kv_dtype dtype() const noexcept {
     return Bits == 8 ? kv_dtype::int8(static_cast<int>(group_))
@@ -80,18 +89,28 @@ class quantized_format {
     }
   }
 
-  /// Bytes of one unit (group_size tokens) of `heads` kv heads, keys and values, scales and
-  /// zero points included.
+  /// Bytes of one unit (group_size tokens) of `heads` kv heads, keys and values (keys only,
+  /// with values in keys), scales and zero points included.
   Index unit_bytes(Index heads, Index d) const {
-    const Index codes = detail::checked_product({2, group_, code_row_bytes(d)}, "quantized_format");
+    const Index codes = detail::checked_product({keys_only_ ? 1 : 2, group_, code_row_bytes(d)},
+                                                "quantized_format");
     const Index key_scales = detail::checked_mul(4, d, "quantized_format");
     const Index value_scales =
-        detail::checked_product({4, group_, value_groups(d)}, "quantized_format");
+        keys_only_ ? 0 : detail::checked_product({4, group_, value_groups(d)}, "quantized_format");
     return detail::checked_mul(heads, codes + key_scales + value_scales, "quantized_format");
   }
 
+  /// Whether values are read from the keys and not stored.
+  bool values_in_keys() const noexcept { return keys_only_; }
+  /// This format storing keys only (`on`) or keys and values.
+  quantized_format with_values_in_keys(bool on) const noexcept {
+    quantized_format out(*this);
+    out.keys_only_ = on;
+    return out;
+  }
+
   friend bool operator==(const quantized_format& a, const quantized_format& b) noexcept {
-    return a.group_ == b.group_ && a.residual_ == b.residual_;
+    return a.group_ == b.group_ && a.residual_ == b.residual_ && a.keys_only_ == b.keys_only_;
   }
   friend bool operator!=(const quantized_format& a, const quantized_format& b) noexcept {
     return !(a == b);
@@ -109,6 +128,7 @@ class quantized_format {
     Index dim = 0;
     Index slots = 0;
     Index group = 0;
+    bool keys_only = false;  // no value codes, scales or zero points
   };
 
   storage allocate(Index heads, Index d, Index slots) const {
@@ -116,11 +136,14 @@ class quantized_format {
     detail::checked_mul(slots, unit_bytes(heads, d), "cache capacity");
     storage s;
     s.key_codes = detail::buffer<std::uint8_t>(detail::checked_mul(tokens, code_row_bytes(d)));
-    s.value_codes = detail::buffer<std::uint8_t>(tokens * code_row_bytes(d));
     s.key_scales = detail::buffer<Eigen::half>(heads * slots * d);
     s.key_zeros = detail::buffer<Eigen::half>(heads * slots * d);
-    s.value_scales = detail::buffer<Eigen::half>(tokens * value_groups(d));
-    s.value_zeros = detail::buffer<Eigen::half>(tokens * value_groups(d));
+    if (!keys_only_) {
+      s.value_codes = detail::buffer<std::uint8_t>(tokens * code_row_bytes(d));
+      s.value_scales = detail::buffer<Eigen::half>(tokens * value_groups(d));
+      s.value_zeros = detail::buffer<Eigen::half>(tokens * value_groups(d));
+    }
+    s.keys_only = keys_only_;
     s.heads = heads;
     s.dim = d;
     s.slots = slots;
@@ -136,9 +159,10 @@ class quantized_format {
     const Index d = s0.dim, g = s0.group, codes = g * code_row_bytes(d);
     const Index scales = g * value_groups_of(d, g);
     f(codes, s0.key_codes, s.key_codes...);
-    f(codes, s0.value_codes, s.value_codes...);
+    if (!s0.keys_only) f(codes, s0.value_codes, s.value_codes...);
     f(d, s0.key_scales, s.key_scales...);
     f(d, s0.key_zeros, s.key_zeros...);
+    if (s0.keys_only) return;
     f(scales, s0.value_scales, s.value_scales...);
     f(scales, s0.value_zeros, s.value_zeros...);
   }
@@ -156,7 +180,8 @@ class quantized_format {
     }
   }
 
-  /// Dequantizes units [slot, slot + n) into the first n * group_size rows of `k` and `v`.
+  /// Dequantizes units [slot, slot + n) into the first n * group_size rows of `k` and `v`
+  /// (keys only: the keys into both).
   template <class K, class V>
   void read(const storage& s, Index slot, Index n, K&& k, V&& v) const {
     const Index d = s.dim, row = code_row_bytes(d), vg = value_groups(d);
@@ -169,6 +194,10 @@ class quantized_format {
               float(s.key_scales.data()[unit * d + x]) *
                   float(detail::code_at<Bits>(s.key_codes.data() + token * row, x)) +
               float(s.key_zeros.data()[unit * d + x]);
+          if (s.keys_only) {
+            v(t, h * d + x) = k(t, h * d + x);
+            continue;
+          }
           v(t, h * d + x) =
               float(s.value_scales.data()[token * vg + x / group_]) *
                   float(detail::code_at<Bits>(s.value_codes.data() + token * row, x)) +
@@ -184,9 +213,10 @@ class quantized_format {
     b.tokens = n * group_;
     b.group = group_;
     b.key_codes = s.key_codes.data() + token * code_row_bytes(d);
-    b.value_codes = s.value_codes.data() + token * code_row_bytes(d);
     b.key_scales = s.key_scales.data() + unit * d;
     b.key_zeros = s.key_zeros.data() + unit * d;
+    if (s.keys_only) return b;  // values are read from the keys
+    b.value_codes = s.value_codes.data() + token * code_row_bytes(d);
     b.value_scales = s.value_scales.data() + token * value_groups(d);
     b.value_zeros = s.value_zeros.data() + token * value_groups(d);
     return b;
@@ -240,11 +270,7 @@ class quantized_format {
     const Index d = s.dim, g = group_, row = code_row_bytes(d), vg = value_groups(d);
     const Index token0 = (h * s.slots + slot) * g, unit = h * s.slots + slot;
     std::uint8_t* kcodes = s.key_codes.data() + token0 * row;
-    std::uint8_t* vcodes = s.value_codes.data() + token0 * row;
-    if constexpr (Bits == 4) {
-      std::memset(kcodes, 0, static_cast<std::size_t>(g * row));
-      std::memset(vcodes, 0, static_cast<std::size_t>(g * row));
-    }
+    if constexpr (Bits == 4) std::memset(kcodes, 0, static_cast<std::size_t>(g * row));
     // Keys per channel over the group's tokens.
     for (Index x = 0; x < d; ++x) {
       const auto [scale, zero] = scale_zero(Kf.col(x));
@@ -253,6 +279,9 @@ class quantized_format {
       const float sf = float(scale), zf = float(zero);
       for (Index t = 0; t < g; ++t) put_code(kcodes + t * row, x, quantize(Kf(t, x), sf, zf));
     }
+    if (s.keys_only) return;
+    std::uint8_t* vcodes = s.value_codes.data() + token0 * row;
+    if constexpr (Bits == 4) std::memset(vcodes, 0, static_cast<std::size_t>(g * row));
     // Values per token over groups of channels.
     for (Index t = 0; t < g; ++t) {
       for (Index j = 0; j < vg; ++j) {
@@ -268,6 +297,7 @@ class quantized_format {
 
   Index group_ = 32;
   Index residual_ = 0;
+  bool keys_only_ = false;
 };
 
 }  // namespace kvcache

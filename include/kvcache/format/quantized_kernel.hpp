@@ -579,6 +579,16 @@ void dequantize_value_tile(const quantized_block<Bits>& blk, Index t0, Index n, 
   }
 }
 
+// Keys [t0, t0 + n) of a quantized block as a tile of T, dequantized into `scratch`: the
+// key_tile of kernel.hpp for this format, which attention over values read from the keys
+// (MLA's latent) uses for both.
+template <class T, int Bits>
+tile_map<T> key_tile(const quantized_block<Bits>& blk, Index t0, Index n, Index d,
+                     row_matrix<T>& scratch) {
+  dequantize_key_tile<T>(blk, t0, n, d, scratch);
+  return tile_map<T>(scratch.data(), n, d, Eigen::OuterStride<>(scratch.cols()));
+}
+
 // attend_block for runs of quantized tokens (see kernel.hpp's overload for plain blocks; the
 // arguments mean the same). Decode with a common head_dim reads the codes directly
 // (quantized_fixed_kernel); other head dims and prefill's many rows dequantize one tile at a

@@ -73,8 +73,9 @@ class paged_kv_cache {
   /// quantized format's residual + group), std::length_error when sizes overflow,
   /// std::bad_alloc when memory is short.
   paged_kv_cache(const cache_shape& shape, const paged_layout& layout, Format format = Format())
-      : shape_(shape), layout_(layout.checked()), format_(format),
-        pool_(shape, layout.page_size, layout.n_pages, format) {
+      : shape_(shape), layout_(layout.checked()),
+        format_(format.with_values_in_keys(shape.values_in_keys())),
+        pool_(shape, layout.page_size, layout.n_pages, format_) {
     unit_ = format_.unit_tokens();
     uses_tail_ = unit_ > 1 || format_.residual() > 0;
     tail_cap_ = uses_tail_ ? detail::checked_add(format_.residual(), unit_, "residual") : 0;
@@ -233,14 +234,16 @@ class paged_kv_cache {
   template <class DerivedK, class DerivedV>
   void append(Index seq, Index l, const Eigen::MatrixBase<DerivedK>& k,
               const Eigen::MatrixBase<DerivedV>& v) {
-    sequence& s = seq_at(seq, "append");
-    layer_state& L = layer_at(s, l, "append");
-    detail::check_kv_input("append", shape_.kv_width(), k, v);
-    const Index n = k.rows();
-    if (n == 0) return;
-    const append_plan plan = claim(seq, s, L, n, "append");
-    apply(s, plan);
-    write(s, L, k, v);
+    append_rows(seq, l, k, v, false);
+  }
+
+  /// Appends `kv.rows()` tokens to a cache whose shape has its values in its keys
+  /// (cache_shape::with_values_in_keys; MLA's latent): `kv` is `tokens x n_kv_heads*head_dim`,
+  /// each row the key whose first value_dim columns are also the value, stored once. Throws as
+  /// append(seq, l, k, v) does, and std::invalid_argument on a cache that stores values apart.
+  template <class Derived>
+  void append(Index seq, Index l, const Eigen::MatrixBase<Derived>& kv) {
+    append_rows(seq, l, kv, kv, true);
   }
 
   /// Prefill of a chunk of `n` tokens onto layer `l` of `seq`, which may hold tokens already
@@ -254,10 +257,44 @@ class paged_kv_cache {
                const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
                Index seq, Index l, Eigen::Ref<row_matrix<compute_type>> out,
                attention_workspace<compute_type>& ws, const attention_options& opt = {}) {
+    prefill_rows(heads, q, k, v, seq, l, out, ws, opt, false);
+  }
+
+  /// Prefill onto a cache whose values are in its keys: `kv` is appended as append(seq, l, kv)
+  /// appends it; otherwise as prefill(heads, q, k, v, ...).
+  template <class Derived>
+  void prefill(const attention_shape& heads, const Eigen::Ref<const row_matrix<compute_type>>& q,
+               const Eigen::MatrixBase<Derived>& kv, Index seq, Index l,
+               Eigen::Ref<row_matrix<compute_type>> out, attention_workspace<compute_type>& ws,
+               const attention_options& opt = {}) {
+    prefill_rows(heads, q, kv, kv, seq, l, out, ws, opt, true);
+  }
+
+ private:
+  template <class DerivedK, class DerivedV>
+  void append_rows(Index seq, Index l, const Eigen::MatrixBase<DerivedK>& k,
+                   const Eigen::MatrixBase<DerivedV>& v, bool keys_alone) {
+    sequence& s = seq_at(seq, "append");
+    layer_state& L = layer_at(s, l, "append");
+    detail::check_kv_input("append", shape_, k, v, keys_alone);
+    const Index n = k.rows();
+    if (n == 0) return;
+    const append_plan plan = claim(seq, s, L, n, "append");
+    apply(s, plan);
+    write(s, L, k, v);
+  }
+
+  template <class DerivedK, class DerivedV>
+  void prefill_rows(const attention_shape& heads,
+                    const Eigen::Ref<const row_matrix<compute_type>>& q,
+                    const Eigen::MatrixBase<DerivedK>& k, const Eigen::MatrixBase<DerivedV>& v,
+                    Index seq, Index l, Eigen::Ref<row_matrix<compute_type>> out,
+                    attention_workspace<compute_type>& ws, const attention_options& opt,
+                    bool keys_alone) {
     sequence& s = seq_at(seq, "prefill_attention");
     layer_state& L = layer_at(s, l, "prefill_attention");
     detail::check_view("prefill_attention", heads, view_of(s, L));
-    detail::check_prefill_input(heads, shape_.kv_width(), q, k, v, out, opt);
+    detail::check_prefill_input(heads, shape_, q, k, v, out, opt, keys_alone);
     const Index n = q.rows();
     if (n == 0) return;
     {  // a workspace another call holds is refused before anything changes
@@ -278,6 +315,7 @@ class paged_kv_cache {
     }
   }
 
+ public:
   // ---- rollback ---------------------------------------------------------------------------
 
   /// Keeps the first `n` tokens of every layer of `seq` (rollback of rejected speculative
@@ -355,15 +393,13 @@ class paged_kv_cache {
   /// sinks <= first <= last <= position(seq, l) for every layer, or when a window already gave
   /// back tokens that the shift would move or that the window of the newest position left would
   /// see (the rebuilt tokens must start within the sink pages, closing the gap, or after it);
-  /// std::invalid_argument when rope.head_dim() differs from the cache's; std::length_error
+  /// std::invalid_argument when rope.head_dim() differs from the cache's (kv_cache::shift says
+  /// how values in the keys are rotated); std::length_error
   /// when the pool has too few free or cached pages for the pages to copy and the new ones
   /// (after those the shift gives back that no other sequence holds); nothing changes then.
   void shift(Index seq, Index first, Index last, const rope& rope) {
     sequence& s = seq_at(seq, "shift");
-    if (rope.head_dim() != shape_.head_dim()) {
-      detail::fail<std::invalid_argument>("shift: rope has head_dim ", rope.head_dim(),
-                                          ", the cache ", shape_.head_dim());
-    }
+    detail::check_shift_rope(shape_, rope);
     for (Index l = 0; l < n_layers(); ++l) {
       const layer_state& L = s.layers[static_cast<std::size_t>(l)];
       if (first < layout_.sinks || first > last || last > L.next) {
@@ -383,7 +419,7 @@ class paged_kv_cache {
       values[l].resize(before + after, width);
       read_tokens(s, L, from, first, keys[l], values[l], 0);
       read_tokens(s, L, last, L.next, keys[l], values[l], before);
-      if (after > 0) rope.rotate(keys[l].bottomRows(after), -delta);
+      if (after > 0) detail::rotate_keys(shape_, rope, keys[l].bottomRows(after), -delta);
     }
     s.pages.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
     s.first.reserve(static_cast<std::size_t>(plan.keep + plan.new_pages));
@@ -492,6 +528,8 @@ class paged_kv_cache {
     out.unit = unit_;
     out.kv_heads = shape_.n_kv_heads();
     out.dim = shape_.head_dim();
+    out.vdim = shape_.value_dim();
+    out.shared_values = keys_only();
     out.mask = layout_.mask();
     if (l < 0 || l >= n_layers()) {
       detail::fail<std::out_of_range>("batch: layer ", l, " out of range [0, ", n_layers(), ")");
@@ -590,7 +628,7 @@ class paged_kv_cache {
     if (uses_tail_) {
       const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
       f(static_cast<const void*>(L.tail_k.data()), bytes);
-      f(static_cast<const void*>(L.tail_v.data()), bytes);
+      if (!keys_only()) f(static_cast<const void*>(L.tail_v.data()), bytes);
     }
   }
 
@@ -743,7 +781,7 @@ class paged_kv_cache {
         if (uses_tail_) {
           const auto bytes = static_cast<std::size_t>(L.tail_n * shape_.kv_width()) * sizeof(compute_type);
           fill(l, static_cast<void*>(L.tail_k.data()), bytes);
-          fill(l, static_cast<void*>(L.tail_v.data()), bytes);
+          if (!keys_only()) fill(l, static_cast<void*>(L.tail_v.data()), bytes);
         }
       }
     } catch (...) {
@@ -900,7 +938,8 @@ class paged_kv_cache {
     if (a < b) {
       using rows = Eigen::Map<const row_matrix<compute_type>>;
       k.middleRows(row, b - a) = rows(L.tail_k.data() + (a - E) * width, b - a, width);
-      v.middleRows(row, b - a) = rows(L.tail_v.data() + (a - E) * width, b - a, width);
+      const compute_type* values = keys_only() ? L.tail_k.data() : L.tail_v.data();
+      v.middleRows(row, b - a) = rows(values + (a - E) * width, b - a, width);
     }
   }
 
@@ -909,8 +948,10 @@ class paged_kv_cache {
     return std::clamp<Index>((E - pos) / unit_, 0, pool_.units_per_page());
   }
 
+  // Values read from the keys are not stored: the tail holds keys only.
+  bool keys_only() const noexcept { return shape_.values_in_keys(); }
   Index tail_token_bytes() const noexcept {
-    return 2 * shape_.kv_width() * Index(sizeof(compute_type));
+    return (keys_only() ? 1 : 2) * shape_.kv_width() * Index(sizeof(compute_type));
   }
 
   Index new_id() {
@@ -943,7 +984,7 @@ class paged_kv_cache {
       const Index n = tail_cap_ * shape_.kv_width();
       for (auto& L : s.layers) {
         L.tail_k = detail::buffer<compute_type>(n);
-        L.tail_v = detail::buffer<compute_type>(n);
+        if (!keys_only()) L.tail_v = detail::buffer<compute_type>(n);
       }
     }
     s.live = true;
@@ -968,7 +1009,7 @@ class paged_kv_cache {
       if (a.tail_n > 0) {
         const auto bytes = static_cast<std::size_t>(a.tail_n * shape_.kv_width()) * sizeof(compute_type);
         std::memcpy(b.tail_k.data(), a.tail_k.data(), bytes);
-        std::memcpy(b.tail_v.data(), a.tail_v.data(), bytes);
+        if (!keys_only()) std::memcpy(b.tail_v.data(), a.tail_v.data(), bytes);
       }
     }
     return s;
@@ -1178,8 +1219,10 @@ class paged_kv_cache {
     for (Index i = 0; i < n; ++i) {
       Eigen::Map<row_vector<compute_type>>(L.tail_k.data() + L.tail_n * width, width) =
           k.row(i).template cast<compute_type>();
-      Eigen::Map<row_vector<compute_type>>(L.tail_v.data() + L.tail_n * width, width) =
-          v.row(i).template cast<compute_type>();
+      if (!keys_only()) {
+        Eigen::Map<row_vector<compute_type>>(L.tail_v.data() + L.tail_n * width, width) =
+            v.row(i).template cast<compute_type>();
+      }
       ++L.tail_n;
       ++L.next;
       if (L.tail_n == tail_cap_) {
@@ -1187,12 +1230,13 @@ class paged_kv_cache {
         const Index E = L.next - L.tail_n, idx = page_index(s, E);
         const Index within = (E - s.first[static_cast<std::size_t>(idx)]) / unit_;
         using rows = Eigen::Map<const row_matrix<compute_type>>;
+        const compute_type* values = keys_only() ? L.tail_k.data() : L.tail_v.data();
         format_.write(storage, s.pages[static_cast<std::size_t>(idx)] * upp + within,
-                      rows(L.tail_k.data(), unit_, width), rows(L.tail_v.data(), unit_, width));
+                      rows(L.tail_k.data(), unit_, width), rows(values, unit_, width));
         L.tail_n -= unit_;
         const auto bytes = static_cast<std::size_t>(L.tail_n * width) * sizeof(compute_type);
         std::memmove(L.tail_k.data(), L.tail_k.data() + unit_ * width, bytes);
-        std::memmove(L.tail_v.data(), L.tail_v.data() + unit_ * width, bytes);
+        if (!keys_only()) std::memmove(L.tail_v.data(), L.tail_v.data() + unit_ * width, bytes);
       }
     }
   }
@@ -1219,10 +1263,12 @@ class paged_kv_cache {
                                          (E - s.first[static_cast<std::size_t>(n - 1)]) / unit_)
                               : 0;
     w.tail_keys = L.tail_k.data();
-    w.tail_values = L.tail_v.data();
+    w.tail_values = keys_only() ? L.tail_k.data() : L.tail_v.data();
     w.tail_tokens = L.tail_n;
     w.kv_heads = shape_.n_kv_heads();
     w.dim = shape_.head_dim();
+    w.vdim = shape_.value_dim();
+    w.shared_values = keys_only();
     w.tokens = (n > 0 ? (n - 1) * page_size() + w.last_page_units * unit_ : 0) + L.tail_n;
     w.end = L.next;
     w.mask_ = layout_.mask();
@@ -1247,7 +1293,12 @@ class paged_kv_cache {
       out.middleRows(row, w.tail_tokens) =
           rows(keys ? w.tail_keys : w.tail_values, w.tail_tokens, width);
     }
-    return out;
+    if (keys || !keys_only()) return out;
+    // Values read from the keys: the first value_dim columns of each kv head's key.
+    const Index d = shape_.head_dim(), dv = shape_.value_dim();
+    row_matrix<compute_type> values(out.rows(), shape_.n_kv_heads() * dv);
+    for (Index h = 0; h < shape_.n_kv_heads(); ++h) values.middleCols(h * dv, dv) = out.middleCols(h * d, dv);
+    return values;
   }
 
   void check_crop(Index seq, const sequence& s, Index n) const {

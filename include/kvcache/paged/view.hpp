@@ -33,12 +33,16 @@ struct paged_view {
   Index tail_tokens = 0;
   Index kv_heads = 0;
   Index dim = 0;
+  Index vdim = 0;              // width of the values
+  bool shared_values = false;  // values are the first vdim columns of the keys
   Index tokens = 0;
   Index end = 0;
   attention_mask mask_{};
 
   Index n_kv_heads() const noexcept { return kv_heads; }
   Index head_dim() const noexcept { return dim; }
+  Index value_dim() const noexcept { return vdim; }
+  bool values_in_keys() const noexcept { return shared_values; }
   Index size() const noexcept { return tokens; }
   Index n_blocks() const noexcept { return n_pages + (tail_tokens > 0 ? 1 : 0); }
   Index position(Index i) const noexcept {
@@ -93,6 +97,8 @@ struct paged_batch {
   Index unit = 1;
   Index kv_heads = 0;
   Index dim = 0;
+  Index vdim = 0;
+  bool shared_values = false;
   attention_mask mask{};
 
   /// Sequences in the batch.
@@ -115,6 +121,8 @@ struct paged_batch {
     v.tail_tokens = tail_tokens[i];
     v.kv_heads = kv_heads;
     v.dim = dim;
+    v.vdim = vdim;
+    v.shared_values = shared_values;
     v.tokens = (v.n_pages > 0 ? (v.n_pages - 1) * page_size + last_page_len[i] : 0) + v.tail_tokens;
     v.end = end_positions[i];
     v.mask_ = mask;
