@@ -90,6 +90,8 @@ struct projected_view {
 
   Index n_kv_heads() const noexcept { return n_heads; }
   Index head_dim() const noexcept { return dim; }
+  Index value_dim() const noexcept { return dim; }
+  bool values_in_keys() const noexcept { return false; }
   Index size() const noexcept { return tokens; }
   Index n_blocks() const noexcept { return tokens > 0 ? 1 : 0; }
   block_type block(Index h, Index /*i*/) const noexcept {

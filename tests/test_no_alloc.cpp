@@ -130,6 +130,8 @@ TEST(NoAllocation, CrossAttentionAfterWarmUp) {
     Eigen::internal::set_is_malloc_allowed(true);
     EXPECT_EQ(allocations.load() - before, 0) << (threads != nullptr ? "2 threads" : "1 thread");
   }
+}
+
 // MLA decode over latent rows: absorbed queries, the attention of 16 heads over one latent kv
 // head (more rows than the micro-kernels take), the value projection; and the decoder with MLA.
 TEST(NoAllocation, LatentDecodeAfterWarmUp) {

@@ -98,7 +98,7 @@ class cross_attention_cache {
     if (l < 0 || l >= n_layers()) {
       detail::fail<std::out_of_range>("fill: layer ", l, " out of range [0, ", n_layers(), ")");
     }
-    detail::check_kv_input("fill", shape().kv_width(), k, v);
+    detail::check_kv_input("fill", shape(), k, v, /*keys_alone=*/false);
     const Index n = k.rows();
     if (n == 0) {
       detail::fail<std::invalid_argument>("fill: k and v hold no encoder token");
