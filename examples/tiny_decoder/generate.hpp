@@ -3,6 +3,7 @@
 #pragma once
 
 #include "forward.hpp"
+#include "quantile.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -145,14 +146,6 @@ run_result generate(decoder<Cache>& dec, const std::vector<int>& prompt, Index n
     r.tokens_cached = dec.position();
   }
   return r;
-}
-
-/// The q-quantile (0..1) of `v`, by nearest rank; 0 for an empty vector.
-inline double quantile(std::vector<double> v, double q) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const double rank = std::clamp(std::ceil(q * double(v.size())) - 1.0, 0.0, double(v.size() - 1));
-  return v[std::size_t(rank)];
 }
 
 }  // namespace tiny
