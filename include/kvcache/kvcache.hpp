@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// Umbrella header: everything kvcache offers.
+// Umbrella header: everything kvcache offers, but for the Redis tier
+// (kvcache/store/redis_store.hpp), which needs hiredis.
 #pragma once
 
 #include "kvcache/attention/batch.hpp"
@@ -31,6 +32,10 @@
 #include "kvcache/paged/view.hpp"
 #include "kvcache/rope.hpp"
 #include "kvcache/shape.hpp"
+#include "kvcache/store/disk_store.hpp"
+#include "kvcache/store/page_blob.hpp"
+#include "kvcache/store/page_store.hpp"
+#include "kvcache/store/tiered.hpp"
 #include "kvcache/thread_pool.hpp"
 #include "kvcache/types.hpp"
 #include "kvcache/version.hpp"

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string_view>
 #include <utility>
@@ -509,6 +510,78 @@ class paged_kv_cache {
     return published;
   }
 
+  /// The hashes of the first pages of `seq` as create() or publish() chained them under their
+  /// extra key, oldest first (fewer than its pages when some are not full or not published).
+  /// Throws std::out_of_range for a sequence that does not exist.
+  const std::vector<page_hash>& page_hashes(Index seq) const {
+    return seq_at(seq, "page_hashes").hashes;
+  }
+
+  // ---- pages leaving and entering the pool (offloading tiers) -----------------------------
+
+  /// Calls `handler(page)` before a cached page is evicted for a new allocation, while it still
+  /// holds its contents and its hash, parent and tokens (pool().hash_of(page) ...): see
+  /// page_pool::set_eviction_handler. Read the page with for_each_page_span. The handler must
+  /// not change this cache.
+  void set_eviction_handler(std::function<void(Index)> handler) {
+    pool_.set_eviction_handler(std::move(handler));
+  }
+
+  /// Calls f(const void* data, std::size_t bytes) over the stored contents of page `page` in
+  /// layer l: its page_size / unit tokens units, each array of the format in its order, kv
+  /// heads inner (as for_each_span visits one page). Throws std::out_of_range for a page or
+  /// layer that does not exist.
+  template <class F>
+  void for_each_page_span(Index page, Index l, F&& f) const {
+    check_pool_page("for_each_page_span", page, l);
+    const Index upp = pool_.units_per_page();
+    detail::for_each_unit_span<Format>(pool_.storage(l), page * upp, upp, f);
+  }
+
+  /// Bytes for_each_page_span visits over every layer of one page: pool().page_bytes().
+  Index page_bytes() const noexcept { return pool_.page_bytes(); }
+
+  /// Brings a page back into the prefix cache (a page restored from an offloading tier):
+  /// takes a free page (or evicts the least recently used cached one), lets
+  /// `fill(Index layer, void* data, std::size_t bytes)` write its contents in
+  /// for_each_page_span's order, layer by layer, and publishes it under `hash`, holding
+  /// `tokens[0..page_size)` after the prefix that hashed to `parent`, as a cached page that no
+  /// sequence holds yet: the next create() of a prompt with that prefix adopts it. Returns the
+  /// page, or -1 when a page is published under `hash` already or no page is free or cached;
+  /// nothing changes then. The caller vouches for the contents (check them before: a restored
+  /// page is used as it is). Throws std::invalid_argument when hash is not chain_hash(parent,
+  /// tokens, page_size) or tokens is null; when `fill` throws, the page goes back to the free
+  /// list and the exception propagates.
+  template <class F>
+  Index import_page(const page_hash& hash, const page_hash& parent, const std::int32_t* tokens,
+                    F&& fill) {
+    if (tokens == nullptr) {
+      detail::fail<std::invalid_argument>("import_page: tokens is null");
+    }
+    if (chain_hash(parent, tokens, page_size()) != hash) {
+      detail::fail<std::invalid_argument>("import_page: the hash is not the chained hash of the ",
+                                          "parent and the page's tokens");
+    }
+    if (pool_.find(hash, parent, tokens) >= 0 || pool_.available() == 0) return -1;
+    const Index p = pool_.allocate();
+    try {
+      const Index upp = pool_.units_per_page();
+      for (Index l = 0; l < n_layers(); ++l) {
+        const auto to = [&](void* data, std::size_t bytes) { fill(l, data, bytes); };
+        detail::for_each_unit_span<Format>(pool_.storage(l), p * upp, upp, to);
+      }
+      if (!pool_.publish(p, hash, parent, tokens)) {
+        pool_.release(p);
+        return -1;
+      }
+    } catch (...) {
+      pool_.release(p);
+      throw;
+    }
+    pool_.release(p);  // published: onto the LRU list of cached pages
+    return p;
+  }
+
   // ---- reading ----------------------------------------------------------------------------
 
   /// Layer l of `seq` as attention reads it. O(1). Throws std::out_of_range for a bad sequence
@@ -944,6 +1017,15 @@ class paged_kv_cache {
   }
 
   // Units a layer whose stored tokens end at E holds in the page at position `pos`.
+  void check_pool_page(const char* fn, Index page, Index l) const {
+    if (page < 0 || page >= pool_.n_pages()) {
+      detail::fail<std::out_of_range>(fn, ": page ", page, " does not exist (0..",
+                                      pool_.n_pages() - 1, ")");
+    }
+    if (l < 0 || l >= n_layers()) {
+      detail::fail<std::out_of_range>(fn, ": layer ", l, " does not exist (0..", n_layers() - 1, ")");
+    }
+  }
   Index units_in_page(Index pos, Index E) const noexcept {
     return std::clamp<Index>((E - pos) / unit_, 0, pool_.units_per_page());
   }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <new>
 #include <stdexcept>
 #include <unordered_map>
@@ -104,7 +105,7 @@ class page_pool {
         tokens_(std::move(other.tokens_)), prev_(std::move(other.prev_)),
         next_(std::move(other.next_)), free_n_(std::exchange(other.free_n_, 0)),
         cached_(std::exchange(other.cached_, 0)), evictions_(std::exchange(other.evictions_, 0)),
-        index_(std::move(other.index_)) {
+        index_(std::move(other.index_)), on_evict_(std::move(other.on_evict_)) {
     other.clear_moved();
   }
   page_pool& operator=(page_pool&& other) noexcept {
@@ -144,8 +145,9 @@ class page_pool {
   /// A page with reference count 1: page `hint` when it is free (a sequence asks for the page
   /// after its last one, so that its pages lie in order in memory, where reading them runs at
   /// full bandwidth), else the most recently freed page, else the least recently used cached
-  /// page, which leaves the prefix index. O(1). Throws std::length_error when no page is free
-  /// or cached; nothing changes then.
+  /// page, which leaves the prefix index (the eviction handler sees it first). O(1) plus the
+  /// handler. Throws std::length_error when no page is free or cached, and whatever the
+  /// eviction handler throws; nothing changes then.
   Index allocate(Index hint = -1) {
     Index p;
     if (free_n_ > 0) {
@@ -156,6 +158,7 @@ class page_pool {
       --free_n_;
     } else if (cached_ > 0) {
       p = next_[at(lru_list())];
+      if (on_evict_) on_evict_(p);  // the page still holds its tokens, hashes and contents
       unlink(p);
       --cached_;
       unpublish(p);
@@ -261,6 +264,29 @@ class page_pool {
   /// Published pages, in use or cached.
   Index n_published() const noexcept { return Index(index_.size()); }
 
+  /// The hash under which page p is published, its parent's hash and its page_size token ids.
+  /// Throws std::out_of_range for a page that does not exist or is not published.
+  const page_hash& hash_of(Index p) const {
+    check_published("hash_of", p);
+    return hash_[at(p)];
+  }
+  const page_hash& parent_of(Index p) const {
+    check_published("parent_of", p);
+    return parent_[at(p)];
+  }
+  const std::int32_t* tokens_of(Index p) const {
+    check_published("tokens_of", p);
+    return tokens_.data() + p * page_size_;
+  }
+
+  /// Calls `handler(page)` whenever allocate() is about to evict a cached page, while the page
+  /// is still published with its contents, hash, parent and tokens: the place to offload it to
+  /// a slower tier (vLLM's KV offloading). The handler must not call members of this pool that
+  /// change it. An empty function removes the handler. A handler that throws makes allocate()
+  /// throw with nothing changed, so a handler that must not stop allocation catches its own
+  /// failures.
+  void set_eviction_handler(std::function<void(Index)> handler) { on_evict_ = std::move(handler); }
+
  private:
   static std::size_t at(Index p) noexcept { return static_cast<std::size_t>(p); }
   Index lru_list() const noexcept { return n_pages_; }
@@ -270,6 +296,12 @@ class page_pool {
     if (p < 0 || p >= n_pages_) {
       detail::fail<std::out_of_range>("page_pool: ", fn, " of page ", p, ", expected 0..",
                                       n_pages_ - 1);
+    }
+  }
+  void check_published(const char* fn, Index p) const {
+    check_page(fn, p);
+    if (!published_[at(p)]) {
+      detail::fail<std::out_of_range>("page_pool: ", fn, " of page ", p, ", which is not published");
     }
   }
   // Leaves a moved-from pool without pages, every member consistent.
@@ -283,6 +315,7 @@ class page_pool {
     prev_.clear();
     next_.clear();
     index_.clear();
+    on_evict_ = nullptr;
   }
   void unlink(Index p) noexcept {
     next_[at(prev_[at(p)])] = next_[at(p)];
@@ -321,6 +354,7 @@ class page_pool {
   Index cached_ = 0;
   Index evictions_ = 0;
   std::unordered_map<page_hash, Index, page_hash_hasher> index_;
+  std::function<void(Index)> on_evict_;  // called before a cached page is evicted
 };
 
 }  // namespace kvcache
