@@ -76,3 +76,21 @@ serve_exits(kv_heads_not_dividing_heads 2 "--heads 8 is not a multiple of --kv-h
   --kv-heads 3)
 serve_exits(unknown_option 2 "unknown option '--batch'" --batch 4)
 serve_exits(missing_value 2 "--gen needs a value" --gen)
+
+# A prompt shared between processes through a dir: store, and the faults (corrupted pages, no
+# budget): see cmake/serve_store.cmake. The Redis tier's run is in test_redis_store.
+add_test(NAME serve.store_dir
+  COMMAND ${CMAKE_COMMAND} -DPROGRAM=$<TARGET_FILE:serve>
+    "-DARGS=--dim|64|--hidden|128|--heads|4|--kv-heads|2|--layers|2|--vocab|128|--requests|3|--max-batch|3|--shared-prompt-len|48|--suffix-len|5|--gen|8|--page-size|8|--chunk|64"
+    -DHITS=6 -DDIR=${CMAKE_CURRENT_BINARY_DIR}/serve_store_dir
+    -P ${CMAKE_CURRENT_LIST_DIR}/cmake/serve_store.cmake)
+set_tests_properties(serve.store_dir PROPERTIES LABELS serve)
+serve_exits(store_bad 2 "--store needs redis://HOST:PORT or dir:PATH, got 'ftp://x'"
+  --store ftp://x)
+serve_exits(store_empty_dir 2 "--store needs redis://HOST:PORT or dir:PATH, got 'dir:'" --store dir:)
+serve_exits(store_file 2 "--store: disk_store: cannot use the directory"
+  --store dir:${CMAKE_CURRENT_LIST_DIR}/serve.cmake ${serve_model} --requests 1 --gen 1
+  --shared-prompt-len 8)
+if(KVCACHE_HAVE_REDIS)
+  serve_exits(store_bad_port 2 "the port of \"redis://h:0\" must be 1..65535" --store redis://h:0)
+endif()

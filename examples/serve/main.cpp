@@ -8,13 +8,20 @@
 #include "tiny_decoder/llama2c.hpp"
 
 #include <kvcache/detail/checked.hpp>
+#include <kvcache/detail/xxhash.hpp>
+#include <kvcache/store/disk_store.hpp>
+#include <kvcache/store/tiered.hpp>
 #include <kvcache/thread_pool.hpp>
+#ifdef KVCACHE_HAVE_REDIS
+#include <kvcache/store/redis_store.hpp>
+#endif
 
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <memory>
@@ -56,6 +63,11 @@ the tiny decoder on a contiguous cache, one after another, and compares tokens a
   --dim N --hidden N --layers N --heads N --kv-heads N --vocab N --seq-len N
                         random model shape (default 256, 768, 4, 8, 2, 512; seq-len: as needed),
                         as tiny_decoder's
+  --store SPEC          a tier of prefix pages beyond the pool, shared with other processes:
+                        redis://HOST:PORT (a Redis server; needs serve built with hiredis) or
+                        dir:PATH (a directory). Prompt pages the pool misses are restored from
+                        it, published pages written to it; when it fails, pages are recomputed
+  --store-budget-mb N   the most a dir: store keeps, in MiB (default 1024)
   --json                print one JSON object instead of text
   --help                this text
 
@@ -84,6 +96,8 @@ struct options {
   tiny::config cfg;
   bool seq_len_given = false;
   bool json = false;
+  std::optional<std::string> store;
+  Index store_budget_mb = 1024;
 };
 
 Index parse_int(const std::string& flag, const std::string& value, Index min,
@@ -186,6 +200,25 @@ options parse(int argc, char** argv) {
     } else if (flag == "--seq-len") {
       o.cfg.seq_len = parse_int(flag, value, 1);
       o.seq_len_given = true;
+    } else if (flag == "--store") {
+      const bool redis = value.rfind("redis://", 0) == 0;
+      if (!redis && (value.rfind("dir:", 0) != 0 || value.size() == 4)) {
+        die("--store needs redis://HOST:PORT or dir:PATH, got '" + value + "'");
+      }
+#ifndef KVCACHE_HAVE_REDIS
+      if (redis) die("--store " + value + ": this serve was built without hiredis");
+#else
+      if (redis) {
+        try {
+          kvcache::redis_options::from_url(value);
+        } catch (const std::invalid_argument& e) {
+          die(std::string("--store: ") + e.what());
+        }
+      }
+#endif
+      o.store = value;
+    } else if (flag == "--store-budget-mb") {
+      o.store_budget_mb = parse_int(flag, value, 0, Index(1) << 40);
     } else {
       die("unknown option '" + flag + "'");
     }
@@ -263,6 +296,32 @@ void load_inputs(const options& o, tiny::config& cfg, tiny::weights& w,
     p.insert(p.end(), own.begin(), own.end());
     prompts.push_back(std::move(p));
   }
+}
+
+// XXH3-64 of a file's bytes, in hex: the weights' fingerprint, so that two processes share
+// prefix pages only when their weights are the same bytes.
+std::string file_fingerprint(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  XXH3_state_t state;
+  XXH3_INITSTATE(&state);
+  XXH3_64bits_reset(&state);
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), std::streamsize(buf.size()));
+    XXH3_64bits_update(&state, buf.data(), std::size_t(in.gcount()));
+  }
+  std::ostringstream out;
+  out << std::hex << XXH3_64bits_digest(&state);
+  return out.str();
+}
+
+// The tier --store names.
+std::unique_ptr<kvcache::page_store> open_store(const options& o) {
+  const std::string& spec = *o.store;
+#ifdef KVCACHE_HAVE_REDIS
+  if (spec.rfind("redis://", 0) == 0) return std::make_unique<kvcache::redis_store>(spec);
+#endif
+  return std::make_unique<kvcache::disk_store>(spec.substr(4), o.store_budget_mb << 20);
 }
 
 std::string json_escape(const std::string& s) {
@@ -368,16 +427,31 @@ int main(int argc, char** argv) {
     const sequential_result seq = run_sequential(cfg, w, o, prompts);
 
     std::ostringstream key;  // the prefix cache's key: pages of another model never match
-    key << "tiny " << (o.checkpoint ? *o.checkpoint : "random seed " + std::to_string(o.seed))
-        << " dim " << cfg.dim << " layers " << cfg.n_layers << " vocab " << cfg.vocab_size;
+    key << "tiny " << (o.checkpoint ? "weights " + file_fingerprint(*o.checkpoint)
+                                    : "random seed " + std::to_string(o.seed))
+        << " dim " << cfg.dim << " hidden " << cfg.hidden_dim << " layers " << cfg.n_layers
+        << " heads " << cfg.n_heads << " kv " << cfg.n_kv_heads << " vocab " << cfg.vocab_size;
+    std::unique_ptr<kvcache::page_store> store;
+    std::unique_ptr<kvcache::tiered_prefix_cache<kvcache::plain_format<float>>> tiers;
+    if (o.store) {
+      try {
+        store = open_store(o);
+      } catch (const std::runtime_error& e) {  // a directory that cannot be used
+        die(std::string("--store: ") + e.what());
+      }
+      tiers = std::make_unique<kvcache::tiered_prefix_cache<kvcache::plain_format<float>>>(
+          cache, std::vector<kvcache::page_store*>{store.get()});
+    }
     serve::scheduler_options so;
     so.max_batch = max_seqs;
     so.chunk = o.chunk;
     so.extra_key = key.str();
+    so.tiers = tiers.get();
     {  // warm-up: the first request, two tokens, on a cache of its own, publishing nothing
       serve::paged_cache scratch(cfg.cache(), kvcache::paged_layout{o.page_size, per_request});
       serve::scheduler_options warm = so;
       warm.publish = false;
+      warm.tiers = nullptr;
       serve::scheduler s(model, scratch, warm);
       auto reqs = make_requests({prompts.front()}, std::min<Index>(o.gen, 2));
       s.run(reqs);
@@ -418,6 +492,15 @@ int main(int argc, char** argv) {
       return s;
     };
 
+    const kvcache::tier_stats ts = tiers ? tiers->stats() : kvcache::tier_stats{};
+    const kvcache::store_counters sc = store ? store->counters() : kvcache::store_counters{};
+    if (store && (ts.rejected > 0 || sc.errors > 0)) {  // recomputed, but worth a look
+      std::cerr << "serve: warning: the store " << store->name() << " failed " << sc.errors
+                << " time" << (sc.errors == 1 ? "" : "s") << " and returned " << ts.rejected
+                << " bad page" << (ts.rejected == 1 ? "" : "s")
+                << (ts.last_rejection.empty() ? "" : " (" + ts.last_rejection + ")")
+                << "; those pages were recomputed\n";
+    }
     if (o.json) {
       std::ostringstream js;
       js << "{\"identical_tokens\":" << (identical ? "true" : "false")
@@ -447,6 +530,14 @@ int main(int argc, char** argv) {
          << ",\"computed_tokens\":" << st.computed_tokens
          << ",\"peak_pages\":" << st.peak_pages << ",\"page_bytes\":" << cache.stats().page_bytes
          << ",\"evictions\":" << cache.stats().evictions
+         << ",\"prefill_tokens_skipped\":" << st.prefix_hit_tokens
+         << ",\"store\":\"" << (store ? json_escape(store->name()) : "") << "\""
+         << ",\"store_hits\":" << ts.restored_pages
+         << ",\"store_bytes_read\":" << ts.restored_bytes
+         << ",\"store_tokens_restored\":" << ts.restored_tokens
+         << ",\"store_pages_written\":" << ts.offloaded_pages
+         << ",\"store_rejected\":" << ts.rejected
+         << ",\"store_errors\":" << sc.errors + ts.errors
          << ",\"time_ms\":{\"embed_norm\":" << prof.embed_norm << ",\"qkv\":" << prof.qkv
          << ",\"rope_append\":" << prof.rope_append << ",\"attention\":" << prof.attention
          << ",\"out_proj\":" << prof.out_proj << ",\"mlp\":" << prof.mlp
@@ -506,6 +597,12 @@ int main(int argc, char** argv) {
                 tiny::quantile(seq_ttft, 0.5), tiny::quantile(seq_ttft, 0.9));
     std::printf("prefix cache: %td of %td prompt tokens adopted (hit rate %.3f)\n",
                 st.prefix_hit_tokens, st.prefill_tokens, hit_rate);
+    if (store) {
+      std::printf("store %s: %td pages restored (%td tokens not prefilled, %td bytes read), "
+                  "%td pages written, %td rejected, %td errors\n",
+                  store->name().c_str(), ts.restored_pages, ts.restored_tokens, ts.restored_bytes,
+                  ts.offloaded_pages, ts.rejected, sc.errors + ts.errors);
+    }
     std::printf("KV memory: peak %td bytes paged (%td pages) vs %td bytes in one contiguous "
                 "cache per request\n",
                 st.peak_kv_bytes, st.peak_pages, seq.kv_bytes);

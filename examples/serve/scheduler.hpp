@@ -7,6 +7,8 @@
 #include "batched.hpp"
 #include "tiny_decoder/generate.hpp"
 
+#include <kvcache/store/tiered.hpp>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -38,6 +40,9 @@ struct scheduler_options {
   Index chunk = 256;              // prompt tokens prefilled a step, over all requests
   bool publish = true;            // publish prompt pages to the prefix cache
   std::string extra_key;          // the prefix cache's key: the model
+  // Tiers beyond the pool (disk, Redis) over the same cache, or null: prompts' pages missing
+  // from the pool are restored from them, published pages written to them.
+  kvcache::tiered_prefix_cache<kvcache::plain_format<float>>* tiers = nullptr;
 };
 
 /// What a serving run did.
@@ -66,7 +71,8 @@ struct serve_stats {
 ///     its sequence does not hold yet, within a budget of `chunk` prefill tokens a step;
 ///  2. waiting requests are admitted, oldest first, while fewer than `max_batch` run, prefill
 ///     budget is left and the pool has the pages the step needs: each gets
-///     create(tokens, n, extra_key), adopting the cached pages of its prompt's start, and
+///     create(tokens, n, extra_key), adopting the cached pages of its prompt's start (restored
+///     from the tiers first when the pool misses them and `tiers` is given), and
 ///     prefills only the rest. A request whose prompt shares more full pages with the prompt
 ///     a running request is still prefilling than the cache holds waits until they are
 ///     published, rather than computing them a second time;
@@ -151,7 +157,12 @@ class scheduler {
         const Index before = r.computed;
         r.computed += e.rows;
         if (opt_.publish && before < r.prompt_len) {
-          cache_.publish(r.seq, r.tokens.data(), std::min(r.computed, r.prompt_len), opt_.extra_key);
+          const Index n = std::min(r.computed, r.prompt_len);
+          if (opt_.tiers != nullptr) {
+            opt_.tiers->publish(r.seq, r.tokens.data(), n, opt_.extra_key);
+          } else {
+            cache_.publish(r.seq, r.tokens.data(), n, opt_.extra_key);
+          }
         }
         if (r.computed != Index(r.tokens.size())) continue;
         logit_row_ = model_.logits().row(wanted++).transpose();
@@ -201,7 +212,9 @@ class scheduler {
         ++st.prefix_waits;
         break;
       }
-      const Index seq = cache_.create(r.tokens.data(), total, opt_.extra_key);
+      const Index seq = opt_.tiers != nullptr
+                            ? opt_.tiers->create(r.tokens.data(), total, opt_.extra_key)
+                            : cache_.create(r.tokens.data(), total, opt_.extra_key);
       const Index hit = cache_.prefix_hit(seq);
       const Index n = std::min(total - hit, budget);
       const Index need = pages + cache_.pages_needed(seq, n);

@@ -23,8 +23,8 @@ struct tier_stats {
   Index restored_pages = 0;   ///< pages brought back from a tier into the pool
   Index restored_bytes = 0;   ///< value bytes read for them
   Index restored_tokens = 0;  ///< tokens in them: prefill a prompt's owner did not run
-  Index offloaded_pages = 0;  ///< pages written to the first tier (evicted or published)
-  Index offloaded_bytes = 0;  ///< value bytes written for them
+  Index offloaded_pages = 0;  ///< pages the first tier stored (evicted or published)
+  Index offloaded_bytes = 0;  ///< value bytes it stored for them
   Index rejected = 0;         ///< values a tier returned that failed decode_page: damaged, of
                               ///< another model, format or shape; dropped, never used
   Index errors = 0;           ///< offloads that failed inside this process (out of memory)
@@ -127,7 +127,8 @@ class tiered_prefix_cache {
   }
 
   /// Writes the given published pages of the pool to the first tier, skipping those it holds.
-  /// Returns the pages written. Never throws for the tier's failures (counted by the tier).
+  /// Returns the pages the tier stored (by its counters: none when it failed, fewer when its
+  /// budget refused some). Never throws for the tier's failures (counted by the tier).
   Index offload(const std::vector<Index>& pages) {
     if (tiers_.empty() || pages.empty()) return 0;
     std::vector<std::string> keys;
@@ -144,10 +145,12 @@ class tiered_prefix_cache {
     }
     if (put_keys.empty()) return 0;
     std::vector<std::string_view> views(values.begin(), values.end());
+    const store_counters before = tiers_.front()->counters();
     tiers_.front()->put_many(put_keys, views);
-    stats_.offloaded_pages += Index(put_keys.size());
-    for (const auto& v : values) stats_.offloaded_bytes += Index(v.size());
-    return Index(put_keys.size());
+    const store_counters after = tiers_.front()->counters();
+    stats_.offloaded_pages += after.puts - before.puts;
+    stats_.offloaded_bytes += after.bytes_written - before.bytes_written;
+    return after.puts - before.puts;
   }
 
  private:
