@@ -12,6 +12,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <ios>
 #include <iterator>
 #include <list>
 #include <optional>
@@ -199,8 +200,16 @@ class disk_store final : public page_store {
       forget(key);  // gone (another process trimmed it), or unreadable
       return std::nullopt;
     }
-    std::string value((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) {
+    in.seekg(0, std::ios::end);
+    const std::streamoff size = in.tellg();
+    in.seekg(0, std::ios::beg);
+    if (size < 0 || !in) {
+      ++c_.errors;
+      return std::nullopt;
+    }
+    std::string value(static_cast<std::size_t>(size), '\0');
+    in.read(value.data(), static_cast<std::streamsize>(size));
+    if (in.gcount() != static_cast<std::streamsize>(size)) {  // shrunk while read: a miss
       ++c_.errors;
       return std::nullopt;
     }
