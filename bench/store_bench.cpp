@@ -277,7 +277,9 @@ class breakeven_reporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& r : runs) {
-      if (r.error_occurred || r.run_type == Run::RT_Aggregate) continue;
+      // The median of repetitions when there are some, else the one run.
+      const bool median = r.run_type == Run::RT_Aggregate && r.aggregate_name == "median";
+      if (r.error_occurred || (r.run_type == Run::RT_Aggregate && !median)) continue;
       const auto it = r.counters.find("tokens");
       if (it == r.counters.end()) continue;
       std::string name = r.benchmark_name();
@@ -285,7 +287,12 @@ class breakeven_reporter : public benchmark::ConsoleReporter {
       if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
         name.resize(name.size() - suffix.size());
       }
-      times_[name] = r.GetAdjustedRealTime();  // microseconds a prompt
+      if (median) {
+        times_[name] = r.GetAdjustedRealTime();  // microseconds a prompt
+        medians_[name] = true;
+      } else if (!medians_[name]) {
+        times_[name] = r.GetAdjustedRealTime();
+      }
     }
   }
   // For each model: the time per page and per token of recomputing and of restoring from each
@@ -330,6 +337,7 @@ class breakeven_reporter : public benchmark::ConsoleReporter {
 
  private:
   std::map<std::string, double> times_;
+  std::map<std::string, bool> medians_;
 };
 
 }  // namespace

@@ -4,7 +4,8 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer build, the release build (-DNDEBUG,
 # -march=native), whose benchmarks then run once each, and the kernels' tests built for AVX2
 # without AVX-512 (x86-64-v3); then, as an extra stage, the fuzz build (clang, libFuzzer),
-# whose fuzzers each run for 20 seconds (the CMake cache variable KVCACHE_FUZZ_SECONDS).
+# whose fuzzers each run for 20 seconds (the CMake cache variable KVCACHE_FUZZ_SECONDS). The
+# Redis tier's tests start redis-server (installed here with hiredis) on a loopback port.
 # Installs missing Debian packages first. Usage: scripts/test.sh [preset...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,8 @@ cd "$(dirname "$0")/.."
 presets=("$@")
 [ ${#presets[@]} -gt 0 ] || presets=(dev asan release avx2 fuzz)
 
-packages=(g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev
-  libbenchmark-dev)
+packages=(g++ cmake ninja-build pkg-config libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev
+  libbenchmark-dev libhiredis-dev redis-server)
 for preset in "${presets[@]}"; do
   if [ "$preset" = fuzz ]; then packages+=(clang libclang-rt-14-dev); fi
 done

@@ -247,6 +247,43 @@ TEST(Tiered, TruncatedForeignAndMisplacedValuesAreRefused) {
   EXPECT_EQ(td.stats().rejected, 1);
 }
 
+// Every byte of a value is covered: a change anywhere, or a cut at any length, is refused by
+// decode_page, never imported.
+TEST(Tiered, AnyChangedByteOrCutIsRefused) {
+  using cache_type = paged_kv_cache<quantized_format<4>>;
+  cache_type a(model, paged_layout{8, 4}, quantized_format<4>(4, 0));
+  const auto tokens = prompt(8, 13);
+  const Index s = a.create();
+  prefill(a, s, tokens, 0, 8);
+  a.publish(s, tokens.data(), 8, "m");
+  const Index page = a.block_table(s)[0];
+  const std::string v = encode_page(a, page);
+  const page_hash root = prefix_root("m");
+  EXPECT_NO_THROW(decode_page(a, v, root, tokens.data()));
+  Index refused = 0, tried = 0;
+  for (std::size_t i = 0; i < v.size(); i += 7) {
+    std::string bad = v;
+    bad[i] = char(bad[i] ^ (1 << (i % 8)));
+    ++tried;
+    try {
+      decode_page(a, bad, root, tokens.data());
+    } catch (const io::format_error&) {
+      ++refused;
+    }
+  }
+  for (std::size_t n = 0; n < v.size(); n += 13) {
+    ++tried;
+    try {
+      decode_page(a, std::string_view(v).substr(0, n), root, tokens.data());
+    } catch (const io::format_error&) {
+      ++refused;
+    }
+  }
+  EXPECT_EQ(refused, tried);
+  std::string longer = v + "x";
+  EXPECT_THROW(decode_page(a, longer, root, tokens.data()), io::format_error);
+}
+
 // Tiers are asked in order: the run goes on in the next tier from the first miss.
 TEST(Tiered, TheRunContinuesInTheNextTier) {
   using cache_type = paged_kv_cache<plain_format<float>>;
