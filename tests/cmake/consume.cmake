@@ -29,3 +29,6 @@ run(${CMAKE_COMMAND} -S ${CMAKE_CURRENT_LIST_DIR}/consumer -B ${WORK_DIR}/consum
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/consumer)
 run(${WORK_DIR}/consumer/consumer)
 run(${WORK_DIR}/consumer/consumer_state_file)
+if(EXISTS ${WORK_DIR}/consumer/consumer_redis)
+  run(${WORK_DIR}/consumer/consumer_redis)
+endif()
