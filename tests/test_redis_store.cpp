@@ -22,7 +22,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -358,13 +357,28 @@ std::string run(const std::string& command, int* status) {
   *status = ::pclose(p);
   return out;
 }
+// The text of top-level `key`'s value in a JSON object: up to the next ',' or '}' outside
+// brackets.
 std::string field(const std::string& json, const std::string& key) {
-  std::smatch m;
-  const std::regex re("\"" + key + "\":(\\[\\[[^\\]]*(\\],\\[[^\\]]*)*\\]\\]|[^,}]*)");
-  return std::regex_search(json, m, re) ? m[1].str() : "<missing>";
+  const std::string tag = "\"" + key + "\":";
+  const auto at = json.find(tag);
+  if (at == std::string::npos) return "<missing>";
+  std::size_t i = at + tag.size();
+  int depth = 0;
+  const std::size_t from = i;
+  for (; i < json.size(); ++i) {
+    const char c = json[i];
+    if (c == '[' || c == '{') ++depth;
+    if (c == ']' || c == '}') {
+      if (depth == 0) break;
+      --depth;
+    }
+    if (c == ',' && depth == 0) break;
+  }
+  return json.substr(from, i - from);
 }
 
-// The end to end: two serve processes in a row, the second reusing the first's prompt
+// Two serve processes in a row, the second reusing the first's prompt
 // through Redis, give the same tokens, and the second skips the shared prefill.
 TEST(RedisStore, TwoServeProcessesShareAPrompt) {
   redis_server server;
