@@ -486,6 +486,48 @@ TEST(DiskStore, SeesWhatAnotherProcessWroteAndRefusesBadKeys) {
   EXPECT_THROW(disk_store(dir.path / "file", 10), std::runtime_error);
 }
 
+// Junk in the directory: a directory, a zero-byte file, a dangling symlink and a file larger
+// than the whole budget, each named like a value, and files of other names. Opening the store
+// and asking for each key answers without throwing: a miss, or a value the caller refuses.
+TEST(DiskStore, JunkInTheDirectoryIsAMissNeverAThrow) {
+  temp_dir dir("junk");
+  fs::create_directories(dir.path / "adir.kvpage");
+  std::ofstream(dir.path / "empty.kvpage").close();
+  fs::create_symlink(dir.path / "nowhere", dir.path / "dangling.kvpage");
+  std::ofstream(dir.path / "huge.kvpage") << std::string(5000, 'h');
+  std::ofstream(dir.path / "notes.txt") << "not a page";
+  disk_store d(dir.path, 4000);
+  EXPECT_FALSE(d.contains("adir"));
+  std::vector<std::optional<std::string>> got;
+  EXPECT_NO_THROW(d.get_many({"adir", "empty", "dangling", "huge", "notes"}, got));
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_FALSE(got[0]);
+  if (got[1]) {
+    EXPECT_EQ(*got[1], "");
+  }
+  EXPECT_FALSE(got[2]);
+  EXPECT_FALSE(got[3]);  // more than the budget: never a value of this store
+  EXPECT_FALSE(got[4]);
+  EXPECT_LE(d.bytes(), 4000);
+  d.put("adir", "x");  // a directory is in the way: an error, not a throw
+  EXPECT_FALSE(d.get("adir"));
+  EXPECT_TRUE(fs::exists(dir.path / "notes.txt"));
+}
+
+// A file another process removed is no longer held: contains says so, and the cache writes
+// the page again.
+TEST(DiskStore, AFileRemovedByAnotherProcessIsNotHeld) {
+  temp_dir dir("removed");
+  disk_store d(dir.path, 1 << 20);
+  d.put("page", "contents");
+  EXPECT_TRUE(d.contains("page"));
+  fs::remove(dir.path / "page.kvpage");
+  EXPECT_FALSE(d.contains("page"));
+  d.put("page", "contents");
+  EXPECT_TRUE(fs::exists(dir.path / "page.kvpage"));
+  EXPECT_EQ(d.get("page"), std::optional<std::string>("contents"));
+}
+
 // Two caches over one directory: a restart of the "process" in the middle, a corrupted file,
 // a truncated file; each fault costs recomputation, never a wrong page.
 TEST(DiskStore, ACacheRestoresAcrossARestartAndRecomputesDamagedFiles) {

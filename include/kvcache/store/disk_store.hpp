@@ -38,10 +38,13 @@ namespace kvcache {
 /// Values are not trusted: a file that is truncated, damaged or of another model fails the
 /// caller's checks (decode_page) and comes back through reject(), which removes it. Failures
 /// of the file system (a full disk, permissions, a file removed by another process) count as
-/// errors and answer as misses; nothing throws for them after construction.
+/// errors and answer as misses; nothing throws for them after construction. What is not a
+/// regular file (a directory, a dangling link, a pipe named like a value) is a miss, and a get
+/// never reads a file larger than the budget (a miss counted as an error).
 ///
 /// Several processes may share the directory: each sees the files the others wrote (a get or
-/// contains of a key it does not know looks for the file), and renames keep files whole.
+/// contains looks for the file; one another removed is forgotten and written again by the
+/// next put), and renames keep files whole.
 /// Each keeps the budget over the files it knows, so together they may exceed it until the
 /// next one opens the directory.
 class disk_store final : public page_store {
@@ -126,7 +129,8 @@ class disk_store final : public page_store {
     out.assign(keys.size(), false);
     for (std::size_t i = 0; i < keys.size(); ++i) {
       std::error_code ec;
-      out[i] = index_.count(keys[i]) != 0 || std::filesystem::is_regular_file(path(keys[i]), ec);
+      out[i] = std::filesystem::is_regular_file(path(keys[i]), ec);
+      if (!out[i]) forget(keys[i]);  // removed by another process: to be written again
     }
   }
 
@@ -194,7 +198,15 @@ class disk_store final : public page_store {
     c_.bytes_written += need;
   }
 
+  // The file of `key`, or nullopt when there is none, it is not a regular file (a directory,
+  // a dangling link or a pipe in its place) or it is larger than the budget (no value of this
+  // store; counted as an error): never more than budget_ bytes read.
   std::optional<std::string> read(const std::string& key) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path(key), ec)) {
+      forget(key);
+      return std::nullopt;
+    }
     std::ifstream in(path(key), std::ios::binary);
     if (!in) {
       forget(key);  // gone (another process trimmed it), or unreadable
@@ -203,7 +215,7 @@ class disk_store final : public page_store {
     in.seekg(0, std::ios::end);
     const std::streamoff size = in.tellg();
     in.seekg(0, std::ios::beg);
-    if (size < 0 || !in) {
+    if (size < 0 || !in || size > budget_) {
       ++c_.errors;
       return std::nullopt;
     }
