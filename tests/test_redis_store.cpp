@@ -302,6 +302,25 @@ TEST(RedisStore, AStalledServerTimesOut) {
   EXPECT_EQ(run_process(store, tokens), 32);
 }
 
+// A server killed while a large batch is written to it: the write fails with EPIPE, which is an
+// error and a dropped put, never a SIGPIPE that ends the process.
+TEST(RedisStore, AServerKilledUnderALargeWriteIsAnErrorNotASignal) {
+  redis_server server;
+  EXPECT_EXIT(
+      {
+        redis_store store(fast_options(server.port()));
+        store.put("k", "v");
+        server.stop(SIGKILL);
+        std::vector<std::string> keys;
+        const std::string value(std::size_t(1) << 20, 'x');
+        for (int i = 0; i < 32; ++i) keys.push_back("big" + std::to_string(i));
+        store.put_many(keys, std::vector<std::string_view>(keys.size(), value));
+        store.put_many(keys, std::vector<std::string_view>(keys.size(), value));
+        std::exit(store.counters().errors > 0 && !store.connected() ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 TEST(RedisStore, NoServerIsAMiss) {
   const int port = free_port();  // nothing listens there
   redis_store store(fast_options(port));

@@ -10,8 +10,12 @@
 #include "kvcache/types.hpp"
 
 #include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/time.h>
+#include <time.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <optional>
@@ -22,6 +26,46 @@
 #include <vector>
 
 namespace kvcache {
+
+namespace detail {
+
+/// Keeps a write to a server that closed the connection (killed, restarted) from raising
+/// SIGPIPE, whose default action ends the process (hiredis writes with write(2)): while it
+/// lives, SIGPIPE is blocked in the calling thread; one raised meanwhile is taken before the
+/// thread's mask is restored, so the write fails with EPIPE and nothing else happens. A SIGPIPE
+/// pending before is left pending. Never throws.
+class sigpipe_guard {
+ public:
+  sigpipe_guard() noexcept {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    sigemptyset(&pending);
+    was_pending_ = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1;
+    blocked_ = pthread_sigmask(SIG_BLOCK, &pipe_, &old_) == 0;
+  }
+  ~sigpipe_guard() {
+    if (!blocked_) return;
+    sigset_t pending;
+    sigemptyset(&pending);
+    if (!was_pending_ && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1) {
+      const timespec now{0, 0};
+      while (sigtimedwait(&pipe_, nullptr, &now) == -1 && errno == EINTR) {
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  sigpipe_guard(const sigpipe_guard&) = delete;
+  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+
+ private:
+  sigset_t pipe_;
+  sigset_t old_;
+  bool was_pending_ = false;
+  bool blocked_ = false;
+};
+
+}  // namespace detail
 
 /// Where and how redis_store talks to its server.
 struct redis_options {
@@ -74,7 +118,8 @@ struct redis_options {
 /// The server is never needed for correctness: it connects lazily; when it cannot connect,
 /// a command fails or a reply takes longer than command_timeout, the store counts an error,
 /// drops the connection, answers misses (a put is dropped) and tries again after retry_after.
-/// A killed, restarted, flushed or stalled server so costs recomputation, never a wrong page.
+/// A killed, restarted, flushed or stalled server so costs recomputation, never a wrong page
+/// (nor a SIGPIPE: writes to a closed connection fail with EPIPE; detail::sigpipe_guard).
 class redis_store final : public page_store {
  public:
   /// Connects on first use, not here; never throws for the server.
@@ -92,6 +137,7 @@ class redis_store final : public page_store {
   void put_many(const std::vector<std::string>& keys,
                 const std::vector<std::string_view>& values) override {
     check_put("redis_store", keys, values);
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     const std::string ttl = std::to_string(o_.ttl_seconds);
     for (std::size_t i = 0; i < keys.size(); ++i) {
@@ -116,6 +162,7 @@ class redis_store final : public page_store {
                 std::vector<std::optional<std::string>>& out) override {
     out.assign(keys.size(), std::nullopt);
     c_.gets += Index(keys.size());
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     for (const auto& k : keys) {
       const char* argv[2] = {"GET", k.data()};
@@ -138,6 +185,7 @@ class redis_store final : public page_store {
 
   void contains_many(const std::vector<std::string>& keys, std::vector<bool>& out) override {
     out.assign(keys.size(), false);
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     for (const auto& k : keys) {
       const char* argv[2] = {"EXISTS", k.data()};
@@ -154,6 +202,7 @@ class redis_store final : public page_store {
 
   void reject(const std::string& key) override {
     ++c_.rejected;
+    const detail::sigpipe_guard no_sigpipe;
     if (!connect()) return;
     const char* argv[2] = {"DEL", key.data()};
     const std::size_t len[2] = {3, key.size()};
