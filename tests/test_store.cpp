@@ -395,6 +395,121 @@ TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   EXPECT_EQ(c.match_prefix(t.data(), 8, "m"), 8);
 }
 
+// ---- shapes and layouts over tiers -------------------------------------------------------------
+
+// Publishes `tokens` from one cache through a memory tier, restores them into a second one made
+// alike, prefills the rest there and checks it holds exactly what a third, computing every
+// token, holds. Returns the tokens the second restored.
+template <class Format, class Make>
+Index restore_and_compare(Make make, const std::vector<std::int32_t>& tokens, Index first_pages,
+                          Index second_pages) {
+  using cache_type = paged_kv_cache<Format>;
+  const Index n = Index(tokens.size());
+  const auto fill = [&](cache_type& c, Index seq, Index from, Index to) {
+    if (to <= from) return;
+    for (Index l = 0; l < c.n_layers(); ++l) {
+      row_matrix<float> k(to - from, c.shape().kv_width()), v(to - from, c.shape().kv_width());
+      for (Index i = from; i < to; ++i) {
+        for (Index col = 0; col < k.cols(); ++col) {
+          k(i - from, col) = float(std::sin(0.37 * tokens[std::size_t(i)] + 0.11 * double(i) +
+                                            0.7 * double(l) + 0.013 * double(col)));
+          v(i - from, col) = float(std::cos(0.29 * tokens[std::size_t(i)] + 0.05 * double(i) +
+                                            0.3 * double(l) + 0.017 * double(col)));
+        }
+      }
+      if (c.shape().values_in_keys()) {
+        c.append(seq, l, k);
+      } else {
+        c.append(seq, l, k, v);
+      }
+    }
+  };
+  memory_store tier(1 << 26);
+  {
+    cache_type a = make(first_pages);
+    tiered_prefix_cache<Format> t(a, {&tier});
+    const Index s = t.create(tokens.data(), n, "m");
+    for (Index i = 0; i < n; ++i) fill(a, s, i, i + 1);  // one token at a time: a window drops pages
+    t.publish(s, tokens.data(), n, "m");
+    a.free(s);
+    // Whatever the window gave back and the pool still caches goes to the tier too.
+    const Index other = t.create(tokens.data(), 1, "x");
+    for (Index i = 0; a.stats().cached > 0 && i < 4 * first_pages * a.page_size(); ++i) {
+      fill(a, other, i, i + 1);
+    }
+  }
+  cache_type b = make(second_pages);
+  tiered_prefix_cache<Format> t(b, {&tier});
+  const Index s = t.create(tokens.data(), n, "m");
+  const Index hit = b.prefix_hit(s);
+  EXPECT_EQ(t.stats().rejected, 0);
+  fill(b, s, hit, n);
+  cache_type r = make(second_pages);
+  const Index rs = r.create();
+  fill(r, rs, 0, n);
+  for (Index l = 0; l < b.n_layers(); ++l) {
+    EXPECT_EQ(b.position(s, l), r.position(rs, l));
+    EXPECT_EQ(b.keys(s, l), r.keys(rs, l)) << "layer " << l;
+    if (!b.shape().values_in_keys()) {
+      EXPECT_EQ(b.values(s, l), r.values(rs, l)) << "layer " << l;
+    }
+  }
+  return hit;
+}
+
+TEST(TieredShapes, AnMlaCacheRestoresItsLatentPages) {
+  using format = quantized_format<8>;
+  const cache_shape mla = cache_shape(2, 4, 1, 24).with_values_in_keys(16);
+  const auto make = [&](Index pages) { return paged_kv_cache<format>(mla, paged_layout{8, pages}, format(4, 2)); };
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(37, 20), 16, 16), 32);
+}
+
+TEST(TieredShapes, AWindowWithSinksRestoresItsPromptStart) {
+  using format = quantized_format<4>;
+  const auto make = [](Index pages) {
+    return paged_kv_cache<format>(model, paged_layout{8, pages, 24, 4}, format(8, 2));
+  };
+  EXPECT_GE(restore_and_compare<format>(make, prompt(61, 21), 12, 16), 8);
+}
+
+TEST(TieredShapes, PagesOfOneToken) {
+  using format = plain_format<float>;
+  const auto make = [](Index pages) { return paged_kv_cache<format>(model, paged_layout{1, pages}); };
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(13, 22), 16, 16), 12);
+}
+
+TEST(TieredShapes, APoolOfOnePage) {
+  using format = plain_format<float>;
+  const auto make = [](Index pages) { return paged_kv_cache<format>(model, paged_layout{16, pages}); };
+  // The second pool holds one page: the prompt's first page is restored into it; the rest
+  // would need more pages, so the prompt is one page and a token.
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(17, 23), 4, 2), 16);
+  memory_store tier(1 << 20);
+  const auto tokens = prompt(17, 23);
+  {
+    paged_kv_cache<format> two(model, paged_layout{16, 2});
+    tiered_prefix_cache<format> t(two, {&tier});
+    const Index s = t.create(tokens.data(), 17, "m");
+    prefill(two, s, tokens, 0, 17);
+    t.publish(s, tokens.data(), 17, "m");
+  }
+  paged_kv_cache<format> one(model, paged_layout{16, 1});
+  tiered_prefix_cache<format> t(one, {&tier});
+  const Index s = t.create(tokens.data(), 17, "m");
+  EXPECT_EQ(one.prefix_hit(s), 16);
+  EXPECT_EQ(one.stats().used, 1);
+  EXPECT_THROW(prefill(one, s, tokens, 16, 17), std::length_error);  // no page for token 16
+  EXPECT_EQ(one.position(s), 16);
+  one.free(s);
+  EXPECT_EQ(one.stats().cached, 1);
+  const auto other = prompt(17, 24);  // another prompt evicts the page, offloaded (held)
+  const Index o = t.create(other.data(), 17, "m");
+  EXPECT_EQ(one.prefix_hit(o), 0);
+  prefill(one, o, other, 0, 16);
+  EXPECT_EQ(one.stats().evictions, 1);
+  EXPECT_EQ(tier.size(), 1);
+}
+
 // ---- memory_store ------------------------------------------------------------------------------
 
 TEST(MemoryStore, KeepsItsBudgetLeastRecentlyUsedFirst) {
