@@ -374,6 +374,24 @@ TEST(Tiered, AFailingTierIsAMissAndEvictionGoesOn) {
   EXPECT_GT(bad.counters().errors, 0);
 }
 
+// A tier that fails while publish writes through (here bad_alloc from contains_many) costs the
+// write, counted, not the publish: the pages are published and publish returns normally.
+TEST(Tiered, AFailingWriteThroughLeavesThePublishDone) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  failing_store bad;
+  cache_type c(model, paged_layout{8, 8});
+  tiered_prefix_cache<plain_format<float>> t(c, {&bad});
+  const auto a = prompt(33, 14);
+  const Index s = t.create(a.data(), 33);
+  prefill(c, s, a, 0, 33);
+  Index published = -1;
+  EXPECT_NO_THROW(published = t.publish(s, a.data(), 33));
+  EXPECT_EQ(published, 4);
+  EXPECT_EQ(c.pool().n_published(), 4);
+  EXPECT_EQ(t.stats().errors, 1);
+  EXPECT_EQ(t.stats().offloaded_pages, 0);
+}
+
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
   const auto t = prompt(8, 11);
