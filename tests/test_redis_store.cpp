@@ -18,15 +18,41 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+// Global operator new, able to fail an allocation of one chosen size (a value of a reply) with
+// std::bad_alloc; GCC pairs the replaced operators with malloc/free and warns at every inlined
+// delete.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+namespace {
+std::atomic<std::size_t> fail_allocation_of{0};
+}  // namespace
+void* operator new(std::size_t n) {
+  if (n != 0 && n == fail_allocation_of.load(std::memory_order_relaxed)) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  const auto align = static_cast<std::size_t>(a);
+  if (void* p = std::aligned_alloc(align, (n + align - 1) / align * align)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -319,6 +345,21 @@ TEST(RedisStore, AServerKilledUnderALargeWriteIsAnErrorNotASignal) {
         std::exit(store.counters().errors > 0 && !store.connected() ? 0 : 1);
       },
       ::testing::ExitedWithCode(0), "");
+}
+
+// A batch that throws while its replies are read (std::bad_alloc for a value) leaves no reply
+// of it behind: the next batch reads its own replies, never the rest of the last one's.
+TEST(RedisStore, AThrowInTheMiddleOfAPipelineLeavesNoReplyBehind) {
+  redis_server server;
+  redis_store store(fast_options(server.port()));
+  const std::string big(100001, 'b');
+  store.put_many({"k1", "k2", "k3"}, {big, "two", "three"});
+  std::vector<std::optional<std::string>> got;
+  fail_allocation_of = big.size() + 1;  // std::string's buffer for the value and its null
+  EXPECT_THROW(store.get_many({"k1", "k2"}, got), std::bad_alloc);
+  fail_allocation_of = 0;
+  EXPECT_EQ(store.get("k3"), std::optional<std::string>("three"));
+  EXPECT_EQ(store.get("k2"), std::optional<std::string>("two"));
 }
 
 TEST(RedisStore, NoServerIsAMiss) {

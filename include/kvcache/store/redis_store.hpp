@@ -173,7 +173,13 @@ class redis_store final : public page_store {
       redisReply* r = reply();
       if (r == nullptr) return;
       if (r->type == REDIS_REPLY_STRING) {
-        out[i].emplace(r->str, r->len);
+        try {
+          out[i].emplace(r->str, r->len);
+        } catch (...) {  // the rest of the pipeline is unread: the connection goes with it
+          freeReplyObject(r);
+          fail();
+          throw;
+        }
         ++c_.hits;
         c_.bytes_read += Index(r->len);
       } else if (r->type == REDIS_REPLY_ERROR) {
