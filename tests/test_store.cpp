@@ -392,6 +392,31 @@ TEST(Tiered, AFailingWriteThroughLeavesThePublishDone) {
   EXPECT_EQ(t.stats().offloaded_pages, 0);
 }
 
+// An eviction handler that throws: the cache evicts the page anyway (the handler's work lost)
+// and the append that needed it goes on; it never ends the process from inside a step that
+// cannot be undone.
+TEST(Tiered, AThrowingEvictionHandlerDoesNotStopTheCache) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  cache_type c(model, paged_layout{8, 2});
+  Index calls = 0;
+  c.set_eviction_handler([&](Index) {
+    ++calls;
+    throw std::runtime_error("offload failed");
+  });
+  const auto a = prompt(8, 15);
+  Index s = c.create();
+  prefill(c, s, a, 0, 8);
+  c.publish(s, a.data(), 8, "m");
+  c.free(s);
+  const auto b = prompt(16, 16);
+  s = c.create();
+  prefill(c, s, b, 0, 16);  // the second page evicts a's cached page
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(c.stats().evictions, 1);
+  EXPECT_EQ(c.match_prefix(a.data(), 8, "m"), 0);
+  Tiered<f32_p8>::expect_computed(c, s, b);
+}
+
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
   const auto t = prompt(8, 11);
