@@ -417,6 +417,39 @@ TEST(Tiered, AThrowingEvictionHandlerDoesNotStopTheCache) {
   Tiered<f32_p8>::expect_computed(c, s, b);
 }
 
+// A cache moved away from under its tiers does not take their eviction handler along: the
+// handler is bound to the object it was set on (here the moved-from cache), and the tiers,
+// destroyed first, must not leave it behind in the cache moved to.
+TEST(Tiered, AMovedCacheDoesNotTakeTheHandlerAlong) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  memory_store tier(1 << 20);
+  cache_type a(model, paged_layout{8, 2});
+  std::optional<cache_type> b;
+  {
+    tiered_prefix_cache<plain_format<float>> t(a, {&tier}, /*write_through=*/false);
+    b.emplace(std::move(a));
+    const auto p = prompt(8, 17);
+    Index s = b->create();
+    prefill(*b, s, p, 0, 8);
+    b->publish(s, p.data(), 8, "m");
+    b->free(s);
+    s = b->create();
+    prefill(*b, s, prompt(16, 18), 0, 16);  // evicts p's page
+    EXPECT_EQ(b->stats().evictions, 1);
+    EXPECT_EQ(t.stats().errors, 0);
+    EXPECT_EQ(tier.size(), 0);
+    b->free(s);
+  }
+  const auto q = prompt(8, 19);
+  Index s = b->create();
+  prefill(*b, s, q, 0, 8);
+  b->publish(s, q.data(), 8, "m");
+  b->free(s);
+  s = b->create();
+  prefill(*b, s, prompt(16, 20), 0, 16);  // evicts q's page: no handler of a dead object runs
+  EXPECT_EQ(b->stats().evictions, 2);
+}
+
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
   const auto t = prompt(8, 11);

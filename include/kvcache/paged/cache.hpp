@@ -522,7 +522,8 @@ class paged_kv_cache {
   /// Calls `handler(page)` before a cached page is evicted for a new allocation, while it still
   /// holds its contents and its hash, parent and tokens (pool().hash_of(page) ...): see
   /// page_pool::set_eviction_handler. Read the page with for_each_page_span. The handler must
-  /// not change this cache. What it throws is dropped and the page evicted all the same: the
+  /// not change this cache; a move of the cache does not take it along (the cache moved to has
+  /// none). What it throws is dropped and the page evicted all the same: the
   /// cache allocates pages inside steps it cannot undo (an append's, a shift's). An empty
   /// function removes the handler. Throws std::bad_alloc (the handler unchanged then).
   void set_eviction_handler(std::function<void(Index)> handler) {
