@@ -719,6 +719,24 @@ TEST(DiskStore, AFileRemovedByAnotherProcessIsNotHeld) {
   EXPECT_EQ(d.get("page"), std::optional<std::string>("contents"));
 }
 
+// Files named like values but not by a key (a space, a dot) are not this store's: never
+// counted, spilled or removed.
+TEST(DiskStore, FilesNotNamedByAKeyAreLeftAlone) {
+  temp_dir dir("names"), next_dir("names_next");
+  fs::create_directories(dir.path);
+  std::ofstream(dir.path / "a b.kvpage") << std::string(1000, 'x');
+  std::ofstream(dir.path / "a.b.kvpage") << std::string(1000, 'y');
+  disk_store next(next_dir.path, 1 << 20);
+  std::optional<disk_store> d;
+  EXPECT_NO_THROW(d.emplace(dir.path, 500, &next));
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->size(), 0);
+  EXPECT_EQ(d->bytes(), 0);
+  EXPECT_TRUE(fs::exists(dir.path / "a b.kvpage"));
+  EXPECT_TRUE(fs::exists(dir.path / "a.b.kvpage"));
+  EXPECT_EQ(next.size(), 0);
+}
+
 // Two caches over one directory: a restart of the "process" in the middle, a corrupted file,
 // a truncated file; each fault costs recomputation, never a wrong page.
 TEST(DiskStore, ACacheRestoresAcrossARestartAndRecomputesDamagedFiles) {

@@ -49,8 +49,8 @@ namespace kvcache {
 /// next one opens the directory.
 class disk_store final : public page_store {
  public:
-  /// Opens (creating it when missing) the directory `dir`, learns its .kvpage files, oldest
-  /// use first, and removes the oldest beyond `budget_bytes`. Throws std::invalid_argument for
+  /// Opens (creating it when missing) the directory `dir`, learns its .kvpage files named by
+  /// a key (others are left alone), oldest use first, and removes the oldest beyond `budget_bytes`. Throws std::invalid_argument for
   /// a negative budget, std::runtime_error naming the directory when it cannot be created or
   /// read.
   disk_store(std::filesystem::path dir, Index budget_bytes, page_store* spill = nullptr)
@@ -79,7 +79,9 @@ class disk_store final : public page_store {
     }
     for (const fs::directory_entry& e : it) {
       const fs::path& p = e.path();
-      if (p.extension() != extension || !e.is_regular_file(ec)) continue;
+      if (p.extension() != extension || !is_key(p.stem().string()) || !e.is_regular_file(ec)) {
+        continue;  // not a value of this store: left alone
+      }
       const auto size = e.file_size(ec);
       if (ec) continue;
       const auto used = e.last_write_time(ec);
@@ -148,12 +150,14 @@ class disk_store final : public page_store {
  private:
   std::filesystem::path path(const std::string& key) const { return dir_ / (key + extension); }
 
-  static void check_key(const std::string& key) {
-    const bool ok = !key.empty() && std::all_of(key.begin(), key.end(), [](char c) {
+  static bool is_key(const std::string& key) noexcept {
+    return !key.empty() && std::all_of(key.begin(), key.end(), [](char c) {
       return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
              c == '-' || c == '_';
     });
-    if (!ok) {
+  }
+  static void check_key(const std::string& key) {
+    if (!is_key(key)) {
       detail::fail<std::invalid_argument>("disk_store: the key \"", key,
                                           "\" is not a file name of [A-Za-z0-9_-]");
     }
