@@ -717,6 +717,11 @@ TEST(DiskStore, AFileRemovedByAnotherProcessIsNotHeld) {
   d.put("page", "contents");
   EXPECT_TRUE(fs::exists(dir.path / "page.kvpage"));
   EXPECT_EQ(d.get("page"), std::optional<std::string>("contents"));
+  fs::remove(dir.path / "page.kvpage");  // a put alone writes it again too
+  d.put("page", "contents");
+  EXPECT_TRUE(fs::exists(dir.path / "page.kvpage"));
+  EXPECT_EQ(d.size(), 1);
+  EXPECT_EQ(d.bytes(), 8);
 }
 
 // Files named like values but not by a key (a space, a dot) are not this store's: never

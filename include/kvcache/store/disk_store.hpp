@@ -166,13 +166,14 @@ class disk_store final : public page_store {
   void put_one(const std::string& key, std::string_view value) {
     namespace fs = std::filesystem;
     std::error_code ec;
-    if (index_.count(key) != 0) return;
-    if (fs::is_regular_file(path(key), ec)) {  // another process wrote it
+    if (fs::is_regular_file(path(key), ec)) {  // written before, here or by another process
+      if (index_.count(key) != 0) return;
       const auto size = fs::file_size(path(key), ec);
       if (!ec) remember(key, Index(size));
       make_room(0);
       return;
     }
+    forget(key);  // removed by another process, if it was here: written again
     const Index need = Index(value.size());
     if (need > budget_) return;
     make_room(need);
