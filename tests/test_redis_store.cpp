@@ -362,6 +362,39 @@ TEST(RedisStore, AThrowInTheMiddleOfAPipelineLeavesNoReplyBehind) {
   EXPECT_EQ(store.get("k2"), std::optional<std::string>("two"));
 }
 
+// Keys of the pages holding what no page_store wrote: a list (GET answers WRONGTYPE), an empty
+// string, a value of another key. Each is a miss or a refusal, the pages are recomputed, and the
+// pipeline of the batch stays in step (the keys after them are still found).
+TEST(RedisStore, RepliesOfOtherTypesAreMissesOrRefusals) {
+  redis_server server;
+  const auto tokens = prompt(40, 7);
+  redis_store store(fast_options(server.port()));
+  cache_type c(model, paged_layout{8, 32});
+  tiers_type t(c, {&store});
+  const Index s = t.create(tokens.data(), 40, "m");
+  prefill(c, s, tokens, 0, 40);
+  t.publish(s, tokens.data(), 40, "m");
+  const auto& h = c.page_hashes(s);
+  ASSERT_EQ(h.size(), 5u);
+  std::vector<std::optional<std::string>> got;
+  server.command({"DEL", t.key(h[1])});
+  server.command({"RPUSH", t.key(h[1]), "a", "b"});
+  store.get_many({t.key(h[0]), t.key(h[1]), t.key(h[2])}, got);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_TRUE(got[0]);
+  EXPECT_FALSE(got[1]);
+  EXPECT_TRUE(got[2]);
+  tier_stats st;
+  redis_store other(fast_options(server.port()));
+  EXPECT_EQ(run_process(other, tokens, &st), 8);  // page 1 a list: a miss, recomputed
+  EXPECT_EQ(st.rejected, 0);
+  server.command({"DEL", t.key(h[1])});
+  server.command({"SET", t.key(h[1]), ""});
+  EXPECT_EQ(run_process(other, tokens, &st), 8);  // empty: refused and deleted
+  EXPECT_EQ(st.rejected, 1);
+  EXPECT_EQ(run_process(other, tokens, &st), 32);
+}
+
 TEST(RedisStore, NoServerIsAMiss) {
   const int port = free_port();  // nothing listens there
   redis_store store(fast_options(port));
