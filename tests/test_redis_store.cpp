@@ -24,7 +24,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <new>
-#include <regex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -451,10 +450,19 @@ std::string run(const std::string& command, int* status) {
   *status = ::pclose(p);
   return out;
 }
+// The value of "key" in the JSON: a list of lists ([[...],...]) or a scalar (up to a ',' or a
+// '}'). (No std::regex: GCC 12 warns inside <regex> under the sanitizers.)
 std::string field(const std::string& json, const std::string& key) {
-  std::smatch m;
-  const std::regex re("\"" + key + "\":(\\[\\[[^\\]]*(\\],\\[[^\\]]*)*\\]\\]|[^,}]*)");
-  return std::regex_search(json, m, re) ? m[1].str() : "<missing>";
+  const std::string name = "\"" + key + "\":";
+  const auto at = json.find(name);
+  if (at == std::string::npos) return "<missing>";
+  const auto from = at + name.size();
+  if (json.compare(from, 2, "[[") == 0) {
+    const auto end = json.find("]]", from);
+    return end == std::string::npos ? "<missing>" : json.substr(from, end + 2 - from);
+  }
+  const auto end = json.find_first_of(",}", from);
+  return json.substr(from, end == std::string::npos ? std::string::npos : end - from);
 }
 
 // The end to end: two serve processes in a row, the second reusing the first's prompt
