@@ -481,7 +481,8 @@ Index restore_and_compare(Make make, const std::vector<std::int32_t>& tokens, In
                           Index second_pages) {
   using cache_type = paged_kv_cache<Format>;
   const Index n = Index(tokens.size());
-  const auto fill = [&](cache_type& c, Index seq, Index from, Index to) {
+  const auto fill_with = [](const std::vector<std::int32_t>& tokens, cache_type& c, Index seq,
+                            Index from, Index to) {
     if (to <= from) return;
     for (Index l = 0; l < c.n_layers(); ++l) {
       row_matrix<float> k(to - from, c.shape().kv_width()), v(to - from, c.shape().kv_width());
@@ -500,6 +501,9 @@ Index restore_and_compare(Make make, const std::vector<std::int32_t>& tokens, In
       }
     }
   };
+  const auto fill = [&](cache_type& c, Index seq, Index from, Index to) {
+    fill_with(tokens, c, seq, from, to);
+  };
   memory_store tier(1 << 26);
   {
     cache_type a = make(first_pages);
@@ -509,9 +513,10 @@ Index restore_and_compare(Make make, const std::vector<std::int32_t>& tokens, In
     t.publish(s, tokens.data(), n, "m");
     a.free(s);
     // Whatever the window gave back and the pool still caches goes to the tier too.
-    const Index other = t.create(tokens.data(), 1, "x");
-    for (Index i = 0; a.stats().cached > 0 && i < 4 * first_pages * a.page_size(); ++i) {
-      fill(a, other, i, i + 1);
+    const auto more = prompt(4 * first_pages * a.page_size(), 99);
+    const Index other = t.create(more.data(), 1, "x");
+    for (Index i = 0; a.stats().cached > 0 && i < Index(more.size()); ++i) {
+      fill_with(more, a, other, i, i + 1);
     }
   }
   cache_type b = make(second_pages);
