@@ -450,6 +450,23 @@ TEST(Tiered, AMovedCacheDoesNotTakeTheHandlerAlong) {
   EXPECT_EQ(b->stats().evictions, 2);
 }
 
+// offload() of a page that is not published is refused before the tier is asked.
+TEST(Tiered, OffloadRefusesAPageThatIsNotPublished) {
+  memory_store tier(1 << 20);
+  paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
+  tiered_prefix_cache<plain_format<float>> t(c, {&tier});
+  const auto a = prompt(16, 25);
+  const Index s = c.create();
+  prefill(c, s, a, 0, 16);
+  c.publish(s, a.data(), 8, "m");  // page 0 published, page 1 not
+  const auto& table = c.block_table(s);
+  EXPECT_THROW(t.offload({table[0], table[1]}), std::out_of_range);
+  EXPECT_THROW(t.offload({table[0], 99}), std::out_of_range);
+  EXPECT_EQ(tier.size(), 0);
+  EXPECT_EQ(t.offload({table[0]}), 1);
+  EXPECT_EQ(t.offload({table[0]}), 0);  // held already
+}
+
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
   const auto t = prompt(8, 11);

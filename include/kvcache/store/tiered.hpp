@@ -135,7 +135,9 @@ class tiered_prefix_cache {
 
   /// Writes the given published pages of the pool to the first tier, skipping those it holds.
   /// Returns the pages the tier stored (by its counters: none when it failed, fewer when its
-  /// budget refused some). Never throws for the tier's failures (counted by the tier).
+  /// budget refused some). Never throws for the tier's failures (counted by the tier). Throws
+  /// std::out_of_range, before asking the tier anything, for a page that does not exist or is
+  /// not published; std::bad_alloc as the tier and the encoding do.
   Index offload(const std::vector<Index>& pages) {
     if (tiers_.empty() || pages.empty()) return 0;
     std::vector<std::string> keys;
