@@ -291,10 +291,13 @@ TEST(Tiered, TheRunContinuesInTheNextTier) {
   const auto tokens = prompt(41, 6);  // 5 pages
   cache_type a(model, paged_layout{8, 16});
   {
-    tiered_prefix_cache<plain_format<float>> t(a, {&slow});
-    const Index s = t.create(tokens.data(), 41);
-    prefill(a, s, tokens, 0, 41);
-    t.publish(s, tokens.data(), 41);
+    Index s = -1;
+    {
+      tiered_prefix_cache<plain_format<float>> t(a, {&slow});
+      s = t.create(tokens.data(), 41);
+      prefill(a, s, tokens, 0, 41);
+      t.publish(s, tokens.data(), 41);
+    }
     // The fast tier holds the first two pages only.
     tiered_prefix_cache<plain_format<float>> f(a, {&fast});
     f.offload({a.block_table(s)[0], a.block_table(s)[1]});
@@ -465,6 +468,26 @@ TEST(Tiered, OffloadRefusesAPageThatIsNotPublished) {
   EXPECT_EQ(tier.size(), 0);
   EXPECT_EQ(t.offload({table[0]}), 1);
   EXPECT_EQ(t.offload({table[0]}), 0);  // held already
+}
+
+// One tiered_prefix_cache with tiers over a cache at a time: a second would take the first's
+// eviction handler and, when destroyed, leave the cache with none.
+TEST(Tiered, ASecondTieredCacheOverTheSameCacheIsRefused) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  memory_store one(1 << 20), two(1 << 20);
+  cache_type c(model, paged_layout{8, 2});
+  tiered_prefix_cache<plain_format<float>> t(c, {&one}, /*write_through=*/false);
+  EXPECT_THROW(tiered_prefix_cache<plain_format<float>>(c, {&two}), std::invalid_argument);
+  EXPECT_NO_THROW(tiered_prefix_cache<plain_format<float>>(c, {}));  // no tiers: no handler
+  const auto a = prompt(8, 26);
+  Index s = c.create();
+  prefill(c, s, a, 0, 8);
+  c.publish(s, a.data(), 8, "m");
+  c.free(s);
+  s = c.create();
+  prefill(c, s, prompt(16, 27), 0, 16);  // evicts a's page: still offloaded by t
+  EXPECT_EQ(one.size(), 1);
+  EXPECT_EQ(two.size(), 0);
 }
 
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {

@@ -539,6 +539,9 @@ class paged_kv_cache {
     });
   }
 
+  /// Whether an eviction handler is set (a tiered_prefix_cache over this cache sets one).
+  bool has_eviction_handler() const noexcept { return pool_.has_eviction_handler(); }
+
   /// Calls f(const void* data, std::size_t bytes) over the stored contents of page `page` in
   /// layer l: its page_size / unit tokens units, each array of the format in its order, kv
   /// heads inner (as for_each_span visits one page). Throws std::out_of_range for a page or

@@ -288,6 +288,8 @@ class page_pool {
   /// throw with nothing changed, so a handler that must not stop allocation catches its own
   /// failures.
   void set_eviction_handler(std::function<void(Index)> handler) { on_evict_ = std::move(handler); }
+  /// Whether an eviction handler is set.
+  bool has_eviction_handler() const noexcept { return static_cast<bool>(on_evict_); }
 
  private:
   static std::size_t at(Index p) noexcept { return static_cast<std::size_t>(p); }

@@ -60,7 +60,9 @@ class tiered_prefix_cache {
   using cache_type = paged_kv_cache<Format>;
 
   /// Binds `cache` to `tiers` (non-null, fastest first; empty for none). Throws
-  /// std::invalid_argument for a null tier.
+  /// std::invalid_argument for a null tier, or for tiers over a cache that has an eviction
+  /// handler already (another tiered_prefix_cache with tiers over it: it would lose its
+  /// evicted pages, and the handler when this one goes).
   tiered_prefix_cache(cache_type& cache, std::vector<page_store*> tiers, bool write_through = true)
       : cache_(cache), tiers_(std::move(tiers)), write_through_(write_through),
         layout_(page_layout_fingerprint(cache)) {
@@ -68,6 +70,10 @@ class tiered_prefix_cache {
       if (tiers_[i] == nullptr) {
         detail::fail<std::invalid_argument>("tiered_prefix_cache: tier ", i, " is null");
       }
+    }
+    if (!tiers_.empty() && cache_.has_eviction_handler()) {
+      detail::fail<std::invalid_argument>("tiered_prefix_cache: the cache has an eviction handler "
+                                          "already (another tiered_prefix_cache over it?)");
     }
     if (!tiers_.empty()) cache_.set_eviction_handler([this](Index page) { offload_evicted(page); });
   }
