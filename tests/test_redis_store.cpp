@@ -250,6 +250,26 @@ TEST(RedisStore, AnExpirySetsTheTtl) {
   EXPECT_LE(ttl, 100);
 }
 
+// Options under which a stalled server would hold a lookup without end are refused.
+TEST(RedisStore, OptionsWithoutATimeoutAreRefused) {
+  redis_options o;
+  o.command_timeout = std::chrono::milliseconds(0);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.connect_timeout = std::chrono::milliseconds(-1);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.retry_after = std::chrono::milliseconds(-1);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.ttl_seconds = -5;
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.port = 0;
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  EXPECT_NO_THROW(redis_store{redis_options{}});
+}
+
 TEST(RedisStore, UrlsAreParsedOrRefused) {
   const redis_options o = redis_options::from_url("redis://10.1.2.3:7000");
   EXPECT_EQ(o.host, "10.1.2.3");

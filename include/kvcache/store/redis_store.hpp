@@ -122,8 +122,25 @@ struct redis_options {
 /// (nor a SIGPIPE: writes to a closed connection fail with EPIPE; detail::sigpipe_guard).
 class redis_store final : public page_store {
  public:
-  /// Connects on first use, not here; never throws for the server.
-  explicit redis_store(redis_options options) : o_(std::move(options)) {}
+  /// Connects on first use, not here; never throws for the server. Throws
+  /// std::invalid_argument for a connect or command timeout that is not positive (hiredis
+  /// would wait without end for a stalled server), a negative retry_after or ttl_seconds, or a
+  /// port outside 1..65535.
+  explicit redis_store(redis_options options) : o_(std::move(options)) {
+    if (o_.connect_timeout.count() <= 0 || o_.command_timeout.count() <= 0) {
+      detail::fail<std::invalid_argument>("redis_store: the connect and command timeouts must be "
+                                          "positive, got ", o_.connect_timeout.count(), " ms and ",
+                                          o_.command_timeout.count(), " ms");
+    }
+    if (o_.retry_after.count() < 0 || o_.ttl_seconds < 0) {
+      detail::fail<std::invalid_argument>("redis_store: retry_after and ttl_seconds must be >= 0, "
+                                          "got ", o_.retry_after.count(), " ms and ",
+                                          o_.ttl_seconds, " s");
+    }
+    if (o_.port < 1 || o_.port > 65535) {
+      detail::fail<std::invalid_argument>("redis_store: the port must be 1..65535, got ", o_.port);
+    }
+  }
   explicit redis_store(const std::string& url) : redis_store(redis_options::from_url(url)) {}
   ~redis_store() override { disconnect(); }
   redis_store(const redis_store&) = delete;
