@@ -18,14 +18,40 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+// Global operator new, able to fail an allocation of one chosen size (a value of a reply) with
+// std::bad_alloc; GCC pairs the replaced operators with malloc/free and warns at every inlined
+// delete.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+namespace {
+std::atomic<std::size_t> fail_allocation_of{0};
+}  // namespace
+void* operator new(std::size_t n) {
+  if (n != 0 && n == fail_allocation_of.load(std::memory_order_relaxed)) throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t n, std::align_val_t a) {
+  const auto align = static_cast<std::size_t>(a);
+  if (void* p = std::aligned_alloc(align, (n + align - 1) / align * align)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -224,6 +250,26 @@ TEST(RedisStore, AnExpirySetsTheTtl) {
   EXPECT_LE(ttl, 100);
 }
 
+// Options under which a stalled server would hold a lookup without end are refused.
+TEST(RedisStore, OptionsWithoutATimeoutAreRefused) {
+  redis_options o;
+  o.command_timeout = std::chrono::milliseconds(0);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.connect_timeout = std::chrono::milliseconds(-1);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.retry_after = std::chrono::milliseconds(-1);
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.ttl_seconds = -5;
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  o = redis_options{};
+  o.port = 0;
+  EXPECT_THROW(redis_store{o}, std::invalid_argument);
+  EXPECT_NO_THROW(redis_store{redis_options{}});
+}
+
 TEST(RedisStore, UrlsAreParsedOrRefused) {
   const redis_options o = redis_options::from_url("redis://10.1.2.3:7000");
   EXPECT_EQ(o.host, "10.1.2.3");
@@ -301,6 +347,73 @@ TEST(RedisStore, AStalledServerTimesOut) {
   EXPECT_EQ(run_process(store, tokens), 32);
 }
 
+// A server killed while a large batch is written to it: the write fails with EPIPE, which is an
+// error and a dropped put, never a SIGPIPE that ends the process.
+TEST(RedisStore, AServerKilledUnderALargeWriteIsAnErrorNotASignal) {
+  redis_server server;
+  EXPECT_EXIT(
+      {
+        redis_store store(fast_options(server.port()));
+        store.put("k", "v");
+        server.stop(SIGKILL);
+        std::vector<std::string> keys;
+        const std::string value(std::size_t(1) << 20, 'x');
+        for (int i = 0; i < 32; ++i) keys.push_back("big" + std::to_string(i));
+        store.put_many(keys, std::vector<std::string_view>(keys.size(), value));
+        store.put_many(keys, std::vector<std::string_view>(keys.size(), value));
+        std::exit(store.counters().errors > 0 && !store.connected() ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+// A batch that throws while its replies are read (std::bad_alloc for a value) leaves no reply
+// of it behind: the next batch reads its own replies, never the rest of the last one's.
+TEST(RedisStore, AThrowInTheMiddleOfAPipelineLeavesNoReplyBehind) {
+  redis_server server;
+  redis_store store(fast_options(server.port()));
+  const std::string big(100001, 'b');
+  store.put_many({"k1", "k2", "k3"}, {big, "two", "three"});
+  std::vector<std::optional<std::string>> got;
+  fail_allocation_of = big.size() + 1;  // std::string's buffer for the value and its null
+  EXPECT_THROW(store.get_many({"k1", "k2"}, got), std::bad_alloc);
+  fail_allocation_of = 0;
+  EXPECT_EQ(store.get("k3"), std::optional<std::string>("three"));
+  EXPECT_EQ(store.get("k2"), std::optional<std::string>("two"));
+}
+
+// Keys of the pages holding what no page_store wrote: a list (GET answers WRONGTYPE), an empty
+// string, a value of another key. Each is a miss or a refusal, the pages are recomputed, and the
+// pipeline of the batch stays in step (the keys after them are still found).
+TEST(RedisStore, RepliesOfOtherTypesAreMissesOrRefusals) {
+  redis_server server;
+  const auto tokens = prompt(40, 7);
+  redis_store store(fast_options(server.port()));
+  cache_type c(model, paged_layout{8, 32});
+  tiers_type t(c, {&store});
+  const Index s = t.create(tokens.data(), 40, "m");
+  prefill(c, s, tokens, 0, 40);
+  t.publish(s, tokens.data(), 40, "m");
+  const auto& h = c.page_hashes(s);
+  ASSERT_EQ(h.size(), 5u);
+  std::vector<std::optional<std::string>> got;
+  server.command({"DEL", t.key(h[1])});
+  server.command({"RPUSH", t.key(h[1]), "a", "b"});
+  store.get_many({t.key(h[0]), t.key(h[1]), t.key(h[2])}, got);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_TRUE(got[0]);
+  EXPECT_FALSE(got[1]);
+  EXPECT_TRUE(got[2]);
+  tier_stats st;
+  redis_store other(fast_options(server.port()));
+  EXPECT_EQ(run_process(other, tokens, &st), 8);  // page 1 a list: a miss, recomputed
+  EXPECT_EQ(st.rejected, 0);
+  server.command({"DEL", t.key(h[1])});
+  server.command({"SET", t.key(h[1]), ""});
+  EXPECT_EQ(run_process(other, tokens, &st), 8);  // empty: refused and deleted
+  EXPECT_EQ(st.rejected, 1);
+  EXPECT_EQ(run_process(other, tokens, &st), 32);
+}
+
 TEST(RedisStore, NoServerIsAMiss) {
   const int port = free_port();  // nothing listens there
   redis_store store(fast_options(port));
@@ -357,28 +470,22 @@ std::string run(const std::string& command, int* status) {
   *status = ::pclose(p);
   return out;
 }
-// The text of top-level `key`'s value in a JSON object: up to the next ',' or '}' outside
-// brackets.
+// The value of "key" in the JSON: a list of lists ([[...],...]) or a scalar (up to a ',' or a
+// '}'). (No std::regex: GCC 12 warns inside <regex> under the sanitizers.)
 std::string field(const std::string& json, const std::string& key) {
-  const std::string tag = "\"" + key + "\":";
-  const auto at = json.find(tag);
+  const std::string name = "\"" + key + "\":";
+  const auto at = json.find(name);
   if (at == std::string::npos) return "<missing>";
-  std::size_t i = at + tag.size();
-  int depth = 0;
-  const std::size_t from = i;
-  for (; i < json.size(); ++i) {
-    const char c = json[i];
-    if (c == '[' || c == '{') ++depth;
-    if (c == ']' || c == '}') {
-      if (depth == 0) break;
-      --depth;
-    }
-    if (c == ',' && depth == 0) break;
+  const auto from = at + name.size();
+  if (json.compare(from, 2, "[[") == 0) {
+    const auto end = json.find("]]", from);
+    return end == std::string::npos ? "<missing>" : json.substr(from, end + 2 - from);
   }
-  return json.substr(from, i - from);
+  const auto end = json.find_first_of(",}", from);
+  return json.substr(from, end == std::string::npos ? std::string::npos : end - from);
 }
 
-// Two serve processes in a row, the second reusing the first's prompt
+// The end to end: two serve processes in a row, the second reusing the first's prompt
 // through Redis, give the same tokens, and the second skips the shared prefill.
 TEST(RedisStore, TwoServeProcessesShareAPrompt) {
   redis_server server;

@@ -291,10 +291,13 @@ TEST(Tiered, TheRunContinuesInTheNextTier) {
   const auto tokens = prompt(41, 6);  // 5 pages
   cache_type a(model, paged_layout{8, 16});
   {
-    tiered_prefix_cache<plain_format<float>> t(a, {&slow});
-    const Index s = t.create(tokens.data(), 41);
-    prefill(a, s, tokens, 0, 41);
-    t.publish(s, tokens.data(), 41);
+    Index s = -1;
+    {
+      tiered_prefix_cache<plain_format<float>> t(a, {&slow});
+      s = t.create(tokens.data(), 41);
+      prefill(a, s, tokens, 0, 41);
+      t.publish(s, tokens.data(), 41);
+    }
     // The fast tier holds the first two pages only.
     tiered_prefix_cache<plain_format<float>> f(a, {&fast});
     f.offload({a.block_table(s)[0], a.block_table(s)[1]});
@@ -374,6 +377,119 @@ TEST(Tiered, AFailingTierIsAMissAndEvictionGoesOn) {
   EXPECT_GT(bad.counters().errors, 0);
 }
 
+// A tier that fails while publish writes through (here bad_alloc from contains_many) costs the
+// write, counted, not the publish: the pages are published and publish returns normally.
+TEST(Tiered, AFailingWriteThroughLeavesThePublishDone) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  failing_store bad;
+  cache_type c(model, paged_layout{8, 8});
+  tiered_prefix_cache<plain_format<float>> t(c, {&bad});
+  const auto a = prompt(33, 14);
+  const Index s = t.create(a.data(), 33);
+  prefill(c, s, a, 0, 33);
+  Index published = -1;
+  EXPECT_NO_THROW(published = t.publish(s, a.data(), 33));
+  EXPECT_EQ(published, 4);
+  EXPECT_EQ(c.pool().n_published(), 4);
+  EXPECT_EQ(t.stats().errors, 1);
+  EXPECT_EQ(t.stats().offloaded_pages, 0);
+}
+
+// An eviction handler that throws: the cache evicts the page anyway (the handler's work lost)
+// and the append that needed it goes on; it never ends the process from inside a step that
+// cannot be undone.
+TEST(Tiered, AThrowingEvictionHandlerDoesNotStopTheCache) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  cache_type c(model, paged_layout{8, 2});
+  Index calls = 0;
+  c.set_eviction_handler([&](Index) {
+    ++calls;
+    throw std::runtime_error("offload failed");
+  });
+  const auto a = prompt(8, 15);
+  Index s = c.create();
+  prefill(c, s, a, 0, 8);
+  c.publish(s, a.data(), 8, "m");
+  c.free(s);
+  const auto b = prompt(16, 16);
+  s = c.create();
+  prefill(c, s, b, 0, 16);  // the second page evicts a's cached page
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(c.stats().evictions, 1);
+  EXPECT_EQ(c.match_prefix(a.data(), 8, "m"), 0);
+  Tiered<f32_p8>::expect_computed(c, s, b);
+}
+
+// A cache moved away from under its tiers does not take their eviction handler along: the
+// handler is bound to the object it was set on (here the moved-from cache), and the tiers,
+// destroyed first, must not leave it behind in the cache moved to.
+TEST(Tiered, AMovedCacheDoesNotTakeTheHandlerAlong) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  memory_store tier(1 << 20);
+  cache_type a(model, paged_layout{8, 2});
+  std::optional<cache_type> b;
+  {
+    tiered_prefix_cache<plain_format<float>> t(a, {&tier}, /*write_through=*/false);
+    b.emplace(std::move(a));
+    const auto p = prompt(8, 17);
+    Index s = b->create();
+    prefill(*b, s, p, 0, 8);
+    b->publish(s, p.data(), 8, "m");
+    b->free(s);
+    s = b->create();
+    prefill(*b, s, prompt(16, 18), 0, 16);  // evicts p's page
+    EXPECT_EQ(b->stats().evictions, 1);
+    EXPECT_EQ(t.stats().errors, 0);
+    EXPECT_EQ(tier.size(), 0);
+    b->free(s);
+  }
+  const auto q = prompt(8, 19);
+  Index s = b->create();
+  prefill(*b, s, q, 0, 8);
+  b->publish(s, q.data(), 8, "m");
+  b->free(s);
+  s = b->create();
+  prefill(*b, s, prompt(16, 20), 0, 16);  // evicts q's page: no handler of a dead object runs
+  EXPECT_EQ(b->stats().evictions, 2);
+}
+
+// offload() of a page that is not published is refused before the tier is asked.
+TEST(Tiered, OffloadRefusesAPageThatIsNotPublished) {
+  memory_store tier(1 << 20);
+  paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
+  tiered_prefix_cache<plain_format<float>> t(c, {&tier});
+  const auto a = prompt(16, 25);
+  const Index s = c.create();
+  prefill(c, s, a, 0, 16);
+  c.publish(s, a.data(), 8, "m");  // page 0 published, page 1 not
+  const auto& table = c.block_table(s);
+  EXPECT_THROW(t.offload({table[0], table[1]}), std::out_of_range);
+  EXPECT_THROW(t.offload({table[0], 99}), std::out_of_range);
+  EXPECT_EQ(tier.size(), 0);
+  EXPECT_EQ(t.offload({table[0]}), 1);
+  EXPECT_EQ(t.offload({table[0]}), 0);  // held already
+}
+
+// One tiered_prefix_cache with tiers over a cache at a time: a second would take the first's
+// eviction handler and, when destroyed, leave the cache with none.
+TEST(Tiered, ASecondTieredCacheOverTheSameCacheIsRefused) {
+  using cache_type = paged_kv_cache<plain_format<float>>;
+  memory_store one(1 << 20), two(1 << 20);
+  cache_type c(model, paged_layout{8, 2});
+  tiered_prefix_cache<plain_format<float>> t(c, {&one}, /*write_through=*/false);
+  EXPECT_THROW(tiered_prefix_cache<plain_format<float>>(c, {&two}), std::invalid_argument);
+  EXPECT_NO_THROW(tiered_prefix_cache<plain_format<float>>(c, {}));  // no tiers: no handler
+  const auto a = prompt(8, 26);
+  Index s = c.create();
+  prefill(c, s, a, 0, 8);
+  c.publish(s, a.data(), 8, "m");
+  c.free(s);
+  s = c.create();
+  prefill(c, s, prompt(16, 27), 0, 16);  // evicts a's page: still offloaded by t
+  EXPECT_EQ(one.size(), 1);
+  EXPECT_EQ(two.size(), 0);
+}
+
 TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   paged_kv_cache<plain_format<float>> c(model, paged_layout{8, 4});
   const auto t = prompt(8, 11);
@@ -393,6 +509,126 @@ TEST(Tiered, ImportPageChecksItsHashAndChangesNothingWhenRefused) {
   EXPECT_EQ(c.stats().free, 3);  // the failed import's page went back
   EXPECT_EQ(c.stats().cached, 1);
   EXPECT_EQ(c.match_prefix(t.data(), 8, "m"), 8);
+}
+
+// ---- shapes and layouts over tiers -------------------------------------------------------------
+
+// Publishes `tokens` from one cache through a memory tier, restores them into a second one made
+// alike, prefills the rest there and checks it holds exactly what a third, computing every
+// token, holds. Returns the tokens the second restored.
+template <class Format, class Make>
+Index restore_and_compare(Make make, const std::vector<std::int32_t>& tokens, Index first_pages,
+                          Index second_pages) {
+  using cache_type = paged_kv_cache<Format>;
+  const Index n = Index(tokens.size());
+  const auto fill_with = [](const std::vector<std::int32_t>& tokens, cache_type& c, Index seq,
+                            Index from, Index to) {
+    if (to <= from) return;
+    for (Index l = 0; l < c.n_layers(); ++l) {
+      row_matrix<float> k(to - from, c.shape().kv_width()), v(to - from, c.shape().kv_width());
+      for (Index i = from; i < to; ++i) {
+        for (Index col = 0; col < k.cols(); ++col) {
+          k(i - from, col) = float(std::sin(0.37 * tokens[std::size_t(i)] + 0.11 * double(i) +
+                                            0.7 * double(l) + 0.013 * double(col)));
+          v(i - from, col) = float(std::cos(0.29 * tokens[std::size_t(i)] + 0.05 * double(i) +
+                                            0.3 * double(l) + 0.017 * double(col)));
+        }
+      }
+      if (c.shape().values_in_keys()) {
+        c.append(seq, l, k);
+      } else {
+        c.append(seq, l, k, v);
+      }
+    }
+  };
+  const auto fill = [&](cache_type& c, Index seq, Index from, Index to) {
+    fill_with(tokens, c, seq, from, to);
+  };
+  memory_store tier(1 << 26);
+  {
+    cache_type a = make(first_pages);
+    tiered_prefix_cache<Format> t(a, {&tier});
+    const Index s = t.create(tokens.data(), n, "m");
+    for (Index i = 0; i < n; ++i) fill(a, s, i, i + 1);  // one token at a time: a window drops pages
+    t.publish(s, tokens.data(), n, "m");
+    a.free(s);
+    // Whatever the window gave back and the pool still caches goes to the tier too.
+    const auto more = prompt(4 * first_pages * a.page_size(), 99);
+    const Index other = t.create(more.data(), 1, "x");
+    for (Index i = 0; a.stats().cached > 0 && i < Index(more.size()); ++i) {
+      fill_with(more, a, other, i, i + 1);
+    }
+  }
+  cache_type b = make(second_pages);
+  tiered_prefix_cache<Format> t(b, {&tier});
+  const Index s = t.create(tokens.data(), n, "m");
+  const Index hit = b.prefix_hit(s);
+  EXPECT_EQ(t.stats().rejected, 0);
+  fill(b, s, hit, n);
+  cache_type r = make(second_pages);
+  const Index rs = r.create();
+  fill(r, rs, 0, n);
+  for (Index l = 0; l < b.n_layers(); ++l) {
+    EXPECT_EQ(b.position(s, l), r.position(rs, l));
+    EXPECT_EQ(b.keys(s, l), r.keys(rs, l)) << "layer " << l;
+    if (!b.shape().values_in_keys()) {
+      EXPECT_EQ(b.values(s, l), r.values(rs, l)) << "layer " << l;
+    }
+  }
+  return hit;
+}
+
+TEST(TieredShapes, AnMlaCacheRestoresItsLatentPages) {
+  using format = quantized_format<8>;
+  const cache_shape mla = cache_shape(2, 4, 1, 24).with_values_in_keys(16);
+  const auto make = [&](Index pages) { return paged_kv_cache<format>(mla, paged_layout{8, pages}, format(4, 2)); };
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(37, 20), 16, 16), 32);
+}
+
+TEST(TieredShapes, AWindowWithSinksRestoresItsPromptStart) {
+  using format = quantized_format<4>;
+  const auto make = [](Index pages) {
+    return paged_kv_cache<format>(model, paged_layout{8, pages, 24, 4}, format(8, 2));
+  };
+  EXPECT_GE(restore_and_compare<format>(make, prompt(61, 21), 12, 16), 8);
+}
+
+TEST(TieredShapes, PagesOfOneToken) {
+  using format = plain_format<float>;
+  const auto make = [](Index pages) { return paged_kv_cache<format>(model, paged_layout{1, pages}); };
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(13, 22), 16, 16), 12);
+}
+
+TEST(TieredShapes, APoolOfOnePage) {
+  using format = plain_format<float>;
+  const auto make = [](Index pages) { return paged_kv_cache<format>(model, paged_layout{16, pages}); };
+  // The second pool holds one page: the prompt's first page is restored into it; the rest
+  // would need more pages, so the prompt is one page and a token.
+  EXPECT_EQ(restore_and_compare<format>(make, prompt(17, 23), 4, 2), 16);
+  memory_store tier(1 << 20);
+  const auto tokens = prompt(17, 23);
+  {
+    paged_kv_cache<format> two(model, paged_layout{16, 2});
+    tiered_prefix_cache<format> t(two, {&tier});
+    const Index s = t.create(tokens.data(), 17, "m");
+    prefill(two, s, tokens, 0, 17);
+    t.publish(s, tokens.data(), 17, "m");
+  }
+  paged_kv_cache<format> one(model, paged_layout{16, 1});
+  tiered_prefix_cache<format> t(one, {&tier});
+  const Index s = t.create(tokens.data(), 17, "m");
+  EXPECT_EQ(one.prefix_hit(s), 16);
+  EXPECT_EQ(one.stats().used, 1);
+  EXPECT_THROW(prefill(one, s, tokens, 16, 17), std::length_error);  // no page for token 16
+  EXPECT_EQ(one.position(s), 16);
+  one.free(s);
+  EXPECT_EQ(one.stats().cached, 1);
+  const auto other = prompt(17, 24);  // another prompt evicts the page, offloaded (held)
+  const Index o = t.create(other.data(), 17, "m");
+  EXPECT_EQ(one.prefix_hit(o), 0);
+  prefill(one, o, other, 0, 16);
+  EXPECT_EQ(one.stats().evictions, 1);
+  EXPECT_EQ(tier.size(), 1);
 }
 
 // ---- memory_store ------------------------------------------------------------------------------
@@ -484,6 +720,71 @@ TEST(DiskStore, SeesWhatAnotherProcessWroteAndRefusesBadKeys) {
   EXPECT_THROW(disk_store(dir.path, -1), std::invalid_argument);
   std::ofstream(dir.path / "file") << "x";
   EXPECT_THROW(disk_store(dir.path / "file", 10), std::runtime_error);
+}
+
+// Junk in the directory: a directory, a zero-byte file, a dangling symlink and a file larger
+// than the whole budget, each named like a value, and files of other names. Opening the store
+// and asking for each key answers without throwing: a miss, or a value the caller refuses.
+TEST(DiskStore, JunkInTheDirectoryIsAMissNeverAThrow) {
+  temp_dir dir("junk");
+  fs::create_directories(dir.path / "adir.kvpage");
+  std::ofstream(dir.path / "empty.kvpage").close();
+  fs::create_symlink(dir.path / "nowhere", dir.path / "dangling.kvpage");
+  std::ofstream(dir.path / "huge.kvpage") << std::string(5000, 'h');
+  std::ofstream(dir.path / "notes.txt") << "not a page";
+  disk_store d(dir.path, 4000);
+  EXPECT_FALSE(d.contains("adir"));
+  std::vector<std::optional<std::string>> got;
+  EXPECT_NO_THROW(d.get_many({"adir", "empty", "dangling", "huge", "notes"}, got));
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_FALSE(got[0]);
+  if (got[1]) {
+    EXPECT_EQ(*got[1], "");
+  }
+  EXPECT_FALSE(got[2]);
+  EXPECT_FALSE(got[3]);  // more than the budget: never a value of this store
+  EXPECT_FALSE(got[4]);
+  EXPECT_LE(d.bytes(), 4000);
+  d.put("adir", "x");  // a directory is in the way: an error, not a throw
+  EXPECT_FALSE(d.get("adir"));
+  EXPECT_TRUE(fs::exists(dir.path / "notes.txt"));
+}
+
+// A file another process removed is no longer held: contains says so, and the cache writes
+// the page again.
+TEST(DiskStore, AFileRemovedByAnotherProcessIsNotHeld) {
+  temp_dir dir("removed");
+  disk_store d(dir.path, 1 << 20);
+  d.put("page", "contents");
+  EXPECT_TRUE(d.contains("page"));
+  fs::remove(dir.path / "page.kvpage");
+  EXPECT_FALSE(d.contains("page"));
+  d.put("page", "contents");
+  EXPECT_TRUE(fs::exists(dir.path / "page.kvpage"));
+  EXPECT_EQ(d.get("page"), std::optional<std::string>("contents"));
+  fs::remove(dir.path / "page.kvpage");  // a put alone writes it again too
+  d.put("page", "contents");
+  EXPECT_TRUE(fs::exists(dir.path / "page.kvpage"));
+  EXPECT_EQ(d.size(), 1);
+  EXPECT_EQ(d.bytes(), 8);
+}
+
+// Files named like values but not by a key (a space, a dot) are not this store's: never
+// counted, spilled or removed.
+TEST(DiskStore, FilesNotNamedByAKeyAreLeftAlone) {
+  temp_dir dir("names"), next_dir("names_next");
+  fs::create_directories(dir.path);
+  std::ofstream(dir.path / "a b.kvpage") << std::string(1000, 'x');
+  std::ofstream(dir.path / "a.b.kvpage") << std::string(1000, 'y');
+  disk_store next(next_dir.path, 1 << 20);
+  std::optional<disk_store> d;
+  EXPECT_NO_THROW(d.emplace(dir.path, 500, &next));
+  ASSERT_TRUE(d);
+  EXPECT_EQ(d->size(), 0);
+  EXPECT_EQ(d->bytes(), 0);
+  EXPECT_TRUE(fs::exists(dir.path / "a b.kvpage"));
+  EXPECT_TRUE(fs::exists(dir.path / "a.b.kvpage"));
+  EXPECT_EQ(next.size(), 0);
 }
 
 // Two caches over one directory: a restart of the "process" in the middle, a corrupted file,

@@ -522,10 +522,25 @@ class paged_kv_cache {
   /// Calls `handler(page)` before a cached page is evicted for a new allocation, while it still
   /// holds its contents and its hash, parent and tokens (pool().hash_of(page) ...): see
   /// page_pool::set_eviction_handler. Read the page with for_each_page_span. The handler must
-  /// not change this cache.
+  /// not change this cache; a move of the cache does not take it along (the cache moved to has
+  /// none). What it throws is dropped and the page evicted all the same: the
+  /// cache allocates pages inside steps it cannot undo (an append's, a shift's). An empty
+  /// function removes the handler. Throws std::bad_alloc (the handler unchanged then).
   void set_eviction_handler(std::function<void(Index)> handler) {
-    pool_.set_eviction_handler(std::move(handler));
+    if (!handler) {
+      pool_.set_eviction_handler(nullptr);
+      return;
+    }
+    pool_.set_eviction_handler([h = std::move(handler)](Index page) noexcept {
+      try {
+        h(page);
+      } catch (...) {  // the page goes either way; only the handler's work is lost
+      }
+    });
   }
+
+  /// Whether an eviction handler is set (a tiered_prefix_cache over this cache sets one).
+  bool has_eviction_handler() const noexcept { return pool_.has_eviction_handler(); }
 
   /// Calls f(const void* data, std::size_t bytes) over the stored contents of page `page` in
   /// layer l: its page_size / unit tokens units, each array of the format in its order, kv

@@ -95,7 +95,9 @@ class page_pool {
 
   page_pool(const page_pool&) = delete;
   page_pool& operator=(const page_pool&) = delete;
-  /// A moved-from pool has no pages.
+  /// A moved-from pool has no pages. The eviction handler does not move: it belongs to the
+  /// object it was set on (a tiered_prefix_cache holds a reference to its cache), so the pool
+  /// moved to has none until one is set on it.
   page_pool(page_pool&& other) noexcept
       : shape_(other.shape_), format_(other.format_), page_size_(other.page_size_),
         n_pages_(std::exchange(other.n_pages_, 0)), upp_(other.upp_),
@@ -105,7 +107,7 @@ class page_pool {
         tokens_(std::move(other.tokens_)), prev_(std::move(other.prev_)),
         next_(std::move(other.next_)), free_n_(std::exchange(other.free_n_, 0)),
         cached_(std::exchange(other.cached_, 0)), evictions_(std::exchange(other.evictions_, 0)),
-        index_(std::move(other.index_)), on_evict_(std::move(other.on_evict_)) {
+        index_(std::move(other.index_)) {
     other.clear_moved();
   }
   page_pool& operator=(page_pool&& other) noexcept {
@@ -286,6 +288,8 @@ class page_pool {
   /// throw with nothing changed, so a handler that must not stop allocation catches its own
   /// failures.
   void set_eviction_handler(std::function<void(Index)> handler) { on_evict_ = std::move(handler); }
+  /// Whether an eviction handler is set.
+  bool has_eviction_handler() const noexcept { return static_cast<bool>(on_evict_); }
 
  private:
   static std::size_t at(Index p) noexcept { return static_cast<std::size_t>(p); }

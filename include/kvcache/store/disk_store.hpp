@@ -38,16 +38,19 @@ namespace kvcache {
 /// Values are not trusted: a file that is truncated, damaged or of another model fails the
 /// caller's checks (decode_page) and comes back through reject(), which removes it. Failures
 /// of the file system (a full disk, permissions, a file removed by another process) count as
-/// errors and answer as misses; nothing throws for them after construction.
+/// errors and answer as misses; nothing throws for them after construction. What is not a
+/// regular file (a directory, a dangling link, a pipe named like a value) is a miss, and a get
+/// never reads a file larger than the budget (a miss counted as an error).
 ///
 /// Several processes may share the directory: each sees the files the others wrote (a get or
-/// contains of a key it does not know looks for the file), and renames keep files whole.
+/// contains looks for the file; one another removed is forgotten and written again by the
+/// next put), and renames keep files whole.
 /// Each keeps the budget over the files it knows, so together they may exceed it until the
 /// next one opens the directory.
 class disk_store final : public page_store {
  public:
-  /// Opens (creating it when missing) the directory `dir`, learns its .kvpage files, oldest
-  /// use first, and removes the oldest beyond `budget_bytes`. Throws std::invalid_argument for
+  /// Opens (creating it when missing) the directory `dir`, learns its .kvpage files named by
+  /// a key (others are left alone), oldest use first, and removes the oldest beyond `budget_bytes`. Throws std::invalid_argument for
   /// a negative budget, std::runtime_error naming the directory when it cannot be created or
   /// read.
   disk_store(std::filesystem::path dir, Index budget_bytes, page_store* spill = nullptr)
@@ -76,7 +79,9 @@ class disk_store final : public page_store {
     }
     for (const fs::directory_entry& e : it) {
       const fs::path& p = e.path();
-      if (p.extension() != extension || !e.is_regular_file(ec)) continue;
+      if (p.extension() != extension || !is_key(p.stem().string()) || !e.is_regular_file(ec)) {
+        continue;  // not a value of this store: left alone
+      }
       const auto size = e.file_size(ec);
       if (ec) continue;
       const auto used = e.last_write_time(ec);
@@ -126,7 +131,8 @@ class disk_store final : public page_store {
     out.assign(keys.size(), false);
     for (std::size_t i = 0; i < keys.size(); ++i) {
       std::error_code ec;
-      out[i] = index_.count(keys[i]) != 0 || std::filesystem::is_regular_file(path(keys[i]), ec);
+      out[i] = std::filesystem::is_regular_file(path(keys[i]), ec);
+      if (!out[i]) forget(keys[i]);  // removed by another process: to be written again
     }
   }
 
@@ -144,12 +150,14 @@ class disk_store final : public page_store {
  private:
   std::filesystem::path path(const std::string& key) const { return dir_ / (key + extension); }
 
-  static void check_key(const std::string& key) {
-    const bool ok = !key.empty() && std::all_of(key.begin(), key.end(), [](char c) {
+  static bool is_key(const std::string& key) noexcept {
+    return !key.empty() && std::all_of(key.begin(), key.end(), [](char c) {
       return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
              c == '-' || c == '_';
     });
-    if (!ok) {
+  }
+  static void check_key(const std::string& key) {
+    if (!is_key(key)) {
       detail::fail<std::invalid_argument>("disk_store: the key \"", key,
                                           "\" is not a file name of [A-Za-z0-9_-]");
     }
@@ -158,13 +166,14 @@ class disk_store final : public page_store {
   void put_one(const std::string& key, std::string_view value) {
     namespace fs = std::filesystem;
     std::error_code ec;
-    if (index_.count(key) != 0) return;
-    if (fs::is_regular_file(path(key), ec)) {  // another process wrote it
+    if (fs::is_regular_file(path(key), ec)) {  // written before, here or by another process
+      if (index_.count(key) != 0) return;
       const auto size = fs::file_size(path(key), ec);
       if (!ec) remember(key, Index(size));
       make_room(0);
       return;
     }
+    forget(key);  // removed by another process, if it was here: written again
     const Index need = Index(value.size());
     if (need > budget_) return;
     make_room(need);
@@ -194,7 +203,15 @@ class disk_store final : public page_store {
     c_.bytes_written += need;
   }
 
+  // The file of `key`, or nullopt when there is none, it is not a regular file (a directory,
+  // a dangling link or a pipe in its place) or it is larger than the budget (no value of this
+  // store; counted as an error): never more than budget_ bytes read.
   std::optional<std::string> read(const std::string& key) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path(key), ec)) {
+      forget(key);
+      return std::nullopt;
+    }
     std::ifstream in(path(key), std::ios::binary);
     if (!in) {
       forget(key);  // gone (another process trimmed it), or unreadable
@@ -203,7 +220,7 @@ class disk_store final : public page_store {
     in.seekg(0, std::ios::end);
     const std::streamoff size = in.tellg();
     in.seekg(0, std::ios::beg);
-    if (size < 0 || !in) {
+    if (size < 0 || !in || size > budget_) {
       ++c_.errors;
       return std::nullopt;
     }

@@ -10,8 +10,12 @@
 #include "kvcache/types.hpp"
 
 #include <hiredis/hiredis.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/time.h>
+#include <time.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <optional>
@@ -22,6 +26,46 @@
 #include <vector>
 
 namespace kvcache {
+
+namespace detail {
+
+/// Keeps a write to a server that closed the connection (killed, restarted) from raising
+/// SIGPIPE, whose default action ends the process (hiredis writes with write(2)): while it
+/// lives, SIGPIPE is blocked in the calling thread; one raised meanwhile is taken before the
+/// thread's mask is restored, so the write fails with EPIPE and nothing else happens. A SIGPIPE
+/// pending before is left pending. Never throws.
+class sigpipe_guard {
+ public:
+  sigpipe_guard() noexcept {
+    sigemptyset(&pipe_);
+    sigaddset(&pipe_, SIGPIPE);
+    sigset_t pending;
+    sigemptyset(&pending);
+    was_pending_ = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1;
+    blocked_ = pthread_sigmask(SIG_BLOCK, &pipe_, &old_) == 0;
+  }
+  ~sigpipe_guard() {
+    if (!blocked_) return;
+    sigset_t pending;
+    sigemptyset(&pending);
+    if (!was_pending_ && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE) == 1) {
+      const timespec now{0, 0};
+      while (sigtimedwait(&pipe_, nullptr, &now) == -1 && errno == EINTR) {
+      }
+    }
+    pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+  }
+  sigpipe_guard(const sigpipe_guard&) = delete;
+  sigpipe_guard& operator=(const sigpipe_guard&) = delete;
+
+ private:
+  sigset_t pipe_;
+  sigset_t old_;
+  bool was_pending_ = false;
+  bool blocked_ = false;
+};
+
+}  // namespace detail
 
 /// Where and how redis_store talks to its server.
 struct redis_options {
@@ -74,11 +118,29 @@ struct redis_options {
 /// The server is never needed for correctness: it connects lazily; when it cannot connect,
 /// a command fails or a reply takes longer than command_timeout, the store counts an error,
 /// drops the connection, answers misses (a put is dropped) and tries again after retry_after.
-/// A killed, restarted, flushed or stalled server so costs recomputation, never a wrong page.
+/// A killed, restarted, flushed or stalled server so costs recomputation, never a wrong page
+/// (nor a SIGPIPE: writes to a closed connection fail with EPIPE; detail::sigpipe_guard).
 class redis_store final : public page_store {
  public:
-  /// Connects on first use, not here; never throws for the server.
-  explicit redis_store(redis_options options) : o_(std::move(options)) {}
+  /// Connects on first use, not here; never throws for the server. Throws
+  /// std::invalid_argument for a connect or command timeout that is not positive (hiredis
+  /// would wait without end for a stalled server), a negative retry_after or ttl_seconds, or a
+  /// port outside 1..65535.
+  explicit redis_store(redis_options options) : o_(std::move(options)) {
+    if (o_.connect_timeout.count() <= 0 || o_.command_timeout.count() <= 0) {
+      detail::fail<std::invalid_argument>("redis_store: the connect and command timeouts must be "
+                                          "positive, got ", o_.connect_timeout.count(), " ms and ",
+                                          o_.command_timeout.count(), " ms");
+    }
+    if (o_.retry_after.count() < 0 || o_.ttl_seconds < 0) {
+      detail::fail<std::invalid_argument>("redis_store: retry_after and ttl_seconds must be >= 0, "
+                                          "got ", o_.retry_after.count(), " ms and ",
+                                          o_.ttl_seconds, " s");
+    }
+    if (o_.port < 1 || o_.port > 65535) {
+      detail::fail<std::invalid_argument>("redis_store: the port must be 1..65535, got ", o_.port);
+    }
+  }
   explicit redis_store(const std::string& url) : redis_store(redis_options::from_url(url)) {}
   ~redis_store() override { disconnect(); }
   redis_store(const redis_store&) = delete;
@@ -92,6 +154,7 @@ class redis_store final : public page_store {
   void put_many(const std::vector<std::string>& keys,
                 const std::vector<std::string_view>& values) override {
     check_put("redis_store", keys, values);
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     const std::string ttl = std::to_string(o_.ttl_seconds);
     for (std::size_t i = 0; i < keys.size(); ++i) {
@@ -116,6 +179,7 @@ class redis_store final : public page_store {
                 std::vector<std::optional<std::string>>& out) override {
     out.assign(keys.size(), std::nullopt);
     c_.gets += Index(keys.size());
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     for (const auto& k : keys) {
       const char* argv[2] = {"GET", k.data()};
@@ -126,7 +190,13 @@ class redis_store final : public page_store {
       redisReply* r = reply();
       if (r == nullptr) return;
       if (r->type == REDIS_REPLY_STRING) {
-        out[i].emplace(r->str, r->len);
+        try {
+          out[i].emplace(r->str, r->len);
+        } catch (...) {  // the rest of the pipeline is unread: the connection goes with it
+          freeReplyObject(r);
+          fail();
+          throw;
+        }
         ++c_.hits;
         c_.bytes_read += Index(r->len);
       } else if (r->type == REDIS_REPLY_ERROR) {
@@ -138,6 +208,7 @@ class redis_store final : public page_store {
 
   void contains_many(const std::vector<std::string>& keys, std::vector<bool>& out) override {
     out.assign(keys.size(), false);
+    const detail::sigpipe_guard no_sigpipe;
     if (keys.empty() || !connect()) return;
     for (const auto& k : keys) {
       const char* argv[2] = {"EXISTS", k.data()};
@@ -154,6 +225,7 @@ class redis_store final : public page_store {
 
   void reject(const std::string& key) override {
     ++c_.rejected;
+    const detail::sigpipe_guard no_sigpipe;
     if (!connect()) return;
     const char* argv[2] = {"DEL", key.data()};
     const std::size_t len[2] = {3, key.size()};

@@ -27,7 +27,8 @@ struct tier_stats {
   Index offloaded_bytes = 0;  ///< value bytes it stored for them
   Index rejected = 0;         ///< values a tier returned that failed decode_page: damaged, of
                               ///< another model, format or shape; dropped, never used
-  Index errors = 0;           ///< offloads that failed inside this process (out of memory)
+  Index errors = 0;           ///< offloads (evicted or written through) that failed inside
+                              ///< this process (out of memory)
   std::string last_rejection; ///< why the newest rejected value was refused
 };
 
@@ -59,7 +60,9 @@ class tiered_prefix_cache {
   using cache_type = paged_kv_cache<Format>;
 
   /// Binds `cache` to `tiers` (non-null, fastest first; empty for none). Throws
-  /// std::invalid_argument for a null tier.
+  /// std::invalid_argument for a null tier, or for tiers over a cache that has an eviction
+  /// handler already (another tiered_prefix_cache with tiers over it: it would lose its
+  /// evicted pages, and the handler when this one goes).
   tiered_prefix_cache(cache_type& cache, std::vector<page_store*> tiers, bool write_through = true)
       : cache_(cache), tiers_(std::move(tiers)), write_through_(write_through),
         layout_(page_layout_fingerprint(cache)) {
@@ -67,6 +70,10 @@ class tiered_prefix_cache {
       if (tiers_[i] == nullptr) {
         detail::fail<std::invalid_argument>("tiered_prefix_cache: tier ", i, " is null");
       }
+    }
+    if (!tiers_.empty() && cache_.has_eviction_handler()) {
+      detail::fail<std::invalid_argument>("tiered_prefix_cache: the cache has an eviction handler "
+                                          "already (another tiered_prefix_cache over it?)");
     }
     if (!tiers_.empty()) cache_.set_eviction_handler([this](Index page) { offload_evicted(page); });
   }
@@ -108,27 +115,35 @@ class tiered_prefix_cache {
 
   /// cache.publish(seq, tokens, n, extra_key); with write_through, the pages it publishes are
   /// then written to the first tier unless it holds them (one batched contains, one batched
-  /// put). Returns the pages newly published. Throws as cache.publish does.
+  /// put). Returns the pages newly published. Throws as cache.publish does; a write-through
+  /// that fails after the pages are published (a tier's std::bad_alloc) is counted in
+  /// stats().errors, not thrown, since the publish is done.
   Index publish(Index seq, const std::int32_t* tokens, Index n, std::string_view extra_key = {}) {
     const std::size_t before = cache_.page_hashes(seq).size();
     const page_hash root_before = root_of(seq);
     const Index published = cache_.publish(seq, tokens, n, extra_key);
     if (!write_through_ || tiers_.empty()) return published;
-    const auto& hashes = cache_.page_hashes(seq);
-    const std::size_t from = root_of(seq) == root_before ? std::min(before, hashes.size()) : 0;
-    std::vector<Index> pages;
-    const auto& table = cache_.block_table(seq);
-    for (std::size_t i = from; i < hashes.size() && i < table.size(); ++i) {
-      const Index p = table[i];
-      if (cache_.pool().published(p) && cache_.pool().hash_of(p) == hashes[i]) pages.push_back(p);
+    try {
+      const auto& hashes = cache_.page_hashes(seq);
+      const std::size_t from = root_of(seq) == root_before ? std::min(before, hashes.size()) : 0;
+      std::vector<Index> pages;
+      const auto& table = cache_.block_table(seq);
+      for (std::size_t i = from; i < hashes.size() && i < table.size(); ++i) {
+        const Index p = table[i];
+        if (cache_.pool().published(p) && cache_.pool().hash_of(p) == hashes[i]) pages.push_back(p);
+      }
+      offload(pages);
+    } catch (...) {
+      ++stats_.errors;
     }
-    offload(pages);
     return published;
   }
 
   /// Writes the given published pages of the pool to the first tier, skipping those it holds.
   /// Returns the pages the tier stored (by its counters: none when it failed, fewer when its
-  /// budget refused some). Never throws for the tier's failures (counted by the tier).
+  /// budget refused some). Never throws for the tier's failures (counted by the tier). Throws
+  /// std::out_of_range, before asking the tier anything, for a page that does not exist or is
+  /// not published; std::bad_alloc as the tier and the encoding do.
   Index offload(const std::vector<Index>& pages) {
     if (tiers_.empty() || pages.empty()) return 0;
     std::vector<std::string> keys;
