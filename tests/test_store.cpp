@@ -114,16 +114,16 @@ TYPED_TEST(Tiered, ASecondCacheRestoresPublishedPagesBitForBit) {
   {
     auto first = TestFixture::make(16);
     tiered_prefix_cache<typename TestFixture::format> tiers(first, {&tier});
-    const Index s = tiers.create(tokens.data(), Index(tokens.size()));
+    const Index s = tiers.create(tokens.data(), Index(tokens.size()), "m");
     EXPECT_EQ(first.prefix_hit(s), 0);
     prefill(first, s, tokens, 0, Index(tokens.size()));
-    EXPECT_EQ(tiers.publish(s, tokens.data(), Index(tokens.size())), 5);
+    EXPECT_EQ(tiers.publish(s, tokens.data(), Index(tokens.size()), "m"), 5);
     EXPECT_EQ(tiers.stats().offloaded_pages, 5);
     EXPECT_EQ(tier.size(), 5);
   }
   auto second = TestFixture::make(16);
   tiered_prefix_cache<typename TestFixture::format> tiers(second, {&tier});
-  const Index s = tiers.create(tokens.data(), Index(tokens.size()));
+  const Index s = tiers.create(tokens.data(), Index(tokens.size()), "m");
   EXPECT_EQ(second.prefix_hit(s), 40);
   EXPECT_EQ(tiers.stats().restored_pages, 5);
   EXPECT_EQ(tiers.stats().restored_tokens, 40);
@@ -134,7 +134,7 @@ TYPED_TEST(Tiered, ASecondCacheRestoresPublishedPagesBitForBit) {
   // A third prompt sharing the first 3 pages finds them in the pool now, not the tier.
   auto other = tokens;
   other[30] += 1;
-  const Index t = tiers.create(other.data(), Index(other.size()));
+  const Index t = tiers.create(other.data(), Index(other.size()), "m");
   EXPECT_EQ(second.prefix_hit(t), 24);
   EXPECT_EQ(tiers.stats().restored_pages, 5);
 }
@@ -145,14 +145,14 @@ TYPED_TEST(Tiered, EvictedPagesAreOffloadedAndComeBack) {
   auto cache = TestFixture::make(6);
   tiered_prefix_cache<typename TestFixture::format> tiers(cache, {&tier}, /*write_through=*/false);
   const auto a = prompt(33, 2);  // 4 full pages (fewer stored in pages with a residual)
-  Index s = tiers.create(a.data(), Index(a.size()));
+  Index s = tiers.create(a.data(), Index(a.size()), "m");
   prefill(cache, s, a, 0, Index(a.size()));
-  const Index published = tiers.publish(s, a.data(), Index(a.size()));
+  const Index published = tiers.publish(s, a.data(), Index(a.size()), "m");
   ASSERT_GE(published, 3);
   EXPECT_EQ(tier.size(), 0);
   cache.free(s);  // its published pages cached, the others free
   const auto b = prompt(64, 3);  // prefilled until the pool took back every cached page
-  s = tiers.create(b.data(), Index(b.size()));
+  s = tiers.create(b.data(), Index(b.size()), "m");
   Index n = 0;
   while (cache.stats().evictions < published && n < 64) {
     prefill(cache, s, b, n, n + 1);
@@ -162,7 +162,7 @@ TYPED_TEST(Tiered, EvictedPagesAreOffloadedAndComeBack) {
   EXPECT_EQ(tier.size(), published);
   EXPECT_EQ(tiers.stats().offloaded_pages, published);
   cache.free(s);
-  s = tiers.create(a.data(), Index(a.size()));
+  s = tiers.create(a.data(), Index(a.size()), "m");
   EXPECT_EQ(cache.prefix_hit(s), published * 8);
   EXPECT_EQ(tiers.stats().restored_pages, published);
   prefill(cache, s, a, cache.prefix_hit(s), Index(a.size()));
@@ -175,9 +175,9 @@ TYPED_TEST(Tiered, ADamagedValueIsRefusedAndRecomputed) {
   const auto tokens = prompt(40, 4);
   auto first = TestFixture::make(16);
   tiered_prefix_cache<typename TestFixture::format> put(first, {&tier});
-  Index s = put.create(tokens.data(), Index(tokens.size()));
+  Index s = put.create(tokens.data(), Index(tokens.size()), "m");
   prefill(first, s, tokens, 0, Index(tokens.size()));
-  put.publish(s, tokens.data(), Index(tokens.size()));
+  put.publish(s, tokens.data(), Index(tokens.size()), "m");
   // Damage page 2's value: one byte of its contents, inside a checksummed section.
   const std::string key2 = put.key(first.page_hashes(s)[2]);
   std::string v = *tier.get(key2);
@@ -186,7 +186,7 @@ TYPED_TEST(Tiered, ADamagedValueIsRefusedAndRecomputed) {
   tier.put(key2, v);
   auto second = TestFixture::make(16);
   tiered_prefix_cache<typename TestFixture::format> tiers(second, {&tier});
-  s = tiers.create(tokens.data(), Index(tokens.size()));
+  s = tiers.create(tokens.data(), Index(tokens.size()), "m");
   EXPECT_EQ(second.prefix_hit(s), 16);
   EXPECT_EQ(tiers.stats().rejected, 1);
   EXPECT_NE(tiers.stats().last_rejection.find("checksum"), std::string::npos)
@@ -294,9 +294,9 @@ TEST(Tiered, TheRunContinuesInTheNextTier) {
     Index s = -1;
     {
       tiered_prefix_cache<plain_format<float>> t(a, {&slow});
-      s = t.create(tokens.data(), 41);
+      s = t.create(tokens.data(), 41, "m");
       prefill(a, s, tokens, 0, 41);
-      t.publish(s, tokens.data(), 41);
+      t.publish(s, tokens.data(), 41, "m");
     }
     // The fast tier holds the first two pages only.
     tiered_prefix_cache<plain_format<float>> f(a, {&fast});
@@ -305,7 +305,7 @@ TEST(Tiered, TheRunContinuesInTheNextTier) {
   EXPECT_EQ(fast.size(), 2);
   cache_type b(model, paged_layout{8, 16});
   tiered_prefix_cache<plain_format<float>> t(b, {&fast, &slow});
-  const Index s = t.create(tokens.data(), 41);
+  const Index s = t.create(tokens.data(), 41, "m");
   EXPECT_EQ(b.prefix_hit(s), 40);
   EXPECT_EQ(fast.counters().hits, 2);
   EXPECT_EQ(slow.counters().hits, 3);
@@ -319,15 +319,15 @@ TEST(Tiered, RestoringStopsWhenThePoolIsFull) {
   {
     cache_type a(model, paged_layout{8, 8});
     tiered_prefix_cache<plain_format<float>> t(a, {&tier});
-    const Index s = t.create(tokens.data(), 49);
+    const Index s = t.create(tokens.data(), 49, "m");
     prefill(a, s, tokens, 0, 49);
-    t.publish(s, tokens.data(), 49);
+    t.publish(s, tokens.data(), 49, "m");
   }
   cache_type b(model, paged_layout{8, 6});
   tiered_prefix_cache<plain_format<float>> t(b, {&tier});
   const Index busy = b.create();
   prefill(b, busy, prompt(16, 8), 0, 16);  // 2 pages in use, 4 left
-  const Index s = t.create(tokens.data(), 49);
+  const Index s = t.create(tokens.data(), 49, "m");
   EXPECT_EQ(b.prefix_hit(s), 32);
   EXPECT_EQ(t.stats().restored_pages, 4);
   EXPECT_EQ(b.stats().free, 0);
@@ -360,19 +360,19 @@ TEST(Tiered, AFailingTierIsAMissAndEvictionGoesOn) {
   cache_type c(model, paged_layout{8, 4});
   tiered_prefix_cache<plain_format<float>> t(c, {&bad}, /*write_through=*/false);
   const auto a = prompt(33, 9);
-  Index s = t.create(a.data(), 33);
+  Index s = t.create(a.data(), 33, "m");
   prefill(c, s, a, 0, 32);
-  t.publish(s, a.data(), 32);
+  t.publish(s, a.data(), 32, "m");
   c.free(s);
   const auto b = prompt(32, 10);
-  s = t.create(b.data(), 32);
+  s = t.create(b.data(), 32, "m");
   prefill(c, s, b, 0, 32);  // evicts a's 4 pages; the handler's offload fails each time
   EXPECT_EQ(c.stats().evictions, 4);
   EXPECT_EQ(t.stats().errors, 4);
   EXPECT_EQ(t.stats().offloaded_pages, 0);
   Tiered<f32_p8>::expect_computed(c, s, b);
   c.free(s);
-  s = t.create(a.data(), 33);
+  s = t.create(a.data(), 33, "m");
   EXPECT_EQ(c.prefix_hit(s), 0);
   EXPECT_GT(bad.counters().errors, 0);
 }
@@ -385,10 +385,10 @@ TEST(Tiered, AFailingWriteThroughLeavesThePublishDone) {
   cache_type c(model, paged_layout{8, 8});
   tiered_prefix_cache<plain_format<float>> t(c, {&bad});
   const auto a = prompt(33, 14);
-  const Index s = t.create(a.data(), 33);
+  const Index s = t.create(a.data(), 33, "m");
   prefill(c, s, a, 0, 33);
   Index published = -1;
-  EXPECT_NO_THROW(published = t.publish(s, a.data(), 33));
+  EXPECT_NO_THROW(published = t.publish(s, a.data(), 33, "m"));
   EXPECT_EQ(published, 4);
   EXPECT_EQ(c.pool().n_published(), 4);
   EXPECT_EQ(t.stats().errors, 1);
@@ -848,6 +848,25 @@ TEST(DiskStore, ACacheRestoresAcrossARestartAndRecomputesDamagedFiles) {
     prefill(b, s, tokens, 40, 57);
     Tiered<int8_g4_p8>::expect_computed(b, s, tokens);
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Tiers are shared between processes: a lookup or publish without a key naming the model is
+// refused before anything changes.
+TEST(Tiered, AnEmptyModelKeyIsRefused) {
+  kvcache::memory_store tier(1 << 20);
+  kvcache::paged_kv_cache<kvcache::plain_format<float>> c(kvcache::cache_shape(1, 2, 1, 8),
+                                                          kvcache::paged_layout{4, 4});
+  kvcache::tiered_prefix_cache<kvcache::plain_format<float>> t(c, {&tier});
+  const std::vector<std::int32_t> tokens(9, 3);
+  EXPECT_THROW(t.create(tokens.data(), 9, ""), std::invalid_argument);
+  EXPECT_EQ(c.n_sequences(), 0);
+  const kvcache::Index s = t.create(tokens.data(), 9, "m");
+  EXPECT_THROW(t.publish(s, tokens.data(), 9, ""), std::invalid_argument);
+  EXPECT_EQ(tier.size(), 0);
 }
 
 }  // namespace

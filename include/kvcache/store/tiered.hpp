@@ -93,10 +93,13 @@ class tiered_prefix_cache {
   /// prompt's first n - 1 tokens that follow the pool's own: the new sequence holds
   /// prefix_hit(id) tokens and the caller prefills the rest. Pages are restored while the pool
   /// has free or cached pages to put them in (restoring evicts the least recently used cached
-  /// pages, never the prompt's own). Cost: a hash per page of the prompt, one batched get per
-  /// tier asked, a copy of each restored page. Throws as cache.create does; std::bad_alloc
+  /// pages, never the prompt's own). `extra_key` must name the model (its weights, not a file
+  /// path): the tiers are shared, and an empty key is refused. Cost: a hash per page of the
+  /// prompt, one batched get per tier asked, a copy of each restored page. Throws
+  /// std::invalid_argument for an empty extra_key, and as cache.create does; std::bad_alloc
   /// leaves the cache as it was, apart from pages restored into it.
-  Index create(const std::int32_t* tokens, Index n, std::string_view extra_key = {}) {
+  Index create(const std::int32_t* tokens, Index n, std::string_view extra_key) {
+    check_key("create", extra_key);
     Index id = cache_.create(tokens, n, extra_key);
     if (tiers_.empty() || n < 1) return id;
     Index restored = 0;
@@ -115,10 +118,12 @@ class tiered_prefix_cache {
 
   /// cache.publish(seq, tokens, n, extra_key); with write_through, the pages it publishes are
   /// then written to the first tier unless it holds them (one batched contains, one batched
-  /// put). Returns the pages newly published. Throws as cache.publish does; a write-through
+  /// put). Returns the pages newly published. Throws std::invalid_argument for an empty
+  /// extra_key (see create), and as cache.publish does; a write-through
   /// that fails after the pages are published (a tier's std::bad_alloc) is counted in
   /// stats().errors, not thrown, since the publish is done.
-  Index publish(Index seq, const std::int32_t* tokens, Index n, std::string_view extra_key = {}) {
+  Index publish(Index seq, const std::int32_t* tokens, Index n, std::string_view extra_key) {
+    check_key("publish", extra_key);
     const std::size_t before = cache_.page_hashes(seq).size();
     const page_hash root_before = root_of(seq);
     const Index published = cache_.publish(seq, tokens, n, extra_key);
@@ -169,6 +174,14 @@ class tiered_prefix_cache {
   }
 
  private:
+  static void check_key(const char* fn, std::string_view extra_key) {
+    if (extra_key.empty()) {
+      detail::fail<std::invalid_argument>(
+          "tiered_prefix_cache::", fn, ": the extra key is empty; tiers are shared between ",
+          "processes, so it must name the model (e.g. a hash of its weights)");
+    }
+  }
+
   page_hash root_of(Index seq) const {
     const auto& h = cache_.page_hashes(seq);
     return h.empty() ? page_hash{} : h.front();
