@@ -870,3 +870,23 @@ TEST(Tiered, AnEmptyModelKeyIsRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// A temporary file of a write that stopped long ago (its process died) is removed on opening;
+// a recent one, perhaps another process's write under way, is left.
+TEST(DiskStore, StaleTemporaryFilesAreRemovedOnOpening) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("kvcache_store_tmp_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / ".tmp-1-0") << "old";
+  std::ofstream(dir / ".tmp-1-1") << "new";
+  fs::last_write_time(dir / ".tmp-1-0", fs::file_time_type::clock::now() - std::chrono::hours(2));
+  { kvcache::disk_store d(dir, 1 << 20); }
+  EXPECT_FALSE(fs::exists(dir / ".tmp-1-0"));
+  EXPECT_TRUE(fs::exists(dir / ".tmp-1-1"));
+  fs::remove_all(dir);
+}
+
+}  // namespace

@@ -50,9 +50,10 @@ namespace kvcache {
 class disk_store final : public page_store {
  public:
   /// Opens (creating it when missing) the directory `dir`, learns its .kvpage files named by
-  /// a key (others are left alone), oldest use first, and removes the oldest beyond `budget_bytes`. Throws std::invalid_argument for
-  /// a negative budget, std::runtime_error naming the directory when it cannot be created or
-  /// read.
+  /// a key (others are left alone), oldest use first, and removes the oldest beyond
+  /// `budget_bytes`, and the temporary files of writes that stopped an hour ago or more (a
+  /// process that died). Throws std::invalid_argument for a negative budget,
+  /// std::runtime_error naming the directory when it cannot be created or read.
   disk_store(std::filesystem::path dir, Index budget_bytes, page_store* spill = nullptr)
       : dir_(std::move(dir)), budget_(budget_bytes), spill_(spill) {
     namespace fs = std::filesystem;
@@ -77,8 +78,14 @@ class disk_store final : public page_store {
       detail::fail<std::runtime_error>("disk_store: cannot read the directory ", dir_.string(),
                                        ": ", ec.message());
     }
+    const auto stale = fs::file_time_type::clock::now() - std::chrono::hours(1);
     for (const fs::directory_entry& e : it) {
       const fs::path& p = e.path();
+      if (p.filename().string().rfind(".tmp-", 0) == 0 && e.is_regular_file(ec) &&
+          e.last_write_time(ec) < stale && !ec) {
+        fs::remove(p, ec);  // left by a process that died while writing, an hour ago or more
+        continue;
+      }
       if (p.extension() != extension || !is_key(p.stem().string()) || !e.is_regular_file(ec)) {
         continue;  // not a value of this store: left alone
       }
