@@ -8,6 +8,7 @@
 #include <kvcache/store/page_blob.hpp>
 #include <kvcache/store/tiered.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
