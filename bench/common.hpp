@@ -19,8 +19,14 @@ namespace kvcache_bench {
 
 using kvcache::Index;
 
-// Threads for everything multi-threaded here: the machine's cores.
+// Threads for everything multi-threaded here: --threads N, set before the first use of pool(),
+// else the machine's cores.
+inline Index& bench_threads_option() {
+  static Index n = 0;
+  return n;
+}
 inline Index bench_threads() {
+  if (bench_threads_option() > 0) return bench_threads_option();
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : Index(n);
 }
