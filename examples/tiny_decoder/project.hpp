@@ -92,10 +92,11 @@ struct matvec {
 }  // namespace detail
 
 /// Up to three projections of the same input x (`in` floats each), run as one: their rows, side
-/// by side, are cut into one contiguous run per thread of `pool` (the calling thread alone when
-/// null, or when all the weights together are below `min_parallel` floats: waking a thread
-/// costs more than a small product). Reads every weight once; allocates nothing. Results are
-/// the same on any number of threads.
+/// by side, are cut into contiguous runs that the threads of `pool` take in turn, a few runs a
+/// thread so that a thread the system preempts holds up no one (the calling thread alone when
+/// `pool` is null, or when all the weights together are below `min_parallel` floats: waking a
+/// thread costs more than a small product). Reads every weight once; allocates nothing.
+/// Results are the same on any number of threads.
 template <std::size_t N>
 void project(kvcache::thread_pool* pool, const std::array<projection, N>& ps, const float* x,
              Index min_parallel = Index(1) << 16) {
@@ -106,9 +107,10 @@ void project(kvcache::thread_pool* pool, const std::array<projection, N>& ps, co
     floats += p.w->size();
   }
   const Index workers = pool == nullptr || floats < min_parallel ? 1 : pool->size();
+  const Index parts = workers == 1 ? 1 : std::max<Index>(workers, std::min<Index>(4 * workers, rows / 16));
   // Runs a multiple of 4 rows long, so that only a run's end takes rows one at a time.
   const auto bound = [&](Index part) {
-    return part == workers ? rows : (rows * part / workers) / 4 * 4;
+    return part == parts ? rows : (rows * part / parts) / 4 * 4;
   };
   auto run = [&](Index part, Index) {
     Index lo = bound(part), hi = bound(part + 1), first = 0;
@@ -119,10 +121,10 @@ void project(kvcache::thread_pool* pool, const std::array<projection, N>& ps, co
       first = end;
     }
   };
-  if (workers == 1) {
+  if (parts == 1) {
     run(0, 0);
   } else {
-    pool->parallel_for(workers, run);
+    pool->parallel_for(parts, run);
   }
 }
 
