@@ -353,6 +353,51 @@ void BM_fma_peak(benchmark::State& state) {
                  "-float FMAs a thread, " + std::to_string(pool().size()) + " threads");
 }
 
+// The ceiling prefill's tiles put on it: on every thread, the two products of one tile of the
+// kernel's general path, S = Q K^T and O += S V, for 128 rows x 128 keys x head_dim 128 (Eigen's
+// matrix product, as prefill runs them), with no softmax, mask or item overhead. of_fma holds
+// their FLOP rate against fma_peak passes run between the calls.
+void BM_prefill_tile_products(benchmark::State& state) {
+  const Index rows = 128, keys = 128, d = 128, reps = 64;
+  struct operands {
+    row_matrix<float> q, k, v, s, o;
+  };
+  std::vector<operands> per(std::size_t(pool().size()));
+  for (auto& x : per) {
+    x.q = row_matrix<float>::Random(rows, d);
+    x.k = row_matrix<float>::Random(keys, d);
+    x.v = row_matrix<float>::Random(keys, d);
+    x.s.resize(rows, keys);
+    x.o = row_matrix<float>::Zero(rows, d);
+  }
+  std::vector<double> call_s, fma_s;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool().parallel_for(pool().size(), [&](Index w, Index) {
+      operands& x = per[std::size_t(w)];
+      for (Index r = 0; r < reps; ++r) {
+        x.s.noalias() = x.q * x.k.transpose();
+        x.o.noalias() += x.s * x.v;
+      }
+    });
+    benchmark::DoNotOptimize(per[0].o.data());
+    call_s.push_back(seconds_since(t0));
+    state.PauseTiming();
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(fma_peak::run());
+    fma_s.push_back(seconds_since(t1));
+    state.ResumeTiming();
+  }
+  const double flops = 4.0 * double(rows * keys * d) * double(reps) * double(pool().size());
+  const double peak = fma_peak::flops_per_pass() / median(fma_s);
+  state.counters["GFLOPs"] = flops / median(call_s) / 1e9;
+  state.counters["peak_GFLOPs"] = peak / 1e9;
+  state.counters["of_fma"] = flops / median(call_s) / peak;
+  state.counters["threads"] = double(pool().size());
+  state.SetLabel("S = Q K^T, O += S V, 128 x 128 x 128 f32, Eigen, " +
+                 std::to_string(pool().size()) + " threads");
+}
+
 // Causal attention over a whole prompt of ctx tokens, written to an empty layer. FLOP counts
 // only what the causal mask leaves, 4 * head_dim per (query head, query, visible key) pair
 // (the scores and the weighted sum), and of_fma holds that rate against fma_peak passes run
@@ -441,6 +486,7 @@ void register_all() {
         Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
   }
   add("fma_peak", BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+  add("prefill_tile_products", BM_prefill_tile_products)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (Index ctx : {512, 1024, 2048, 4096}) {
     add("prefill_attention/" + to_string(ctx), BM_prefill_attention, ctx)
         ->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -386,6 +386,139 @@ struct micro_kernel {
   }
 };
 
+// The same two operations for rows of any width already in T, for up to `max_rows` query
+// rows (MLA's 16 heads over one latent of 576): sums of blocks of 4 tokens x a few rows in
+// flight over the width (scores), and outputs held in registers a run of packets at a time
+// over the tile (accumulate), so that fused multiply-adds, not the latency of one chain, set
+// the pace. The tile is read from L2 once per pass of rows (scores) or per run (accumulate).
+template <class T>
+struct wide_kernel {
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+  static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+  static constexpr Index max_rows = 16;
+  static constexpr int key_tokens = 4;
+  static constexpr int key_rows = registers >= 32 ? 4 : 2;
+  static constexpr int value_rows = 4;
+
+  // s[r][u] = q_r . k_u for R rows and U tokens, d wide (the scalar tail after the packets).
+  template <int R, int U>
+  static EIGEN_ALWAYS_INLINE void score_block(const T* q, Index q_stride, const T* const* k,
+                                              Index d, T* s, Index s_stride) {
+    using namespace Eigen::internal;
+    const Index dp = d - d % width;
+    packet acc[R][U];
+    for (int r = 0; r < R; ++r) {
+      for (int u = 0; u < U; ++u) acc[r][u] = pset1<packet>(T(0));
+    }
+    for (Index c = 0; c < dp; c += width) {
+      packet qc[R];
+      for (int r = 0; r < R; ++r) qc[r] = ploadu<packet>(q + r * q_stride + c);
+      for (int u = 0; u < U; ++u) {
+        const packet kc = ploadu<packet>(k[u] + c);
+        for (int r = 0; r < R; ++r) acc[r][u] = pmadd(qc[r], kc, acc[r][u]);
+      }
+    }
+    T tail[R][U] = {};
+    for (Index c = dp; c < d; ++c) {
+      for (int r = 0; r < R; ++r) {
+        for (int u = 0; u < U; ++u) tail[r][u] += q[r * q_stride + c] * k[u][c];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      if constexpr (U == 4) {
+        lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], T(0), s + r * s_stride);
+        for (int u = 0; u < U; ++u) s[r * s_stride + u] += tail[r][u];
+      } else {
+        for (int u = 0; u < U; ++u) s[r * s_stride + u] = predux(acc[r][u]) + tail[r][u];
+      }
+    }
+  }
+
+  // Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
+  // passes of Max rows, then one of the rest.
+  template <int Max, class F>
+  static EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
+    Index r = 0;
+    for (; r + Max <= rows; r += Max) f(std::integral_constant<int, Max>{}, r);
+    switch (rows - r) {
+      case 1: f(std::integral_constant<int, 1>{}, r); break;
+      case 2: if constexpr (Max > 2) f(std::integral_constant<int, 2>{}, r); break;
+      case 3: if constexpr (Max > 3) f(std::integral_constant<int, 3>{}, r); break;
+      default: break;
+    }
+  }
+
+  // s[r][t] = q_r . k_t for `rows` rows and n keys (rows of k `k_stride` apart), d wide.
+  static void scores(const T* q, Index q_stride, Index rows, const T* k, Index k_stride, Index n,
+                     Index d, T* s, Index s_stride) {
+    Index t = 0;
+    for (; t + key_tokens <= n; t += key_tokens) {
+      const T* kt[key_tokens];
+      for (int u = 0; u < key_tokens; ++u) kt[u] = k + (t + u) * k_stride;
+      row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
+        score_block<decltype(r_count)::value, key_tokens>(q + r0 * q_stride, q_stride, kt, d,
+                                                          s + r0 * s_stride + t, s_stride);
+      });
+    }
+    for (; t < n; ++t) {
+      const T* kt[1] = {k + t * k_stride};
+      row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
+        score_block<decltype(r_count)::value, 1>(q + r0 * q_stride, q_stride, kt, d,
+                                                 s + r0 * s_stride + t, s_stride);
+      });
+    }
+  }
+
+  // Columns [c0, c0 + CC * width) of o_r += sum over t of p[r][t] * v_t, for R rows.
+  template <int R, int CC>
+  static EIGEN_ALWAYS_INLINE void value_run(const T* p, Index p_stride, const T* v, Index v_stride,
+                                            Index n, Index c0, T* o, Index o_stride) {
+    using namespace Eigen::internal;
+    packet acc[R][CC];
+    for (int r = 0; r < R; ++r) {
+      for (int cc = 0; cc < CC; ++cc) acc[r][cc] = ploadu<packet>(o + r * o_stride + c0 + cc * width);
+    }
+    const T* vt = v + c0;
+    for (Index t = 0; t < n; ++t, vt += v_stride) {
+      packet w[R];
+      for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
+      for (int cc = 0; cc < CC; ++cc) {
+        const packet vc = ploadu<packet>(vt + cc * width);
+        for (int r = 0; r < R; ++r) acc[r][cc] = pmadd(w[r], vc, acc[r][cc]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int cc = 0; cc < CC; ++cc) pstoreu(o + r * o_stride + c0 + cc * width, acc[r][cc]);
+    }
+  }
+
+  // o_r += sum over t in [0, n) of p[r][t] * v_t for `rows` rows, dv wide.
+  static void accumulate(const T* p, Index p_stride, Index rows, const T* v, Index v_stride,
+                         Index n, Index dv, T* o, Index o_stride) {
+    const Index dp = dv - dv % width;
+    row_passes<value_rows>(rows, [&](auto r_count, Index r0) {
+      constexpr int R = decltype(r_count)::value;
+      // R x CC accumulators take half the registers.
+      constexpr int CC = std::max(1, registers / 2 / R);
+      const T* pr = p + r0 * p_stride;
+      T* orow = o + r0 * o_stride;
+      Index c = 0;
+      for (; c + CC * width <= dp; c += CC * width) {
+        value_run<R, CC>(pr, p_stride, v, v_stride, n, c, orow, o_stride);
+      }
+      for (; c < dp; c += width) value_run<R, 1>(pr, p_stride, v, v_stride, n, c, orow, o_stride);
+      for (int r = 0; r < R; ++r) {
+        for (Index x = dp; x < dv; ++x) {
+          T sum = T(0);
+          for (Index t = 0; t < n; ++t) sum += pr[r * p_stride + t] * v[t * v_stride + x];
+          orow[r * o_stride + x] += sum;
+        }
+      }
+    });
+  }
+};
+
 // Rows [t0, t0+n) of stored keys or values as a row-major tile of T: mapped in place when
 // stored as T, otherwise converted into `scratch` (one tile, in cache, never the whole cache).
 template <class T>

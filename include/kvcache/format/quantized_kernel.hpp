@@ -78,8 +78,8 @@ inline int code_at(const std::uint8_t* row, Index x) noexcept {
 
 // Loads the codes of channels [x, x + width) of a row as one float packet, converting in
 // registers: int8 bytes zero-extended to int32 lanes, then converted to float; int4 nibbles
-// moved one per lane, then looked up in a 16-entry table (AVX-512) or split, interleaved and
-// converted like bytes. Scalar where the target has no such instructions.
+// moved one per lane, then looked up in a 16-entry table (AVX-512), shifted into place lane by
+// lane (AVX2) or split, interleaved and converted like bytes. Scalar where the target has no such instructions.
 template <class T, int Bits>
 struct code_loader {
   static_assert(std::is_same_v<T, float>, "kvcache: codes load as float");
@@ -103,9 +103,13 @@ struct code_loader {
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + x));
         return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
       } else {
+        // Channel i of the 8 sits at bit 4i of the 4 bytes: the word in every lane, each lane
+        // shifted by its own count, the low nibble kept.
         std::int32_t bits = 0;
         std::memcpy(&bits, row + x / 2, 4);
-        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(split_nibbles(_mm_cvtsi32_si128(bits))));
+        const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32(bits),
+                                                _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0x0F)));
       }
     }
 #endif
