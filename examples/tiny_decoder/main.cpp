@@ -743,7 +743,7 @@ int main(int argc, char** argv) {
                   cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(),
                   cfg.vocab_size, o.checkpoint ? o.checkpoint->c_str() : "random");
     }
-    std::printf("prompt: %zu tokens, generating %td, %s, %td attention thread%s\n\n", prompt.size(),
+    std::printf("prompt: %zu tokens, generating %td, %s, %td thread%s\n\n", prompt.size(),
                 o.gen, o.temperature == 0.0f ? "greedy" : "sampled", o.threads, o.threads == 1 ? "" : "s");
     for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
       if (r == nullptr) continue;
