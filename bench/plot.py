@@ -3,7 +3,8 @@
 """Turns kvcache_bench's JSON output into PNG plots and a Markdown table of medians.
 
 usage: plot.py RESULTS.json OUT_DIR
-Writes OUT_DIR/decode_step.png, append_concat.png, decode_attention.png, batch_decode.png and,
+Writes OUT_DIR/decode_step.png, append_concat.png, decode_attention.png (GB/s by context per
+format, against the read bandwidth beside it), batch_decode.png and,
 when RESULTS.json holds the serve example's reports (bench/merge.py), serve_throughput.png and
 serve_memory.png; prints the table.
 """
