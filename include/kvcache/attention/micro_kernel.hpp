@@ -137,8 +137,8 @@ inline constexpr Index row_prefetch_bytes = 4096;
 // from L1, each key packet converted once for the rows of a pass and the next rows
 // prefetched: many independent sums in flight instead of one chain per token (measured on
 // x86-64-v3 from DRAM, f32 and f16, one thread: 7% and 25% faster than one row at a time).
-// Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes): with
-// AVX-512, 10 to 12% faster from DRAM for f32, f16 and bf16 at 131072 tokens, 2 threads.
+// Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes), within a
+// page's run (prefetch_row).
 template <class T, int C>
 struct fixed_micro_kernel {
   using packet = typename Eigen::internal::packet_traits<T>::type;
@@ -152,6 +152,20 @@ struct fixed_micro_kernel {
   static constexpr int key_rows = 2;
   template <class Scalar>
   static constexpr Index row_bytes_of = C * width * Index(sizeof(Scalar));
+
+  // Asks for the row about row_prefetch_bytes after row t of `run`: when it lies in the run, or
+  // anywhere with `past_end` (a tile of a block, whose rows go on). A page's run is followed by
+  // other sequences' pages, which a prefetch past its end would read for nothing.
+  template <class Scalar>
+  static EIGEN_ALWAYS_INLINE void prefetch_row(const row_run<Scalar>& run, Index t,
+                                               bool past_end) {
+    constexpr Index ahead = std::max<Index>(1, row_prefetch_bytes / row_bytes_of<Scalar>);
+    if (!past_end && t + ahead >= run.n) return;
+    const Index bytes = ahead * run.stride * Index(sizeof(Scalar));
+    for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
+      prefetch_ahead(run.rows + t * run.stride, bytes + line);
+    }
+  }
 
   // s[r][t] = q_r . k_t for R rows and the tokens of `count` runs, side by side in s.
   template <int R, class Scalar>
@@ -167,9 +181,7 @@ struct fixed_micro_kernel {
       const row_run<Scalar>& run = runs[i];
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* kt = run.rows + t * run.stride;
-        for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
-          prefetch_ahead(kt, row_prefetch_bytes + line);
-        }
+        prefetch_row(run, t, count == 1);
         packet acc[R];
         const packet k0 = widen<T, Scalar>::load(kt);
         for (int r = 0; r < R; ++r) acc[r] = pmul(qr[r][0], k0);
@@ -196,9 +208,7 @@ struct fixed_micro_kernel {
       const row_run<Scalar>& run = runs[i];
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* vt = run.rows + t * run.stride;
-        for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
-          prefetch_ahead(vt, row_prefetch_bytes + line);
-        }
+        prefetch_row(run, t, count == 1);
         packet w[R];
         for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + col]);
         for (int c = 0; c < C; ++c) {
@@ -265,9 +275,7 @@ struct fixed_micro_kernel {
         const Scalar* k[key_tokens];
         for (int u = 0; u < key_tokens; ++u) {
           k[u] = run.rows + (t + u) * run.stride;
-          for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
-            prefetch_ahead(k[u], row_prefetch_bytes + line);
-          }
+          prefetch_row(run, t + u, count == 1);
         }
         row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
           score_block<decltype(r_count)::value, key_tokens>(q + r0 * q_stride, q_stride, k,
