@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -131,6 +132,74 @@ void BM_generate(benchmark::State& state, Index n) {
   state.SetLabel("prompt 16 + " + std::to_string(n) + " tokens, " + decoder_label(1));
 }
 
+// A whole decode step of the tiny decoder on its own pool of `threads` threads: the default
+// model (dim 256, ~3.4 MB of weights, in cache) or a larger one whose weights are far beyond
+// the caches (dim 1024, hidden 2816, 8 layers, ~360 MB). A step reads every weight and every
+// cached key and value once: of_read holds those bytes per second against read passes beside.
+tiny::config step_config(bool large) {
+  tiny::config c;
+  if (large) {
+    c.dim = 1024;
+    c.hidden_dim = 2816;
+    c.n_layers = 8;
+  }
+  c.seq_len = 2048 + 1;
+  return c;
+}
+
+const tiny::weights& step_weights(bool large) {
+  static const tiny::weights small_w = tiny::random_weights(step_config(false), 42);
+  if (!large) return small_w;
+  static const tiny::weights large_w = tiny::random_weights(step_config(true), 42);
+  return large_w;
+}
+
+// Bytes a decode step reads: every projection and the classifier (one embedding row aside),
+// and the K and V of ctx tokens in every layer (f32).
+double step_bytes(const tiny::config& c, const tiny::weights& w, Index ctx) {
+  double floats = double(w.classifier.size());
+  for (const auto& l : w.layers) {
+    floats += double(l.wq.size() + l.wk.size() + l.wv.size() + l.wo.size() + l.w1.size() +
+                     l.w2.size() + l.w3.size());
+  }
+  floats += 2.0 * double(c.n_layers) * double(ctx) * double(c.kv_dim());
+  return floats * sizeof(float);
+}
+
+struct step_fixture {
+  step_fixture(const tiny::config& c, const tiny::weights& w, Index threads) : dec(c, w, threads) {}
+  tiny::decoder<> dec;
+};
+
+void BM_decoder_step(benchmark::State& state, bool large, Index threads, Index ctx) {
+  const tiny::config c = step_config(large);
+  const tiny::weights& w = step_weights(large);
+  auto& f = held_fixture<step_fixture>(
+      "decoder_step/" + std::to_string(large) + "/" + std::to_string(threads) + "/" +
+          std::to_string(ctx),
+      [&] {
+        auto g = std::make_unique<step_fixture>(c, w, threads);
+        g->dec.forward_cached(some_tokens(ctx));
+        return g;
+      });
+  f.dec.crop(ctx);
+  benchmark::DoNotOptimize(f.dec.forward_cached(5).data());  // warm-up
+  beside_read side;
+  for (auto _ : state) {
+    f.dec.crop(ctx);  // O(1): every step sees the same context
+    side.call(state, [&] { benchmark::DoNotOptimize(f.dec.forward_cached(5).data()); });
+  }
+  const double bytes = step_bytes(c, w, ctx);
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(bytes));
+  side.set_counters(state, bytes);
+  state.counters["tokens_per_s"] = 1.0 / side.call_median();
+  state.counters["threads"] = double(threads);
+  state.SetLabel("dim " + std::to_string(c.dim) + ", hidden " + std::to_string(c.hidden_dim) +
+                 ", " + std::to_string(c.n_layers) + " layers, 8 q / 2 kv heads, " +
+                 std::to_string(int(bytes / 1e6)) + " MB a step, " + std::to_string(threads) +
+                 " thread" + (threads == 1 ? "" : "s"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // One layer's cache of 8 kv heads x 128 holding ctx tokens, and one more token added to it.
 constexpr Index append_heads = 8, append_dim = 128;
@@ -187,54 +256,152 @@ bench_layer<Format> make_layer(Index n_kv, Index d, Index ctx) {
   return layer;
 }
 
+// One layer of ctx tokens in Format, filled from 4096 random tokens taken again and again
+// (which values they hold does not change the time), with the query and output of one step.
+template <class Format>
+struct decode_fixture {
+  decode_fixture(Index n_kv, Index d, Index ctx) : layer(make_layer<Format>(n_kv, d, ctx)) {}
+  bench_layer<Format> layer;
+  kvcache::row_vector<float> q, out;
+  kvcache::attention_workspace<float> ws;
+};
+
 template <class Format>
 void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Index n_kv) {
   const Index d = 128;
   const kvcache::attention_shape shape(n_heads, n_kv, d);
-  auto layer = make_layer<Format>(n_kv, d, ctx);
-  for (Index t = 0; t < ctx; t += 4096) {
-    const Index n = std::min<Index>(4096, ctx - t);
-    layer.append(0, row_matrix<float>::Random(n, n_kv * d), row_matrix<float>::Random(n, n_kv * d));
-  }
-  kvcache::attention_workspace<float> ws;
+  auto& f = held_fixture<decode_fixture<Format>>(
+      "decode_attention/" + format_label<Format>() + "/" + std::to_string(ctx) + "/" +
+          std::to_string(n_heads) + "/" + std::to_string(n_kv),
+      [&] {
+        auto g = std::make_unique<decode_fixture<Format>>(n_kv, d, ctx);
+        const Index chunk = 4096;
+        const row_matrix<float> k = row_matrix<float>::Random(chunk, n_kv * d);
+        const row_matrix<float> v = row_matrix<float>::Random(chunk, n_kv * d);
+        for (Index t = 0; t < ctx; t += chunk) {
+          const Index n = std::min<Index>(chunk, ctx - t);
+          g->layer.append(0, k.topRows(n), v.topRows(n));
+        }
+        g->q = kvcache::row_vector<float>::Random(shape.q_width());
+        g->out.resize(shape.q_width());
+        return g;
+      });
   kvcache::attention_options opt;
   opt.pool = &pool();
-  const kvcache::row_vector<float> q = kvcache::row_vector<float>::Random(shape.q_width());
-  kvcache::row_vector<float> out(shape.q_width());
-  // Where the cache is far beyond the caches (ctx >= 8192), a triad pass runs between timed
-  // calls and the fraction compares medians of both, measured side by side: this machine's
-  // bandwidth drifts with its neighbours, so a figure measured minutes apart misleads.
-  const bool side_by_side = ctx >= 8192;
-  std::vector<double> call_s, triad_s;
+  kvcache::decode_attention(shape, f.q, f.layer.view(0), f.out, f.ws, opt);  // warm-up
+  // Read passes run between timed calls and of_read compares medians of both, measured side by
+  // side: this machine's bandwidth drifts with its neighbours, so a figure measured minutes
+  // apart misleads. Below a few times the last level cache the fraction can exceed 1.
+  beside_read side;
   for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    kvcache::decode_attention(shape, q, layer.view(0), out, ws, opt);
-    benchmark::DoNotOptimize(out.data());
-    call_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    if (side_by_side) {
-      state.PauseTiming();
-      const auto t1 = std::chrono::steady_clock::now();
-      shared_triad().run();
-      triad_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
-      state.ResumeTiming();
-    }
+    side.call(state, [&] {
+      kvcache::decode_attention(shape, f.q, f.layer.view(0), f.out, f.ws, opt);
+      benchmark::DoNotOptimize(f.out.data());
+    });
   }
-  auto median = [](std::vector<double> v) {
-    std::nth_element(v.begin(), v.begin() + std::ptrdiff_t(v.size() / 2), v.end());
-    return v[v.size() / 2];
-  };
-  const double triad_bw = side_by_side ? triad_arrays::bytes() / median(triad_s) : g_triad_bytes_per_s;
-  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(layer.bytes()));
+  const double bytes = double(f.layer.bytes());
+  state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(bytes));
+  side.set_counters(state, bytes);
   state.counters["threads"] = double(pool().size());
-  // K and V bytes read per second as a fraction of the triad bandwidth.
-  state.counters["of_triad"] = double(layer.bytes()) / median(call_s) / triad_bw;
-  state.counters["triad_GBps"] = triad_bw / 1e9;
   state.SetLabel(std::to_string(n_heads) + " q / " + std::to_string(n_kv) + " kv heads x 128, " +
-                 format_label<Format>() + ", " + std::to_string(pool().size()) +
-                 " threads");
+                 format_label<Format>() + ", " + std::to_string(pool().size()) + " threads");
 }
 
-// Causal attention over a whole prompt of ctx tokens, written to an empty layer.
+// The machine's peak rate of fused multiply-adds on the pool's threads: each thread runs
+// independent chains of packet FMAs (enough to cover the FMA latency on every port), nothing
+// read from memory. Counted as 2 FLOP per lane per FMA.
+template <class T>
+struct fma_peak_of {
+  static constexpr int chains = 16;
+  static constexpr Index steps = Index(1) << 17;
+  using packet = typename Eigen::internal::packet_traits<T>::type;
+  static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
+
+  static double flops_per_pass() {
+    return 2.0 * double(width) * chains * double(steps) * double(pool().size());
+  }
+  // One pass on every thread; returns a sum so that nothing is optimized away.
+  static T run() {
+    using namespace Eigen::internal;
+    std::vector<T> sums(std::size_t(pool().size()), T(0));
+    pool().parallel_for(pool().size(), [&](Index w, Index) {
+      packet acc[chains];
+      for (int c = 0; c < chains; ++c) acc[c] = pset1<packet>(T(c) * T(1e-3));
+      packet a = pset1<packet>(T(0.999)), b = pset1<packet>(T(1e-4));
+      benchmark::DoNotOptimize(a);
+      benchmark::DoNotOptimize(b);
+      for (Index i = 0; i < steps; ++i) {
+        for (int c = 0; c < chains; ++c) acc[c] = pmadd(acc[c], a, b);
+      }
+      packet total = acc[0];
+      for (int c = 1; c < chains; ++c) total = padd(total, acc[c]);
+      sums[std::size_t(w)] = predux(total);
+    });
+    T s = T(0);
+    for (T x : sums) s += x;
+    return s;
+  }
+};
+using fma_peak = fma_peak_of<float>;
+
+void BM_fma_peak(benchmark::State& state) {
+  for (auto _ : state) benchmark::DoNotOptimize(fma_peak::run());
+  state.counters["GFLOPs"] = benchmark::Counter(fma_peak::flops_per_pass() * 1e-9 * double(state.iterations()),
+                                                benchmark::Counter::kIsRate);
+  state.counters["threads"] = double(pool().size());
+  state.SetLabel(std::to_string(fma_peak::chains) + " chains of " + std::to_string(fma_peak::width) +
+                 "-float FMAs a thread, " + std::to_string(pool().size()) + " threads");
+}
+
+// The ceiling prefill's tiles put on it: on every thread, the two products of one tile of the
+// kernel's general path, S = Q K^T and O += S V, for 128 rows x 128 keys x head_dim 128 (Eigen's
+// matrix product, as prefill runs them), with no softmax, mask or item overhead. of_fma holds
+// their FLOP rate against fma_peak passes run between the calls.
+void BM_prefill_tile_products(benchmark::State& state) {
+  const Index rows = 128, keys = 128, d = 128, reps = 64;
+  struct operands {
+    row_matrix<float> q, k, v, s, o;
+  };
+  std::vector<operands> per(std::size_t(pool().size()));
+  for (auto& x : per) {
+    x.q = row_matrix<float>::Random(rows, d);
+    x.k = row_matrix<float>::Random(keys, d);
+    x.v = row_matrix<float>::Random(keys, d);
+    x.s.resize(rows, keys);
+    x.o = row_matrix<float>::Zero(rows, d);
+  }
+  std::vector<double> call_s, fma_s;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool().parallel_for(pool().size(), [&](Index w, Index) {
+      operands& x = per[std::size_t(w)];
+      for (Index r = 0; r < reps; ++r) {
+        x.s.noalias() = x.q * x.k.transpose();
+        x.o.noalias() += x.s * x.v;
+      }
+    });
+    benchmark::DoNotOptimize(per[0].o.data());
+    call_s.push_back(seconds_since(t0));
+    state.PauseTiming();
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(fma_peak::run());
+    fma_s.push_back(seconds_since(t1));
+    state.ResumeTiming();
+  }
+  const double flops = 4.0 * double(rows * keys * d) * double(reps) * double(pool().size());
+  const double peak = fma_peak::flops_per_pass() / median(fma_s);
+  state.counters["GFLOPs"] = flops / median(call_s) / 1e9;
+  state.counters["peak_GFLOPs"] = peak / 1e9;
+  state.counters["of_fma"] = flops / median(call_s) / peak;
+  state.counters["threads"] = double(pool().size());
+  state.SetLabel("S = Q K^T, O += S V, 128 x 128 x 128 f32, Eigen, " +
+                 std::to_string(pool().size()) + " threads");
+}
+
+// Causal attention over a whole prompt of ctx tokens, written to an empty layer. FLOP counts
+// only what the causal mask leaves, 4 * head_dim per (query head, query, visible key) pair
+// (the scores and the weighted sum), and of_fma holds that rate against fma_peak passes run
+// between the calls.
 void BM_prefill_attention(benchmark::State& state, Index ctx) {
   const kvcache::attention_shape shape(32, 8, 128);
   const row_matrix<float> q = row_matrix<float>::Random(ctx, shape.q_width());
@@ -244,12 +411,26 @@ void BM_prefill_attention(benchmark::State& state, Index ctx) {
   kvcache::attention_workspace<float> ws;
   kvcache::attention_options opt;
   opt.pool = &pool();
+  std::vector<double> call_s, fma_s;
   for (auto _ : state) {
     layer.clear();
+    const auto t0 = std::chrono::steady_clock::now();
     kvcache::prefill_attention(shape, q, k, k, layer, out, ws, opt);
     benchmark::DoNotOptimize(out.data());
+    call_s.push_back(seconds_since(t0));
+    state.PauseTiming();
+    const auto t1 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(fma_peak::run());
+    fma_s.push_back(seconds_since(t1));
+    state.ResumeTiming();
   }
+  const double flops = 4.0 * double(shape.head_dim()) * double(shape.n_heads()) * double(ctx) *
+                       double(ctx + 1) / 2.0;
+  const double peak = fma_peak::flops_per_pass() / median(fma_s);
   state.SetItemsProcessed(state.iterations() * ctx);
+  state.counters["GFLOPs"] = flops / median(call_s) / 1e9;
+  state.counters["peak_GFLOPs"] = peak / 1e9;
+  state.counters["of_fma"] = flops / median(call_s) / peak;
   state.counters["threads"] = double(pool().size());
   state.SetLabel("32 q / 8 kv heads x 128, f32, causal, " + std::to_string(pool().size()) +
                  " threads");
@@ -266,6 +447,17 @@ void register_all() {
   }
   for (Index ctx : {64, 128, 256, 512, 1024, 2048, 4096}) {
     add("decode_step/uncached/" + to_string(ctx), BM_decode_step_uncached, ctx)->Unit(benchmark::kMicrosecond);
+  }
+  for (const bool large : {false, true}) {
+    for (const Index threads : {Index(1), pool().size()}) {
+      for (const Index ctx : {256, 1000, 2000}) {
+        add(std::string("decoder_step/") + (large ? "large" : "default") + "/t" +
+                to_string(threads) + "/" + to_string(ctx),
+            BM_decoder_step, large, threads, ctx)
+            ->Unit(benchmark::kMicrosecond)->UseRealTime();
+      }
+      if (pool().size() == 1) break;
+    }
   }
   for (Index n : {32, 128, 512}) {
     add("generate/cached/" + to_string(n), BM_generate<tiny::mode::cached>, n)->Unit(benchmark::kMillisecond);
@@ -284,7 +476,7 @@ void register_all() {
       {"int8", BM_decode_attention<kvcache::quantized_format<8>>},
       {"int4", BM_decode_attention<kvcache::quantized_format<4>>}};
   for (const auto& [name, fn] : dtypes) {
-    for (Index ctx : {512, 2048, 8192, 32768}) {
+    for (Index ctx : {512, 2048, 8192, 32768, 131072}) {
       add("decode_attention/" + std::string(name) + "/" + to_string(ctx), fn, ctx, Index(32), Index(8))
           ->Unit(benchmark::kMicrosecond)->UseRealTime();
     }
@@ -293,6 +485,8 @@ void register_all() {
     add("decode_attention_mha/f32/" + to_string(ctx), BM_decode_attention<kvcache::plain_format<float>>, ctx, Index(32),
         Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
   }
+  add("fma_peak", BM_fma_peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+  add("prefill_tile_products", BM_prefill_tile_products)->Unit(benchmark::kMillisecond)->UseRealTime();
   for (Index ctx : {512, 1024, 2048, 4096}) {
     add("prefill_attention/" + to_string(ctx), BM_prefill_attention, ctx)
         ->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -304,7 +498,37 @@ void register_all() {
 
 }  // namespace
 
+// Takes --threads N (or --threads=N) out of argv: the threads of the pool every multi-threaded
+// benchmark runs on. Returns false, after a message, for a bad value.
+bool take_threads_option(int& argc, char** argv) {
+  int out = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    std::string value;
+    if (arg == "--threads" && i + 1 < argc) {
+      value = argv[++i];
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      value = arg.substr(10);
+    } else {
+      argv[out++] = argv[i];
+      continue;
+    }
+    char* end = nullptr;
+    const long n = std::strtol(value.c_str(), &end, 10);
+    if (value.empty() || *end != '\0' || n < 1 || n > kvcache::thread_pool::max_threads) {
+      std::fprintf(stderr, "kvcache_bench: --threads takes 1..%td, got '%s'\n",
+                   kvcache::thread_pool::max_threads, value.c_str());
+      return false;
+    }
+    bench_threads_option() = Index(n);
+  }
+  argc = out;
+  argv[argc] = nullptr;
+  return true;
+}
+
 int main(int argc, char** argv) {
+  if (!take_threads_option(argc, argv)) return 1;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   g_triad_bytes_per_s = measure_triad();

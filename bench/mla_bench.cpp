@@ -42,7 +42,11 @@ kvcache::plain_format<float> format_for() { return {}; }
 template <>
 kvcache::plain_format<Eigen::half> format_for() { return {}; }
 template <>
+kvcache::plain_format<Eigen::bfloat16> format_for() { return {}; }
+template <>
 kvcache::quantized_format<8> format_for() { return kvcache::quantized_format<8>(32); }
+template <>
+kvcache::quantized_format<4> format_for() { return kvcache::quantized_format<4>(32); }
 
 // Fills a cache of shape `s` with `ctx` tokens, a chunk at a time.
 template <class Format>
@@ -122,8 +126,11 @@ void BM_decode(benchmark::State& state, Index ctx, std::string name, kvcache::at
 void register_mla() {
   using f32 = kvcache::plain_format<float>;
   using f16 = kvcache::plain_format<Eigen::half>;
+  using bf16 = kvcache::plain_format<Eigen::bfloat16>;
   using int8 = kvcache::quantized_format<8>;
-  for (const Index ctx : {2048, 8192, 32768}) {
+  using int4 = kvcache::quantized_format<4>;
+  // 131072 tokens: 288 MiB of f32 latent rows, several times the last level cache.
+  for (const Index ctx : {2048, 8192, 32768, 131072}) {
     const std::string c = "/" + std::to_string(ctx);
     add("mla_decode/f32" + c, BM_mla_decode<f32>, ctx, std::string("f32"))
         ->Unit(benchmark::kMicrosecond)->UseRealTime();
@@ -131,6 +138,13 @@ void register_mla() {
         ->Unit(benchmark::kMicrosecond)->UseRealTime();
     add("mla_decode/int8" + c, BM_mla_decode<int8>, ctx, std::string("int8 g32"))
         ->Unit(benchmark::kMicrosecond)->UseRealTime();
+    if (ctx == 131072) {
+      add("mla_decode/bf16" + c, BM_mla_decode<bf16>, ctx, std::string("bf16"))
+          ->Unit(benchmark::kMicrosecond)->UseRealTime();
+      add("mla_decode/int4" + c, BM_mla_decode<int4>, ctx, std::string("int4 g32"))
+          ->Unit(benchmark::kMicrosecond)->UseRealTime();
+      continue;
+    }
     for (const auto& [what, shape] :
          {std::pair<std::string, kvcache::attention_shape>{"gqa_equal_bytes", gqa_equal},
           {"mha_replaced", mha}}) {

@@ -39,7 +39,8 @@ const row_matrix<float>& source(bool values) {
 }
 
 // Appends n tokens to `seq`, source rows t, t + 1, ... (modulo source_tokens).
-void append_source(paged_cache& cache, Index seq, Index t, Index n) {
+template <class Cache>
+void append_source(Cache& cache, Index seq, Index t, Index n) {
   while (n > 0) {
     const Index at = t % source_tokens, piece = std::min(n, source_tokens - at);
     cache.append(seq, 0, source(false).middleRows(at, piece), source(true).middleRows(at, piece));
@@ -54,23 +55,49 @@ std::string threads_label() {
 
 // ---------------------------------------------------------------------------------------------
 // Batched decode: B sequences of ctx tokens each, one query token each, one call.
+template <class Format = f32>
 struct batch_fixture {
-  explicit batch_fixture(paged_cache c) : cache(std::move(c)) {}
-  paged_cache cache;
+  explicit batch_fixture(kvcache::paged_kv_cache<Format> c) : cache(std::move(c)) {}
+  kvcache::paged_kv_cache<Format> cache;
   std::vector<Index> seqs;
-  kvcache::paged_batch<f32> batch;
+  kvcache::paged_batch<Format> batch;
   row_matrix<float> q, out;
   kvcache::attention_workspace<float> ws;
+};
+
+// The formats of the batched decode benchmarks: their name, a page size they take (a multiple
+// of a quantized format's group) and the bytes of K and V a token of one layer reads.
+template <class Format>
+struct paged_format;
+template <class Scalar>
+struct paged_format<kvcache::plain_format<Scalar>> {
+  static kvcache::plain_format<Scalar> make() { return {}; }
+  static std::string name() { return kvcache::scalar_traits<Scalar>::name; }
+  static constexpr Index page_size = 16;
+  static double token_bytes() { return 2.0 * n_kv * head_dim * sizeof(Scalar); }
+};
+template <int Bits>
+struct paged_format<kvcache::quantized_format<Bits>> {
+  static kvcache::quantized_format<Bits> make() { return kvcache::quantized_format<Bits>(32); }
+  static std::string name() { return Bits == 8 ? "int8" : "int4"; }
+  static constexpr Index page_size = 32;
+  // Codes of keys and values, an fp16 scale and zero per 32 tokens of a key channel and per 32
+  // channels of a value.
+  static double token_bytes() {
+    return double(n_kv) * (2.0 * head_dim * Bits / 8 + 2.0 * 2 * head_dim / 32 + 2.0 * 2 * head_dim / 32);
+  }
 };
 
 // The sequences are filled as a server decoding them in lockstep fills them: round robin, a
 // chunk of `chunk` tokens each in turn, so that each sequence's pages are spread through the
 // pool, one sequence's page between every B - 1 others' (chunk = page_size).
-std::unique_ptr<batch_fixture> make_batch(Index B, Index ctx, Index page_size, Index chunk) {
+template <class Format = f32>
+std::unique_ptr<batch_fixture<Format>> make_batch(Index B, Index ctx, Index page_size, Index chunk) {
   kvcache::paged_layout layout;
   layout.page_size = page_size;
   layout.n_pages = B * kvcache::detail::ceil_div(ctx, page_size);
-  auto f = std::make_unique<batch_fixture>(paged_cache(one_layer(), layout));
+  auto f = std::make_unique<batch_fixture<Format>>(
+      kvcache::paged_kv_cache<Format>(one_layer(), layout, paged_format<Format>::make()));
   for (Index b = 0; b < B; ++b) f->seqs.push_back(f->cache.create());
   for (Index t = 0; t < ctx; t += chunk) {
     for (const Index s : f->seqs) append_source(f->cache, s, t, std::min(chunk, ctx - t));
@@ -82,11 +109,14 @@ std::unique_ptr<batch_fixture> make_batch(Index B, Index ctx, Index page_size, I
 }
 
 // `chunk` tokens per sequence in turn as the cache is filled (page_size: lockstep decoding).
+template <class Format = f32>
 void BM_paged_decode(benchmark::State& state, Index B, Index ctx, Index chunk) {
-  constexpr Index page_size = 16;
-  auto& f = held_fixture<batch_fixture>(
-      "paged_decode/" + std::to_string(B) + "/" + std::to_string(ctx) + "/" + std::to_string(chunk),
-      [&] { return make_batch(B, ctx, page_size, chunk); });
+  using fmt = paged_format<Format>;
+  constexpr Index page_size = fmt::page_size;
+  auto& f = held_fixture<batch_fixture<Format>>(
+      "paged_decode/" + fmt::name() + "/" + std::to_string(B) + "/" + std::to_string(ctx) + "/" +
+          std::to_string(chunk),
+      [&] { return make_batch<Format>(B, ctx, page_size, std::max(chunk, page_size)); });
   kvcache::attention_options opt;
   opt.pool = &pool();
   kvcache::batch_decode_attention(decode_heads, f.q, f.batch, f.out, f.ws, opt);  // warm-up
@@ -97,7 +127,7 @@ void BM_paged_decode(benchmark::State& state, Index B, Index ctx, Index chunk) {
       benchmark::DoNotOptimize(f.out.data());
     });
   }
-  const double bytes = double(B) * double(ctx) * token_bytes;
+  const double bytes = double(B) * double(ctx) * fmt::token_bytes();
   state.SetBytesProcessed(int64_t(state.iterations()) * int64_t(bytes));
   side.set_counters(state, bytes);
   state.counters["threads"] = double(pool().size());
@@ -106,7 +136,8 @@ void BM_paged_decode(benchmark::State& state, Index B, Index ctx, Index chunk) {
                            : chunk == page_size
                                ? ", pages interleaved"
                                : ", interleaved by " + std::to_string(chunk / page_size) + " pages";
-  state.SetLabel("32 q / 8 kv heads x 128, f32, page 16, " + std::to_string(B) + " sequence" +
+  state.SetLabel("32 q / 8 kv heads x 128, " + fmt::name() + ", page " + std::to_string(page_size) +
+                 ", " + std::to_string(B) + " sequence" +
                  (B == 1 ? "" : "s") + fill + ", " + threads_label());
 }
 
@@ -361,14 +392,23 @@ void register_paged() {
   for (Index B : {1, 4, 16, 64}) {
     for (Index ctx : {512, 2048, 8192, 32768}) {
       if (double(B) * double(ctx) * token_bytes > 4.0 * (1 << 30)) continue;
-      add("paged_decode/f32/b" + to_string(B) + "/" + to_string(ctx), BM_paged_decode, B, ctx,
+      add("paged_decode/f32/b" + to_string(B) + "/" + to_string(ctx), BM_paged_decode<>, B, ctx,
           Index(16))->Unit(benchmark::kMicrosecond)->UseRealTime();
     }
   }
+  // The formats side by side at batch 16, 8192 tokens each (1 GiB of K and V in f32).
+  add("paged_decode/f16/b16/8192", BM_paged_decode<kvcache::plain_format<Eigen::half>>, Index(16),
+      Index(8192), Index(16))->Unit(benchmark::kMicrosecond)->UseRealTime();
+  add("paged_decode/bf16/b16/8192", BM_paged_decode<kvcache::plain_format<Eigen::bfloat16>>,
+      Index(16), Index(8192), Index(16))->Unit(benchmark::kMicrosecond)->UseRealTime();
+  add("paged_decode/int8/b16/8192", BM_paged_decode<kvcache::quantized_format<8>>, Index(16),
+      Index(8192), Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
+  add("paged_decode/int4/b16/8192", BM_paged_decode<kvcache::quantized_format<4>>, Index(16),
+      Index(8192), Index(32))->Unit(benchmark::kMicrosecond)->UseRealTime();
   // The same batch filled three ways: a page per sequence in turn (lockstep decoding), four
   // pages, or each sequence whole (its pages one run, as if prefilled alone).
   for (Index chunk : {16, 64, 2048}) {
-    add("paged_decode_fill/f32/b16/2048/chunk" + to_string(chunk), BM_paged_decode, Index(16),
+    add("paged_decode_fill/f32/b16/2048/chunk" + to_string(chunk), BM_paged_decode<>, Index(16),
         Index(2048), chunk)->Unit(benchmark::kMicrosecond)->UseRealTime();
   }
   for (Index ctx : {8192, 32768}) {

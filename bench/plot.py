@@ -3,7 +3,8 @@
 """Turns kvcache_bench's JSON output into PNG plots and a Markdown table of medians.
 
 usage: plot.py RESULTS.json OUT_DIR
-Writes OUT_DIR/decode_step.png, append_concat.png, decode_attention.png, batch_decode.png and,
+Writes OUT_DIR/decode_step.png, append_concat.png, decode_attention.png (GB/s by context per
+format, against the read bandwidth beside it), batch_decode.png and,
 when RESULTS.json holds the serve example's reports (bench/merge.py), serve_throughput.png and
 serve_memory.png; prints the table.
 """
@@ -96,13 +97,12 @@ def plot_attention(context, runs, out_dir):
     for dtype in names:
         s = series(runs, "decode_attention/" + dtype)
         ax.plot(list(s), [b["bytes_per_second"] / 1e9 for b in s.values()], "o-", label=dtype)
-    # The triad measured side by side with the long contexts, else the one from start-up.
-    side = [b["triad_GBps"] for n, b in runs.items() if n.startswith("decode_attention/") and "triad_GBps" in b
-            and int(re.search(r"/(\d+)", n[len("decode_attention/"):]).group(1)) >= 8192]
-    triad = sorted(side)[len(side) // 2] if side else float(context.get("triad_bytes_per_second", 0)) / 1e9
-    if triad:
-        ax.axhline(triad, color="k", linestyle=":", label="triad bandwidth (%.1f GB/s)" % triad)
-        ax.axhline(0.8 * triad, color="grey", linestyle=":", label="80% of triad")
+
+    # The roofline: the read bandwidth measured beside the contexts far beyond the caches.
+    read = read_bandwidth(context, runs, "decode_attention/")
+    if read:
+        ax.axhline(read, color="k", linestyle=":", label="read bandwidth (%.1f GB/s)" % read)
+        ax.axhline(0.85 * read, color="grey", linestyle=":", label="85% of read")
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("context length (tokens)")
@@ -307,13 +307,22 @@ def main():
     print("decode_step uncached/cached at 2048: %.0fx" % ratio(runs, "decode_step/uncached/2048", "decode_step/cached/2048"))
     print("append 16384/256: %.2fx; concat 16384/256: %.1fx" % (
         ratio(runs, "append/16384", "append/256"), ratio(runs, "concat/16384", "concat/256")))
-    f32 = runs.get("decode_attention/f32/32768/real_time")
-    for dtype in ("f32", "f16", "bf16", "int8", "int4"):
-        b = runs.get("decode_attention/%s/32768/real_time" % dtype)
-        if b:
-            print("decode_attention/%s/32768: %.3g ms, %.2f GB/s = %.0f%% of the triad beside it (%.2f GB/s)%s" % (
-                dtype, seconds(b) * 1e3, b["bytes_per_second"] / 1e9, 100 * b["of_triad"], b["triad_GBps"],
-                "; %.2fx faster than f32" % (seconds(f32) / seconds(b)) if f32 and dtype != "f32" else ""))
+    for ctx in (32768, 131072):
+        f32 = runs.get("decode_attention/f32/%d/real_time" % ctx)
+        for dtype in ("f32", "f16", "bf16", "int8", "int4"):
+            b = runs.get("decode_attention/%s/%d/real_time" % (dtype, ctx))
+            if b and "of_read" in b:
+                print("decode_attention/%s/%d: %.3g ms, %.2f GB/s = %.0f%% of the read bandwidth beside it (%.2f GB/s)%s" % (
+                    dtype, ctx, seconds(b) * 1e3, b["bytes_per_second"] / 1e9, 100 * b["of_read"], b["read_GBps"],
+                    "; %.2fx faster than f32" % (seconds(f32) / seconds(b)) if f32 and dtype != "f32" else ""))
+    for ctx in (512, 1024, 2048, 4096):
+        b = runs.get("prefill_attention/%d/real_time" % ctx)
+        if b and "of_fma" in b:
+            print("prefill_attention/%d: %.0f GFLOP/s (causal half) = %.0f%% of the FMA peak beside it (%.0f GFLOP/s)" % (
+                ctx, b["GFLOPs"], 100 * b["of_fma"], b["peak_GFLOPs"]))
+    for name, b in runs.items():
+        if name.startswith("decoder_step/") and "of_read" in b:
+            print("%s: %.1f tokens/s, %.0f%% of read" % (name.replace("/real_time", ""), b["tokens_per_s"], 100 * b["of_read"]))
     paged_summary(context, runs)
 
 

@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace kvcache {
@@ -63,6 +65,36 @@ TEST(ThreadPool, SizeAboveTheCapIsRefusedAtOnce) {
       EXPECT_NE(what.find("max_threads = 1024"), std::string::npos) << what;
     }
   }
+}
+
+// Many short calls back to back, as a decode step makes them: workers that wake late, find
+// the items taken or arrive during the next call must neither run an item twice, nor touch a
+// finished call's function, nor hold a call up.
+TEST(ThreadPool, ManyShortCallsRunEachItemOnce) {
+  for (Index threads : {2, 3}) {
+    thread_pool pool(threads);
+    std::vector<std::atomic<int>> hits(4);
+    for (int call = 0; call < 5000; ++call) {
+      const Index n = 1 + call % 4;
+      for (auto& h : hits) h.store(0);
+      pool.parallel_for(n, [&](Index i, Index) { hits[static_cast<std::size_t>(i)].fetch_add(1); });
+      for (Index i = 0; i < 4; ++i) {
+        ASSERT_EQ(hits[static_cast<std::size_t>(i)].load(), i < n ? 1 : 0) << "call " << call;
+      }
+    }
+  }
+}
+
+// A call whose worker is busy with a long item still returns only when that item is done, and
+// an item that a slow worker never reaches is run by the caller.
+TEST(ThreadPool, WaitsForStartedItemsOnly) {
+  thread_pool pool(2);
+  std::atomic<int> done{0};
+  pool.parallel_for(8, [&](Index i, Index) {
+    if (i == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    done.fetch_add(1);
+  });
+  EXPECT_EQ(done.load(), 8);
 }
 
 }  // namespace

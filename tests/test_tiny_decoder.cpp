@@ -2,6 +2,7 @@
 // The tiny decoder generates the same tokens with and without the cache.
 #include "tiny_decoder/generate.hpp"
 #include "tiny_decoder/llama2c.hpp"
+#include "tiny_decoder/project.hpp"
 
 #include <cstdio>
 #include <fstream>
@@ -22,6 +23,65 @@ struct decoder_case {
 // state); float rounding over 4 layers stays near 1e-5 relative, so 2e-3 absolute is a margin
 // of about ten while any real divergence (a wrong position, a missing token) moves logits by O(1).
 constexpr double logit_tolerance = 2e-3;
+
+// One token's projections split over threads: each row's sum is taken in one order whichever
+// thread runs it, so 1, 2 and 3 threads agree exactly, and with Eigen's product to float
+// rounding (sums of at most 75 products of O(1) terms: 1e-4 is a margin of about ten).
+TEST(Project, SameOnAnyThreadsAndAsEigen) {
+  for (const Index in : {1, 7, 16, 45, 75}) {
+    const matrix a = matrix::Random(37, in), b = matrix::Random(5, in), c = matrix::Random(130, in);
+    const matrix x = matrix::Random(1, in);
+    vector y1[3];
+    for (Index threads : {1, 2, 3}) {
+      kvcache::thread_pool pool(threads);
+      vector ya = vector::Zero(37), yb = vector::Ones(5), yc = vector::Zero(130);
+      project(&pool, std::array<projection, 3>{{{&a, ya.data()}, {&b, yb.data(), true},
+                                                 {&c, yc.data()}}}, x.data(), 0);
+      EXPECT_LT((ya - a * x.transpose()).cwiseAbs().maxCoeff(), 1e-4) << in;
+      EXPECT_LT((yb - (b * x.transpose()).array().matrix() - vector::Ones(5)).cwiseAbs().maxCoeff(), 1e-4) << in;
+      EXPECT_LT((yc - c * x.transpose()).cwiseAbs().maxCoeff(), 1e-4) << in;
+      if (threads == 1) {
+        y1[0] = ya, y1[1] = yb, y1[2] = yc;
+      } else {
+        EXPECT_EQ(ya, y1[0]) << in << " on " << threads << " threads";
+        EXPECT_EQ(yb, y1[1]) << in << " on " << threads << " threads";
+        EXPECT_EQ(yc, y1[2]) << in << " on " << threads << " threads";
+      }
+    }
+  }
+}
+
+// A chunk's projections, by blocks of rows: the same blocks on any number of threads.
+TEST(Project, RowsSameOnAnyThreads) {
+  const matrix w = matrix::Random(300, 45), x = matrix::Random(9, 45);
+  matrix base = matrix::Random(9, 300);
+  matrix one = base, two = base;
+  project_rows(nullptr, w, x, one, true, 64);
+  kvcache::thread_pool pool(2);
+  project_rows(&pool, w, x, two, true, 64);
+  EXPECT_EQ(one, two);
+  EXPECT_LT((one - base - x * w.transpose()).cwiseAbs().maxCoeff(), 1e-4);
+}
+
+// A model whose projections are large enough to be split: 1 and 2 threads pick the same
+// tokens with the same logits, step by step.
+TEST(Project, DecoderSameOnOneAndTwoThreads) {
+  config cfg;
+  cfg.dim = 256;
+  cfg.hidden_dim = 520;
+  cfg.n_layers = 2;
+  cfg.vocab_size = 301;
+  cfg.seq_len = 40;
+  const weights w = random_weights(cfg, 3);
+  const std::vector<int> prompt = {1, 5, 9, 200};
+  decoder<> one(cfg, w, 1), two(cfg, w, 2);
+  const auto a = generate(one, prompt, 20, mode::cached, sampler());
+  const auto b = generate(two, prompt, 20, mode::cached, sampler());
+  EXPECT_EQ(a.tokens, b.tokens);
+  for (std::size_t s = 0; s < a.logits.size(); ++s) {
+    EXPECT_LT((a.logits[s] - b.logits[s]).cwiseAbs().maxCoeff(), 1e-4) << "step " << s;
+  }
+}
 
 class CachedEqualsUncached : public ::testing::TestWithParam<std::tuple<decoder_case, Index>> {};
 

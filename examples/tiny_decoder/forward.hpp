@@ -4,10 +4,12 @@
 #pragma once
 
 #include "model.hpp"
+#include "project.hpp"
 
 #include <kvcache/kvcache.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <memory>
 #include <stdexcept>
@@ -111,7 +113,7 @@ class decoder {
       qkv(lw, n);
       rotate(n, pos0);
       attention(lw, l, n, m);
-      x_.topRows(n).noalias() += att_.topRows(n) * lw.wo.transpose();  // output proj, residual
+      output(lw, n);  // output projection, residual
       rmsnorm(x_.topRows(n), lw.ffn_norm, xb_.topRows(n));
       mlp(lw, n);  // SwiGLU, residual
     }
@@ -138,16 +140,30 @@ class decoder {
     }
   }
 
-  // Queries, and keys and values; with MLA, queries and the latent rows [c_kv | k_pe].
+  // Queries, and keys and values; with MLA, queries and the latent rows [c_kv | k_pe]. One
+  // token's projections run as one product over the pool; a chunk's split by blocks of rows.
   void qkv(const layer_weights& lw, Index n) {
-    const auto xb = xb_.topRows(n);
-    q_.topRows(n).noalias() = xb * lw.wq.transpose();
+    pool_type* pool = pool_.get();
+    const float* x = xb_.row(0).data();
     if (cfg_.mla()) {
-      latent_.topRows(n).noalias() = xb * lw.w_dkv.transpose();
+      if (n == 1) {
+        project(pool, std::array<projection, 2>{{{&lw.wq, q_.row(0).data()},
+                                                 {&lw.w_dkv, latent_.row(0).data()}}}, x);
+        return;
+      }
+      project_rows(pool, lw.wq, xb_.topRows(n), q_.topRows(n), false);
+      project_rows(pool, lw.w_dkv, xb_.topRows(n), latent_.topRows(n), false);
       return;
     }
-    k_.topRows(n).noalias() = xb * lw.wk.transpose();
-    v_.topRows(n).noalias() = xb * lw.wv.transpose();
+    if (n == 1) {
+      project(pool, std::array<projection, 3>{{{&lw.wq, q_.row(0).data()},
+                                               {&lw.wk, k_.row(0).data()},
+                                               {&lw.wv, v_.row(0).data()}}}, x);
+      return;
+    }
+    project_rows(pool, lw.wq, xb_.topRows(n), q_.topRows(n), false);
+    project_rows(pool, lw.wk, xb_.topRows(n), k_.topRows(n), false);
+    project_rows(pool, lw.wv, xb_.topRows(n), v_.topRows(n), false);
   }
 
   // RoPE at positions pos0..: every head of q and k, or with MLA each head's q_pe and k_pe.
@@ -197,19 +213,43 @@ class decoder {
     }
   }
 
+  // x += att wo^T.
+  void output(const layer_weights& lw, Index n) {
+    if (n == 1) {
+      project(pool_.get(), std::array<projection, 1>{{{&lw.wo, x_.row(0).data(), true}}},
+              att_.row(0).data());
+    } else {
+      project_rows(pool_.get(), lw.wo, att_.topRows(n), x_.topRows(n), true);
+    }
+  }
+
   void mlp(const layer_weights& lw, Index n) {
-    const auto xb = xb_.topRows(n);
-    hb_.topRows(n).noalias() = xb * lw.w1.transpose();
-    hb2_.topRows(n).noalias() = xb * lw.w3.transpose();
+    pool_type* pool = pool_.get();
+    if (n == 1) {
+      project(pool, std::array<projection, 2>{{{&lw.w1, hb_.row(0).data()},
+                                               {&lw.w3, hb2_.row(0).data()}}},
+              xb_.row(0).data());
+    } else {
+      project_rows(pool, lw.w1, xb_.topRows(n), hb_.topRows(n), false);
+      project_rows(pool, lw.w3, xb_.topRows(n), hb2_.topRows(n), false);
+    }
     auto h = hb_.topRows(n).array();
     h = h / (1.0f + (-h).exp()) * hb2_.topRows(n).array();  // silu(w1 x) * (w3 x)
-    x_.topRows(n).noalias() += hb_.topRows(n) * lw.w2.transpose();
+    if (n == 1) {
+      project(pool, std::array<projection, 1>{{{&lw.w2, x_.row(0).data(), true}}},
+              hb_.row(0).data());
+    } else {
+      project_rows(pool, lw.w2, hb_.topRows(n), x_.topRows(n), true);
+    }
   }
 
   void head(Index row) {
     rmsnorm(x_.row(row), w_.final_norm, xn_);
-    logits_.noalias() = w_.classifier * xn_.transpose();
+    project(pool_.get(), std::array<projection, 1>{{{&w_.classifier, logits_.data()}}},
+            xn_.data());
   }
+
+  using pool_type = kvcache::thread_pool;
 
   config cfg_;
   const weights& w_;

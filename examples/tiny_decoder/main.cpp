@@ -44,7 +44,8 @@ compares them.
   --temperature T     0 for greedy argmax (default), else sample from softmax(logits / T);
                       any finite T >= 0 a float holds, denormals included
   --top-p P           nucleus sampling: keep the most likely tokens up to mass P (default 0.9)
-  --threads N         threads for attention (default 1, at most 1024)
+  --threads N         threads for every part of a step: projections, MLP and classifier split
+                      by rows, attention by kv heads and runs of tokens (default 1, at most 1024)
   --kv-type T         cache storage: f32 (default), f16, bf16, int8, int4; other than f32,
                       also reports the logit difference and KL divergence against an f32 cache
   --group N           int8/int4: elements per scale and zero point (default 32)
@@ -742,7 +743,7 @@ int main(int argc, char** argv) {
                   cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim(),
                   cfg.vocab_size, o.checkpoint ? o.checkpoint->c_str() : "random");
     }
-    std::printf("prompt: %zu tokens, generating %td, %s, %td attention thread%s\n\n", prompt.size(),
+    std::printf("prompt: %zu tokens, generating %td, %s, %td thread%s\n\n", prompt.size(),
                 o.gen, o.temperature == 0.0f ? "greedy" : "sampled", o.threads, o.threads == 1 ? "" : "s");
     for (const auto* r : {cached ? &*cached : nullptr, uncached ? &*uncached : nullptr}) {
       if (r == nullptr) continue;

@@ -399,10 +399,12 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
                       MaskTile&& mask_tile) {
   const Index n = K.rows();
   auto S = ws.s.topLeftCorner(rows, n);
-  const bool micro = rows <= micro_kernel_rows;
-  if (micro) {
-    micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
-                            ws.s.data(), ws.s.cols());
+  // Decode's few rows (MLA's heads) take the register-blocked kernels; prefill's many, Eigen's
+  // products.
+  const bool wide = rows <= wide_kernel<T>::max_rows;
+  if (wide) {
+    wide_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
+                           ws.s.data(), ws.s.cols());
   } else {
     S.noalias() = ws.q.topLeftCorner(rows, std::min(d, product_slice)) *
                   K.leftCols(std::min(d, product_slice)).transpose();
@@ -413,9 +415,9 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
   }
   mask_tile(S);
   online_softmax_update(S, st);
-  if (micro) {
-    micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
-                                st.o.data(), st.o.cols());
+  if (wide) {
+    wide_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
+                               st.o.data(), st.o.cols());
   } else {
     for (Index x = 0; x < dv; x += product_slice) {
       const Index w = std::min(product_slice, dv - x);

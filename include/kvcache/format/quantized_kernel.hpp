@@ -78,8 +78,8 @@ inline int code_at(const std::uint8_t* row, Index x) noexcept {
 
 // Loads the codes of channels [x, x + width) of a row as one float packet, converting in
 // registers: int8 bytes zero-extended to int32 lanes, then converted to float; int4 nibbles
-// moved one per lane, then looked up in a 16-entry table (AVX-512) or split, interleaved and
-// converted like bytes. Scalar where the target has no such instructions.
+// moved one per lane, then looked up in a 16-entry table (AVX-512), shifted into place lane by
+// lane (AVX2) or split, interleaved and converted like bytes. Scalar where the target has no such instructions.
 template <class T, int Bits>
 struct code_loader {
   static_assert(std::is_same_v<T, float>, "kvcache: codes load as float");
@@ -103,9 +103,13 @@ struct code_loader {
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + x));
         return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
       } else {
+        // Channel i of the 8 sits at bit 4i of the 4 bytes: the word in every lane, each lane
+        // shifted by its own count, the low nibble kept.
         std::int32_t bits = 0;
         std::memcpy(&bits, row + x / 2, 4);
-        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(split_nibbles(_mm_cvtsi32_si128(bits))));
+        const __m256i lanes = _mm256_srlv_epi32(_mm256_set1_epi32(bits),
+                                                _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+        return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0x0F)));
       }
     }
 #endif
@@ -213,61 +217,9 @@ bool with_group_packets(Index packets, F&& f) {
   }
 }
 
-// Asks for the cache line `bytes` past `p` ahead of use: a hint, which never faults, so it
-// may point past the end of a buffer (the address is formed as an integer for that reason).
-inline void prefetch_ahead(const void* p, Index bytes) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(
-      reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes)));
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // How far ahead the kernels below prefetch codes: 4 KiB per stream (32 tokens of int8 codes
 // at head_dim 128, 64 of int4), which measured best for both at 32k tokens from DRAM.
 inline constexpr Index code_prefetch_bytes = 4096;
-
-// The sums of the lanes of four packets, plus `bias`: out[i] = bias + sum of the lanes of the
-// i-th packet.
-template <class Packet>
-EIGEN_ALWAYS_INLINE void lane_sums4(const Packet& a, const Packet& b, const Packet& c,
-                                 const Packet& d, float bias, float* out) {
-  using namespace Eigen::internal;
-  [[maybe_unused]] constexpr Index width = unpacket_traits<Packet>::size;
-#if defined(__AVX512F__)
-  if constexpr (width == 16) {
-    // Halve the width twice, pairing packets so that each step is one add of two shuffles:
-    // [a | b] by 256-bit halves, then [a | b | c | d] by 128-bit quarters.
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_f32x4(c, d, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
-    // Transpose the four quarters' 4 x 4 partial sums and add the rows.
-    const __m512 t = _mm512_permutexvar_ps(
-        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), x);
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    _mm_storeu_ps(out, _mm_add_ps(sums, _mm_set1_ps(bias)));
-    return;
-  }
-#endif
-#if defined(__AVX__)
-  if constexpr (width == 8) {
-    const __m256 x = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    _mm_storeu_ps(out, _mm_add_ps(sums, _mm_set1_ps(bias)));
-    return;
-  }
-#endif
-  out[0] = bias + predux(a);
-  out[1] = bias + predux(b);
-  out[2] = bias + predux(c);
-  out[3] = bias + predux(d);
-}
 
 #if defined(__AVX512F__)
 // For 4 rows x 4 tokens of packets of 16: s[r][u] = bias[r] + sum of the lanes of acc[r][u]
@@ -324,9 +276,11 @@ struct quantized_fixed_kernel {
   static constexpr Index width = codes::width;
   static constexpr Index dim = C * width;
   static constexpr Index row_bytes = code_row_bytes<Bits>(dim);
-  // Rows of a key pass: 4 rows x 4 tokens of accumulators take half the vector registers.
+  // Rows of a key pass and tokens of a block: 4 rows x 4 tokens of accumulators take half of
+  // 32 vector registers; with 16 (AVX2), 4 x 2 of them, so that nothing spills.
+  static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
   static constexpr int key_rows = 4;
-  static constexpr int key_tokens = 4;
+  static constexpr int key_tokens = registers >= 32 ? 4 : 2;
 
   // s[r][t - a] = q_r . k_t for R rows and the tokens [a, b) of one key group.
   template <int R>
@@ -380,9 +334,27 @@ struct quantized_fixed_kernel {
         continue;
       }
 #endif
-      for (int r = 0; r < R; ++r) {
-        lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], bias[r],
-                   s + r * s_stride + (t - a));
+      if constexpr (key_tokens == 4) {
+        for (int r = 0; r < R; ++r) {
+          lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3], bias[r],
+                     s + r * s_stride + (t - a));
+        }
+      } else {
+        // Two rows' two tokens reduced together.
+        int r = 0;
+        for (; r + 2 <= R; r += 2) {
+          T sums[4];
+          lane_sums4(acc[r][0], acc[r][1], acc[r + 1][0], acc[r + 1][1], T(0), sums);
+          for (int u = 0; u < 2; ++u) {
+            s[r * s_stride + (t - a) + u] = sums[u] + bias[r];
+            s[(r + 1) * s_stride + (t - a) + u] = sums[2 + u] + bias[r + 1];
+          }
+        }
+        for (; r < R; ++r) {
+          for (int u = 0; u < key_tokens; ++u) {
+            s[r * s_stride + (t - a) + u] = predux(acc[r][u]) + bias[r];
+          }
+        }
       }
     }
     for (; t < b; ++t) {
@@ -467,9 +439,9 @@ struct quantized_fixed_kernel {
   static void accumulate_rows(const T* p, Index p_stride, const quantized_block<Bits>& blk,
                               Index t0, Index n, const T* scale, const T* zero, T* o,
                               Index o_stride) {
-    // A power of two, so that the runs tile the C packets (C is one): 16 / R itself would
-    // leave packets out for R = 3, 5, 6, 7.
-    constexpr int budget = std::max(1, 16 / R);
+    // A power of two, so that the runs tile the C packets (C is one): half the registers / R
+    // itself would leave packets out for R = 3, 5, 6, 7.
+    constexpr int budget = std::max(1, registers / 2 / R);
     constexpr int CC = std::min(C, budget >= 16 ? 16 : budget >= 8 ? 8 : budget >= 4 ? 4 : budget >= 2 ? 2 : 1);
     accumulate_runs<R, P, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride,
                               std::make_integer_sequence<int, C / CC>{});
