@@ -139,6 +139,21 @@ inline constexpr Index row_prefetch_bytes = 4096;
 // x86-64-v3 from DRAM, f32 and f16, one thread: 7% and 25% faster than one row at a time).
 // Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes), within a
 // page's run (prefetch_row).
+// Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
+// passes of Max rows (at most 4), then one of the rest.
+template <int Max, class F>
+EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
+  static_assert(Max >= 1 && Max <= 4, "row_passes: Max must be 1..4");
+  Index r = 0;
+  for (; r + Max <= rows; r += Max) f(std::integral_constant<int, Max>{}, r);
+  switch (rows - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: if constexpr (Max > 2) f(std::integral_constant<int, 2>{}, r); break;
+    case 3: if constexpr (Max > 3) f(std::integral_constant<int, 3>{}, r); break;
+    default: break;
+  }
+}
+
 template <class T, int C>
 struct fixed_micro_kernel {
   using packet = typename Eigen::internal::packet_traits<T>::type;
@@ -249,19 +264,6 @@ struct fixed_micro_kernel {
     }
   }
 
-  // Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
-  // passes of Max rows, then one of the rest (rows <= 8).
-  template <int Max, class F>
-  static EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
-    Index r = 0;
-    for (; r + Max <= rows; r += Max) f(std::integral_constant<int, Max>{}, r);
-    switch (rows - r) {
-      case 1: f(std::integral_constant<int, 1>{}, r); break;
-      case 2: if constexpr (Max > 2) f(std::integral_constant<int, 2>{}, r); break;
-      case 3: if constexpr (Max > 3) f(std::integral_constant<int, 3>{}, r); break;
-      default: break;
-    }
-  }
 
   // scores() in blocks of tokens (blocked_scores).
   template <class Scalar>
@@ -451,19 +453,6 @@ struct wide_kernel {
     }
   }
 
-  // Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
-  // passes of Max rows, then one of the rest.
-  template <int Max, class F>
-  static EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
-    Index r = 0;
-    for (; r + Max <= rows; r += Max) f(std::integral_constant<int, Max>{}, r);
-    switch (rows - r) {
-      case 1: f(std::integral_constant<int, 1>{}, r); break;
-      case 2: if constexpr (Max > 2) f(std::integral_constant<int, 2>{}, r); break;
-      case 3: if constexpr (Max > 3) f(std::integral_constant<int, 3>{}, r); break;
-      default: break;
-    }
-  }
 
   // s[r][t] = q_r . k_t for `rows` rows and n keys (rows of k `k_stride` apart), d wide.
   static void scores(const T* q, Index q_stride, Index rows, const T* k, Index k_stride, Index n,
