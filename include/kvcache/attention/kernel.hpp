@@ -221,11 +221,15 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, 
     const bool micro = rows <= micro_kernel_rows;
     const Scalar* keys = blk.keys + t0 * blk.stride;
     const Scalar* values = blk.values + t0 * blk.stride;
+    const Index row_bytes = d * Index(sizeof(Scalar));
     // Decode with a common head_dim reads storage directly; otherwise tiles are taken as T.
+    // Scoring the keys asks for the tile's values, summing the values for the next tile's keys.
     const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
+      const row_run<Scalar> value_run{values, n, blk.stride};
+      prefetch_cursor<Scalar> ahead{&value_run, 1, row_bytes};
       fixed_micro_kernel<T, decltype(chunks)::value>::scores(ws.q.data(), ws.q.cols(), rows, keys,
                                                              blk.stride, n, ws.s.data(),
-                                                             ws.s.cols());
+                                                             ws.s.cols(), &ahead);
     });
     if (!fixed) {
       const auto K = load_tile<T>(blk.keys, blk.stride, t0, n, d, ws.k);
@@ -240,8 +244,12 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, 
     online_softmax_update(S, st);
     if (fixed) {
       with_fixed_chunks<T>(d, [&](auto chunks) {
+        const row_run<Scalar> next_keys{keys + n * blk.stride, std::min(tile, hi - t0 - n),
+                                        blk.stride};
+        prefetch_cursor<Scalar> ahead{&next_keys, 1, row_bytes};
         fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
-            ws.s.data(), ws.s.cols(), rows, values, blk.stride, n, st.o.data(), st.o.cols());
+            ws.s.data(), ws.s.cols(), rows, values, blk.stride, n, st.o.data(), st.o.cols(),
+            &ahead);
       });
     } else {
       const auto V = load_tile<T>(blk.values, blk.stride, t0, n, d, ws.v);
@@ -290,6 +298,8 @@ void attend_pages(const page_tile<Scalar>& pt, Index d, Index rows, const Index*
                   softmax_state<T>& st) {
   const bool micro = rows <= micro_kernel_rows;
   auto S = ws.s.topLeftCorner(rows, pt.tokens);
+  // (Asking for the pages' values while scoring their keys, as attend_block does for a
+  // block's tile, made batched paged decode 20% slower on x86-64-v3.)
   const bool fixed = micro && with_fixed_chunks<T>(d, [&](auto chunks) {
     fixed_micro_kernel<T, decltype(chunks)::value>::scores(ws.q.data(), ws.q.cols(), rows,
                                                            pt.keys.data(), pt.count, ws.s.data(),

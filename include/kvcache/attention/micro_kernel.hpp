@@ -73,6 +73,20 @@ struct row_run {
   Index stride = 0;
 };
 
+// Walks the rows of `count` runs, asking for one row's cache lines a step: the other stream of
+// a tile (its values while its keys are scored, the next tile's keys while its values are
+// summed), so that memory keeps streaming while a pass works on rows it already has.
+template <class Scalar>
+struct prefetch_cursor {
+  const row_run<Scalar>* runs = nullptr;
+  Index count = 0;
+  Index row_bytes = 0;
+  Index i = 0;
+  Index t = 0;
+
+  void next() noexcept;
+};
+
 // The sums of the lanes of four packets, plus `bias`: out[i] = bias + sum of the lanes of the
 // i-th packet.
 template <class Packet, class T>
@@ -127,6 +141,18 @@ inline void prefetch_ahead(const void* p, Index bytes) noexcept {
 
 // How far ahead the plain kernels prefetch rows: 64 lines per stream.
 inline constexpr Index row_prefetch_bytes = 4096;
+
+template <class Scalar>
+inline void prefetch_cursor<Scalar>::next() noexcept {
+  while (i < count && t >= runs[i].n) {
+    ++i;
+    t = 0;
+  }
+  if (i >= count) return;
+  const Scalar* row = runs[i].rows + t * runs[i].stride;
+  for (Index line = 0; line < row_bytes; line += 64) prefetch_ahead(row, line);
+  ++t;
+}
 
 // For a head_dim of exactly C packets: the queries (in scores) or the outputs (in
 // accumulate) of a few rows stay in registers across a whole tile, so a cached row costs C
@@ -185,7 +211,7 @@ struct fixed_micro_kernel {
   // s[r][t] = q_r . k_t for R rows and the tokens of `count` runs, side by side in s.
   template <int R, class Scalar>
   static void scores_pass(const T* q, Index q_stride, const row_run<Scalar>* runs, Index count,
-                          T* s, Index s_stride) {
+                          T* s, Index s_stride, prefetch_cursor<Scalar>* also) {
     using namespace Eigen::internal;
     packet qr[R][C];
     for (int r = 0; r < R; ++r) {
@@ -197,6 +223,7 @@ struct fixed_micro_kernel {
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* kt = run.rows + t * run.stride;
         prefetch_row(run, t, count == 1);
+        if (also) also->next();
         packet acc[R];
         const packet k0 = widen<T, Scalar>::load(kt);
         for (int r = 0; r < R; ++r) acc[r] = pmul(qr[r][0], k0);
@@ -212,7 +239,7 @@ struct fixed_micro_kernel {
   // o_r += sum over t of p[r][t] * v_t for R rows and the tokens of `count` runs.
   template <int R, class Scalar>
   static void accumulate_pass(const T* p, Index p_stride, const row_run<Scalar>* runs,
-                              Index count, T* o, Index o_stride) {
+                              Index count, T* o, Index o_stride, prefetch_cursor<Scalar>* also) {
     using namespace Eigen::internal;
     packet acc[R][C];
     for (int r = 0; r < R; ++r) {
@@ -224,6 +251,7 @@ struct fixed_micro_kernel {
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* vt = run.rows + t * run.stride;
         prefetch_row(run, t, count == 1);
+        if (also) also->next();
         packet w[R];
         for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + col]);
         for (int c = 0; c < C; ++c) {
@@ -268,7 +296,7 @@ struct fixed_micro_kernel {
   // scores() in blocks of tokens (blocked_scores).
   template <class Scalar>
   static void blocked_scores_of(const T* q, Index q_stride, Index rows, const row_run<Scalar>* runs,
-                     Index count, T* s, Index s_stride) {
+                     Index count, T* s, Index s_stride, prefetch_cursor<Scalar>* also) {
     Index col = 0;
     for (Index i = 0; i < count; ++i) {
       const row_run<Scalar>& run = runs[i];
@@ -278,6 +306,7 @@ struct fixed_micro_kernel {
         for (int u = 0; u < key_tokens; ++u) {
           k[u] = run.rows + (t + u) * run.stride;
           prefetch_row(run, t + u, count == 1);
+          if (also) also->next();
         }
         row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
           score_block<decltype(r_count)::value, key_tokens>(q + r0 * q_stride, q_stride, k,
@@ -285,6 +314,7 @@ struct fixed_micro_kernel {
         });
       }
       for (; t < run.n; ++t, ++col) {
+        if (also) also->next();
         const Scalar* k[1] = {run.rows + t * run.stride};
         row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
           score_block<decltype(r_count)::value, 1>(q + r0 * q_stride, q_stride, k,
@@ -294,49 +324,53 @@ struct fixed_micro_kernel {
     }
   }
   // Scores of `rows` query rows against the keys of `count` runs (pages), side by side in s:
-  // the queries stay in registers across every run (or blocked_scores).
+  // the queries stay in registers across every run (or blocked_scores). `also`, when given,
+  // is stepped a row per token of the first pass.
   template <class Scalar>
   static void scores(const T* q, Index q_stride, Index rows, const row_run<Scalar>* runs,
-                     Index count, T* s, Index s_stride) {
+                     Index count, T* s, Index s_stride, prefetch_cursor<Scalar>* also = nullptr) {
     if constexpr (blocked_scores) {
-      blocked_scores_of(q, q_stride, rows, runs, count, s, s_stride);
+      blocked_scores_of(q, q_stride, rows, runs, count, s, s_stride, also);
       return;
     }
     Index r = 0;
-    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
+    for (; r + rows_per_pass <= rows; r += rows_per_pass, also = nullptr) {
       scores_pass<rows_per_pass>(q + r * q_stride, q_stride, runs, count, s + r * s_stride,
-                                 s_stride);
+                                 s_stride, also);
     }
-    for (; r < rows; ++r) {
-      scores_pass<1>(q + r * q_stride, q_stride, runs, count, s + r * s_stride, s_stride);
+    for (; r < rows; ++r, also = nullptr) {
+      scores_pass<1>(q + r * q_stride, q_stride, runs, count, s + r * s_stride, s_stride, also);
     }
   }
   template <class Scalar>
   static void scores(const T* q, Index q_stride, Index rows, const Scalar* k, Index k_stride,
-                     Index n, T* s, Index s_stride) {
+                     Index n, T* s, Index s_stride, prefetch_cursor<Scalar>* also = nullptr) {
     const row_run<Scalar> run{k, n, k_stride};
-    scores(q, q_stride, rows, &run, 1, s, s_stride);
+    scores(q, q_stride, rows, &run, 1, s, s_stride, also);
   }
 
   // Accumulates the values of `count` runs weighted by p: the outputs stay in registers
-  // across every run.
+  // across every run; `also` as in scores.
   template <class Scalar>
   static void accumulate(const T* p, Index p_stride, Index rows, const row_run<Scalar>* runs,
-                         Index count, T* o, Index o_stride) {
+                         Index count, T* o, Index o_stride,
+                         prefetch_cursor<Scalar>* also = nullptr) {
     Index r = 0;
-    for (; r + rows_per_pass <= rows; r += rows_per_pass) {
+    for (; r + rows_per_pass <= rows; r += rows_per_pass, also = nullptr) {
       accumulate_pass<rows_per_pass>(p + r * p_stride, p_stride, runs, count, o + r * o_stride,
-                                     o_stride);
+                                     o_stride, also);
     }
-    for (; r < rows; ++r) {
-      accumulate_pass<1>(p + r * p_stride, p_stride, runs, count, o + r * o_stride, o_stride);
+    for (; r < rows; ++r, also = nullptr) {
+      accumulate_pass<1>(p + r * p_stride, p_stride, runs, count, o + r * o_stride, o_stride,
+                         also);
     }
   }
   template <class Scalar>
   static void accumulate(const T* p, Index p_stride, Index rows, const Scalar* v,
-                         Index v_stride, Index n, T* o, Index o_stride) {
+                         Index v_stride, Index n, T* o, Index o_stride,
+                         prefetch_cursor<Scalar>* also = nullptr) {
     const row_run<Scalar> run{v, n, v_stride};
-    accumulate(p, p_stride, rows, &run, 1, o, o_stride);
+    accumulate(p, p_stride, rows, &run, 1, o, o_stride, also);
   }
 };
 
