@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # Builds and runs every test: the AddressSanitizer + UndefinedBehaviorSanitizer build (-O0,
-# assertions on, warnings as errors), the release build (-DNDEBUG, -march=native), whose benchmarks then run
-# once each, and the kernels' tests built for AVX2 without AVX-512 (x86-64-v3; on a machine without
+# assertions on, warnings as errors) with every test, the release build (-DNDEBUG, -march=native)
+# with the SIMD kernels' tests and the allocation counter, whose benchmarks then run once each,
+# and the kernels' tests built for AVX2 without AVX-512 (x86-64-v3; on a machine without
 # AVX-512 the release build is that already, and the avx2 preset is skipped); then, as an extra
 # stage, the fuzz build (clang, libFuzzer), whose fuzzers each run for 20 seconds (the CMake cache
 # variable KVCACHE_FUZZ_SECONDS). The Redis tier's tests start redis-server (installed here with

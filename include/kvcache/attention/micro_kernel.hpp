@@ -85,6 +85,14 @@ struct prefetch_cursor {
   Index t = 0;
 
   void next() noexcept;
+  // Moves `rows` rows on without asking for them.
+  void skip(Index rows) noexcept {
+    t += rows;
+    while (i < count && t >= runs[i].n) {
+      t -= runs[i].n;
+      ++i;
+    }
+  }
 };
 
 // The sums of the lanes of four packets, plus `bias`: out[i] = bias + sum of the lanes of the
@@ -164,7 +172,8 @@ inline void prefetch_cursor<Scalar>::next() noexcept {
 // prefetched: many independent sums in flight instead of one chain per token (measured on
 // x86-64-v3 from DRAM, f32 and f16, one thread: 7% and 25% faster than one row at a time).
 // Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes), within a
-// page's run (prefetch_row).
+// page tile's runs (row_lead), and decode over a block's tiles also asks for the other stream
+// (prefetch_cursor).
 // Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
 // passes of Max rows (at most 4), then one of the rest.
 template <int Max, class F>
@@ -194,19 +203,29 @@ struct fixed_micro_kernel {
   template <class Scalar>
   static constexpr Index row_bytes_of = C * width * Index(sizeof(Scalar));
 
-  // Asks for the row about row_prefetch_bytes after row t of `run`: when it lies in the run, or
-  // anywhere with `past_end` (a tile of a block, whose rows go on). A page's run is followed by
-  // other sequences' pages, which a prefetch past its end would read for nothing.
+  // Asks for the row about row_prefetch_bytes after the one read, a row per step: in a tile
+  // of one run (a block's, whose rows go on), past the run's end; in a tile of several runs (a
+  // page tile), in the next runs, as the block table lists them, but never past the last: other
+  // sequences' pages follow it, which a prefetch would read for nothing.
   template <class Scalar>
-  static EIGEN_ALWAYS_INLINE void prefetch_row(const row_run<Scalar>& run, Index t,
-                                               bool past_end) {
-    constexpr Index ahead = std::max<Index>(1, row_prefetch_bytes / row_bytes_of<Scalar>);
-    if (!past_end && t + ahead >= run.n) return;
-    const Index bytes = ahead * run.stride * Index(sizeof(Scalar));
-    for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
-      prefetch_ahead(run.rows + t * run.stride, bytes + line);
+  struct row_lead {
+    static constexpr Index ahead = std::max<Index>(1, row_prefetch_bytes / row_bytes_of<Scalar>);
+    prefetch_cursor<Scalar> cursor;
+
+    row_lead(const row_run<Scalar>* runs, Index count) : cursor{runs, count, row_bytes_of<Scalar>} {
+      if (count > 1) cursor.skip(ahead);
     }
-  }
+    EIGEN_ALWAYS_INLINE void step(const row_run<Scalar>& run, Index t) {
+      if (cursor.count > 1) {
+        cursor.next();
+        return;
+      }
+      const Index bytes = ahead * run.stride * Index(sizeof(Scalar));
+      for (Index line = 0; line < row_bytes_of<Scalar>; line += 64) {
+        prefetch_ahead(run.rows + t * run.stride, bytes + line);
+      }
+    }
+  };
 
   // s[r][t] = q_r . k_t for R rows and the tokens of `count` runs, side by side in s.
   template <int R, class Scalar>
@@ -217,12 +236,13 @@ struct fixed_micro_kernel {
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) qr[r][c] = ploadu<packet>(q + r * q_stride + c * width);
     }
+    row_lead<Scalar> lead(runs, count);
     Index col = 0;
     for (Index i = 0; i < count; ++i) {
       const row_run<Scalar>& run = runs[i];
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* kt = run.rows + t * run.stride;
-        prefetch_row(run, t, count == 1);
+        lead.step(run, t);
         if (also) also->next();
         packet acc[R];
         const packet k0 = widen<T, Scalar>::load(kt);
@@ -245,12 +265,13 @@ struct fixed_micro_kernel {
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C; ++c) acc[r][c] = ploadu<packet>(o + r * o_stride + c * width);
     }
+    row_lead<Scalar> lead(runs, count);
     Index col = 0;
     for (Index i = 0; i < count; ++i) {
       const row_run<Scalar>& run = runs[i];
       for (Index t = 0; t < run.n; ++t, ++col) {
         const Scalar* vt = run.rows + t * run.stride;
-        prefetch_row(run, t, count == 1);
+        lead.step(run, t);
         if (also) also->next();
         packet w[R];
         for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + col]);
@@ -297,6 +318,7 @@ struct fixed_micro_kernel {
   template <class Scalar>
   static void blocked_scores_of(const T* q, Index q_stride, Index rows, const row_run<Scalar>* runs,
                      Index count, T* s, Index s_stride, prefetch_cursor<Scalar>* also) {
+    row_lead<Scalar> lead(runs, count);
     Index col = 0;
     for (Index i = 0; i < count; ++i) {
       const row_run<Scalar>& run = runs[i];
@@ -305,7 +327,7 @@ struct fixed_micro_kernel {
         const Scalar* k[key_tokens];
         for (int u = 0; u < key_tokens; ++u) {
           k[u] = run.rows + (t + u) * run.stride;
-          prefetch_row(run, t + u, count == 1);
+          lead.step(run, t + u);
           if (also) also->next();
         }
         row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
@@ -314,6 +336,7 @@ struct fixed_micro_kernel {
         });
       }
       for (; t < run.n; ++t, ++col) {
+        lead.step(run, t);
         if (also) also->next();
         const Scalar* k[1] = {run.rows + t * run.stride};
         row_passes<key_rows>(rows, [&](auto r_count, Index r0) {
