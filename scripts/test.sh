@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Builds and runs every test: the AddressSanitizer + UndefinedBehaviorSanitizer build (-O0,
+# Builds and runs every test: the AddressSanitizer + UndefinedBehaviorSanitizer build (-Og,
 # assertions on, warnings as errors) with every test, the release build (-DNDEBUG, -march=native)
 # with the SIMD kernels' tests and the allocation counter, whose benchmarks then run once each,
 # and the kernels' tests built for AVX2 without AVX-512 (x86-64-v3; on a machine without

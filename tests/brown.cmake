@@ -4,8 +4,5 @@ add_executable(test_brown ${CMAKE_CURRENT_LIST_DIR}/test_brown.cpp)
 target_include_directories(test_brown PRIVATE ${PROJECT_SOURCE_DIR}/examples)
 target_compile_definitions(test_brown PRIVATE
   KVCACHE_BROWN_DIR="${PROJECT_SOURCE_DIR}/examples/tiny_decoder/brown")
-# Its tests run the model over thousands of tokens: in an unoptimized build (the asan preset's
-# -O0) they would take minutes, so Debug builds compile this one at -O1 (about 8x faster).
-target_compile_options(test_brown PRIVATE $<$<CONFIG:Debug>:-O1>)
 target_link_libraries(test_brown PRIVATE kvcache::kvcache kvcache_warnings kvcache_native GTest::gtest_main)
 gtest_discover_tests(test_brown DISCOVERY_TIMEOUT 60 PROPERTIES LABELS tiny_decoder)
