@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh g++ cmake ninja-build libeigen3-dev libxxhash-dev libgtest-dev libgmock-dev \
   libbenchmark-dev python3-matplotlib
 
-cmake --preset release >/dev/null
+# The examples too, for serve's plots (the preset leaves them out of CI's release build).
+cmake --preset release -DKVCACHE_BUILD_EXAMPLES=ON >/dev/null
 targets=(kvcache_bench)
 # grep reads to the end (no -q): under pipefail an early exit would fail the pipe.
 if cmake --build --preset release --target help | grep '^serve: ' >/dev/null; then
