@@ -244,7 +244,10 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, 
     online_softmax_update(S, st);
     if (fixed) {
       with_fixed_chunks<T>(d, [&](auto chunks) {
-        const row_run<Scalar> next_keys{keys + n * blk.stride, std::min(tile, hi - t0 - n),
+        // Formed only when the block has rows after this tile: a row past its end may lie
+        // past its buffer.
+        const Index next_n = std::min(tile, hi - t0 - n);
+        const row_run<Scalar> next_keys{next_n > 0 ? keys + n * blk.stride : keys, next_n,
                                         blk.stride};
         prefetch_cursor<Scalar> ahead{&next_keys, 1, row_bytes};
         fixed_micro_kernel<T, decltype(chunks)::value>::accumulate(
