@@ -88,6 +88,10 @@ struct prefetch_cursor {
   // Moves `rows` rows on without asking for them.
   void skip(Index rows) noexcept {
     t += rows;
+    settle();
+  }
+  // Carries t over the ends of runs, to a row of a run or past the last.
+  void settle() noexcept {
     while (i < count && t >= runs[i].n) {
       t -= runs[i].n;
       ++i;
@@ -152,10 +156,7 @@ inline constexpr Index row_prefetch_bytes = 4096;
 
 template <class Scalar>
 inline void prefetch_cursor<Scalar>::next() noexcept {
-  while (i < count && t >= runs[i].n) {
-    ++i;
-    t = 0;
-  }
+  settle();
   if (i >= count) return;
   const Scalar* row = runs[i].rows + t * runs[i].stride;
   for (Index line = 0; line < row_bytes; line += 64) prefetch_ahead(row, line);
