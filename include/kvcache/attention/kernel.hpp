@@ -405,11 +405,12 @@ inline constexpr Index product_slice = 128;
 
 // Folds one tile of keys K (n x d, rows of T) whose first dv columns are the values too into
 // `st`: scores, mask_tile(scores), one online softmax step, then the weighted sum of the same
-// rows. Every row is read from memory once for both.
-template <class T, class Tile, class MaskTile>
+// rows. Every row is read from memory once for both. `next`, when given, walks the stored rows
+// of the next tile, which the weighted sum asks for while it works on rows already in cache.
+template <class T, class Tile, class MaskTile, class Ahead = prefetch_cursor<T>>
 void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
                       typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
-                      MaskTile&& mask_tile) {
+                      MaskTile&& mask_tile, Ahead* next = nullptr) {
   const Index n = K.rows();
   auto S = ws.s.topLeftCorner(rows, n);
   // Decode's few rows (MLA's heads) take the register-blocked kernels; prefill's many, Eigen's
@@ -430,7 +431,7 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
   online_softmax_update(S, st);
   if (wide) {
     wide_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
-                               st.o.data(), st.o.cols());
+                               st.o.data(), st.o.cols(), next);
   } else {
     for (Index x = 0; x < dv; x += product_slice) {
       const Index w = std::min(product_slice, dv - x);
@@ -499,14 +500,29 @@ void attend_range_shared(const View& view, Index h, Index k0, Index k1, Index ro
       }
       if (!done) {
         flush();
+        [[maybe_unused]] const auto plain = plain_of(blk);
         for (Index t0 = lo - offset; t0 < hi - offset; t0 += tile) {
           const Index n = std::min(tile, hi - offset - t0);
           const auto K = key_tile<T>(blk, t0, n, d, ws.k);
-          fold_shared_tile<T>(K, d, dv, rows, ws, st, [&](auto& S) {
+          const auto mask_tile = [&](auto& S) {
             if (needs_mask(row_pos, rows, first + t0, n, mask)) {
               apply_mask(S, row_pos, first + t0, mask);
             }
-          });
+          };
+          // Plain storage: the next tile of this block is asked for while this one is summed
+          // (formed only when the block has rows after this tile).
+          const Index next_n = std::min(tile, hi - offset - t0 - n);
+          if constexpr (may_gather) {
+            if (plain != nullptr && next_n > 0) {
+              using Scalar = std::remove_cv_t<std::remove_reference_t<decltype(*plain->keys)>>;
+              const row_run<Scalar> next_rows{plain->keys + (t0 + n) * plain->stride, next_n,
+                                              plain->stride};
+              prefetch_cursor<Scalar> ahead{&next_rows, 1, d * Index(sizeof(Scalar))};
+              fold_shared_tile<T>(K, d, dv, rows, ws, st, mask_tile, &ahead);
+              continue;
+            }
+          }
+          fold_shared_tile<T>(K, d, dv, rows, ws, st, mask_tile);
         }
       }
     }

@@ -190,6 +190,17 @@ EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
   }
 }
 
+// Keeps a loaded packet in a register: without it GCC 12 may fold the load into every fused
+// multiply-add that uses it, loading it again each time.
+template <class Packet>
+EIGEN_ALWAYS_INLINE void in_register(Packet& p) noexcept {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  __asm__("" : "+v"(p));
+#else
+  (void)p;
+#endif
+}
+
 template <class T, int C>
 struct fixed_micro_kernel {
   using packet = typename Eigen::internal::packet_traits<T>::type;
@@ -299,9 +310,13 @@ struct fixed_micro_kernel {
     }
     for (int c = 1; c < C; ++c) {
       packet qc[R];
-      for (int r = 0; r < R; ++r) qc[r] = ploadu<packet>(q + r * q_stride + c * width);
+      for (int r = 0; r < R; ++r) {
+        qc[r] = ploadu<packet>(q + r * q_stride + c * width);
+        in_register(qc[r]);
+      }
       for (int u = 0; u < U; ++u) {
-        const packet kc = widen<T, Scalar>::load(k[u] + c * width);
+        packet kc = widen<T, Scalar>::load(k[u] + c * width);
+        in_register(kc);
         for (int r = 0; r < R; ++r) acc[r][u] = pmadd(qc[r], kc, acc[r][u]);
       }
     }
@@ -479,7 +494,7 @@ struct wide_kernel {
 
   // s[r][u] = q_r . k_u for R rows and U tokens, d wide (the scalar tail after the packets).
   template <int R, int U>
-  static EIGEN_ALWAYS_INLINE void score_block(const T* q, Index q_stride, const T* const* k,
+  static EIGEN_DONT_INLINE void score_block(const T* q, Index q_stride, const T* const* k,
                                               Index d, T* s, Index s_stride) {
     using namespace Eigen::internal;
     const Index dp = d - d % width;
@@ -489,9 +504,13 @@ struct wide_kernel {
     }
     for (Index c = 0; c < dp; c += width) {
       packet qc[R];
-      for (int r = 0; r < R; ++r) qc[r] = ploadu<packet>(q + r * q_stride + c);
+      for (int r = 0; r < R; ++r) {
+        qc[r] = ploadu<packet>(q + r * q_stride + c);
+        in_register(qc[r]);
+      }
       for (int u = 0; u < U; ++u) {
-        const packet kc = ploadu<packet>(k[u] + c);
+        packet kc = ploadu<packet>(k[u] + c);
+        in_register(kc);
         for (int r = 0; r < R; ++r) acc[r][u] = pmadd(qc[r], kc, acc[r][u]);
       }
     }
@@ -534,9 +553,10 @@ struct wide_kernel {
   }
 
   // Columns [c0, c0 + CC * width) of o_r += sum over t of p[r][t] * v_t, for R rows.
-  template <int R, int CC>
+  // `also`, when given, asks for one of its rows every 32 tokens.
+  template <int R, int CC, class Ahead>
   static EIGEN_ALWAYS_INLINE void value_run(const T* p, Index p_stride, const T* v, Index v_stride,
-                                            Index n, Index c0, T* o, Index o_stride) {
+                                            Index n, Index c0, T* o, Index o_stride, Ahead* also) {
     using namespace Eigen::internal;
     packet acc[R][CC];
     for (int r = 0; r < R; ++r) {
@@ -544,6 +564,7 @@ struct wide_kernel {
     }
     const T* vt = v + c0;
     for (Index t = 0; t < n; ++t, vt += v_stride) {
+      if (also != nullptr && t % 32 == 0) also->next();
       packet w[R];
       for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
       for (int cc = 0; cc < CC; ++cc) {
@@ -556,9 +577,11 @@ struct wide_kernel {
     }
   }
 
-  // o_r += sum over t in [0, n) of p[r][t] * v_t for `rows` rows, dv wide.
+  // o_r += sum over t in [0, n) of p[r][t] * v_t for `rows` rows, dv wide. `also`, when given,
+  // walks the rows that the next tile will read, a row every 32 tokens of every pass.
+  template <class Ahead>
   static void accumulate(const T* p, Index p_stride, Index rows, const T* v, Index v_stride,
-                         Index n, Index dv, T* o, Index o_stride) {
+                         Index n, Index dv, T* o, Index o_stride, Ahead* also) {
     const Index dp = dv - dv % width;
     row_passes<value_rows>(rows, [&](auto r_count, Index r0) {
       constexpr int R = decltype(r_count)::value;
@@ -568,9 +591,11 @@ struct wide_kernel {
       T* orow = o + r0 * o_stride;
       Index c = 0;
       for (; c + CC * width <= dp; c += CC * width) {
-        value_run<R, CC>(pr, p_stride, v, v_stride, n, c, orow, o_stride);
+        value_run<R, CC>(pr, p_stride, v, v_stride, n, c, orow, o_stride, also);
       }
-      for (; c < dp; c += width) value_run<R, 1>(pr, p_stride, v, v_stride, n, c, orow, o_stride);
+      for (; c < dp; c += width) {
+        value_run<R, 1>(pr, p_stride, v, v_stride, n, c, orow, o_stride, also);
+      }
       for (int r = 0; r < R; ++r) {
         for (Index x = dp; x < dv; ++x) {
           T sum = T(0);
