@@ -312,7 +312,9 @@ void BM_decode_attention(benchmark::State& state, Index ctx, Index n_heads, Inde
 // read from memory. Counted as 2 FLOP per lane per FMA.
 template <class T>
 struct fma_peak_of {
-  static constexpr int chains = 16;
+  // Independent chains: enough to cover the FMA latency on both pipes, few enough that they and
+  // the two operands stay in registers (16 vector registers without AVX-512: 16 chains spilled).
+  static constexpr int chains = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 16 : 12;
   static constexpr Index steps = Index(1) << 17;
   using packet = typename Eigen::internal::packet_traits<T>::type;
   static constexpr Index width = Eigen::internal::unpacket_traits<packet>::size;
