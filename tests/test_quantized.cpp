@@ -7,6 +7,7 @@
 #include <kvcache/cache/quantized.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <string>
@@ -920,6 +921,54 @@ TYPED_TEST(QuantizedTest, CopiesAreDeepAndReserveKeepsContents) {
   a.append(0, random_matrix(4000, 128, 5), random_matrix(4000, 128, 6));
   EXPECT_EQ(a.capacity_bytes(), cap) << "no reallocation within the reserved size";
   check_decode(s, a, 0, random_matrix(1, s.q_width(), 7), this->ws_);
+}
+
+// The rows of codes the decode kernels ask for ahead of their reads: 4 KiB of rows ahead
+// within a block; when the block read next is known (a paged cache's next page), at most a
+// block ahead and then that block's rows, never the bytes after this block in memory (another
+// page, often another sequence's); nothing past the last block.
+TEST(QuantizedCodeLead, AsksForTheNextBlockNotTheBytesAfterThisOne) {
+  std::vector<std::uint8_t> page(64 * 128), next(64 * 128);
+  const auto expect_rows = [](detail::code_lead<128>& lead, const std::uint8_t* first, Index n,
+                              const char* what) {
+    for (Index t = 0; t < n; ++t) {
+      ASSERT_EQ(lead.row, first + t * 128) << what << ", row " << t;
+      lead.ask<1>();
+    }
+  };
+  // int8 codes of head_dim 128 (rows of 128 bytes), pages of 32 tokens: the lead is a page.
+  detail::code_lead<128> from_start(page.data(), 32, next.data(), 32, 0);
+  expect_rows(from_start, next.data(), 32, "from the page's first row");
+  EXPECT_EQ(from_start.row, nullptr) << "nothing after the next page";
+
+  detail::code_lead<128> from_middle(page.data(), 32, next.data(), 32, 8);
+  expect_rows(from_middle, next.data() + 8 * 128, 24, "from row 8");
+  EXPECT_EQ(from_middle.row, nullptr);
+
+  // A block longer than the lead (32 rows of 128 bytes): its own rows first, then the next's.
+  detail::code_lead<128> long_block(page.data(), 64, next.data(), 16, 4);
+  expect_rows(long_block, page.data() + 36 * 128, 28, "within the long block");
+  expect_rows(long_block, next.data(), 16, "into the next block");
+  EXPECT_EQ(long_block.row, nullptr);
+
+  // No next block (a contiguous cache's stored run): rows of this block only.
+  detail::code_lead<128> alone(page.data(), 64, nullptr, 0, 0);
+  expect_rows(alone, page.data() + 32 * 128, 32, "alone");
+  EXPECT_EQ(alone.row, nullptr);
+
+  // Blocks asked for in steps of 4 rows, as the key kernels do.
+  detail::code_lead<128> steps(page.data(), 32, next.data(), 32, 0);
+  for (Index t = 0; t < 32; t += 4) {
+    ASSERT_EQ(steps.row, next.data() + t * 128) << "row " << t;
+    steps.ask<4>();
+  }
+  EXPECT_EQ(steps.row, nullptr);
+
+  // int4 codes (64-byte rows): a lead of 64 rows, cut to the 32-row page when a next is given.
+  detail::code_lead<64> int4_page(page.data(), 32, next.data(), 32, 0);
+  EXPECT_EQ(int4_page.row, next.data());
+  detail::code_lead<64> int4_alone(page.data(), 128, nullptr, 0, 0);
+  EXPECT_EQ(int4_alone.row, page.data() + 64 * 64);
 }
 
 }  // namespace

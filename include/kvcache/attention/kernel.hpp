@@ -209,12 +209,16 @@ void online_softmax_update(Scores& S, softmax_state<T>& st) {
 
 // Folds rows [lo, hi) of one block (rows counted from the block's start, which sits at
 // position `first`) into the first `rows` rows of `st`, for the first `rows` rows of `ws.q`.
-// With `row_pos`, row r sees the keys that `mask` lets a query at row_pos[r] see. This is the
-// overload for blocks of plain storage; formats overload it for their own blocks.
+// With `row_pos`, row r sees the keys that `mask` lets a query at row_pos[r] see. The block
+// read after this one (or null) is the last argument: formats that ask for their next rows a
+// fixed lead ahead ask for that block's once they pass this one's end. This is the overload
+// for blocks of plain storage, which gathers short blocks (pages) and takes no next block;
+// formats overload it for their own blocks.
 template <class T, class Scalar>
 void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, Index d,
                   Index rows, const Index* row_pos, const attention_mask& mask, Index tile,
-                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
+                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                  const kv_block<Scalar>* /*next*/ = nullptr) {
   for (Index t0 = lo; t0 < hi; t0 += tile) {
     const Index n = std::min(tile, hi - t0);
     auto S = ws.s.topLeftCorner(rows, n);
@@ -271,11 +275,12 @@ template <class T, class StoredBlock>
 void attend_block(const layer_block<StoredBlock, T>& blk, Index lo, Index hi, Index first,
                   Index d, Index rows, const Index* row_pos, const attention_mask& mask,
                   Index tile, typename attention_workspace<T>::worker_scratch& ws,
-                  softmax_state<T>& st) {
+                  softmax_state<T>& st, const layer_block<StoredBlock, T>* next = nullptr) {
   if (blk.in_tail) {
     attend_block<T>(blk.tail, lo, hi, first, d, rows, row_pos, mask, tile, ws, st);
   } else {
-    attend_block<T>(blk.stored, lo, hi, first, d, rows, row_pos, mask, tile, ws, st);
+    const StoredBlock* next_stored = next != nullptr && !next->in_tail ? &next->stored : nullptr;
+    attend_block<T>(blk.stored, lo, hi, first, d, rows, row_pos, mask, tile, ws, st, next_stored);
   }
 }
 
@@ -592,7 +597,12 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
       }
       if (!gathered) {
         flush();
-        attend_block<T>(blk, lo - offset, hi - offset, first, d, rows, row_pos, mask, tile, ws, st);
+        // The block after it, when this item reads on into it.
+        const bool more = b + 1 < view.n_blocks() && offset + blk.tokens < k1 &&
+                          !(mask.causal && view.position(b + 1) > max_pos);
+        const auto next = more ? view.block(h, b + 1) : decltype(blk){};
+        attend_block<T>(blk, lo - offset, hi - offset, first, d, rows, row_pos, mask, tile, ws, st,
+                        more ? &next : nullptr);
       }
     }
     offset += blk.tokens;

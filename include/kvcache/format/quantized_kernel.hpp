@@ -221,6 +221,53 @@ bool with_group_packets(Index packets, F&& f) {
 // at head_dim 128, 64 of int4), which measured best for both at 32k tokens from DRAM.
 inline constexpr Index code_prefetch_bytes = 4096;
 
+// Asks for the rows of codes a lead ahead of those a kernel below reads, one row a step: in
+// the block, then in `next`, the block attention reads after it (the sequence's next page of
+// a paged cache, whose pages lie anywhere in the pool), then nowhere. The lead is
+// code_prefetch_bytes of rows, at most one block when a next block is given, so that pages
+// shorter than the lead still ask for their successor. (The row 4 KiB after a page's codes
+// in memory is some other page's, often another sequence's, which a fixed offset would fetch
+// for nothing.) Rows of `RowBytes` bytes; the state is a few integers, so that the kernels'
+// accumulators keep their registers.
+template <Index RowBytes>
+struct code_lead {
+  const std::uint8_t* row = nullptr;  // the next row asked for, or null past the next block
+  Index left = 0;                     // rows from `row` to the end of its block
+  const std::uint8_t* next = nullptr;
+  Index next_rows = 0;
+
+  // For reads from row `from` of a block of `rows` rows of codes at `codes`.
+  code_lead(const std::uint8_t* codes, Index rows, const std::uint8_t* next_codes, Index next_n,
+            Index from) noexcept {
+    Index lead = std::max<Index>(1, code_prefetch_bytes / RowBytes);
+    if (next_codes != nullptr) lead = std::max<Index>(1, std::min(lead, rows));
+    const Index u = from + lead;
+    if (u < rows) {
+      row = codes + u * RowBytes;
+      left = rows - u;
+      next = next_codes;
+      next_rows = next_n;
+    } else if (next_codes != nullptr && u - rows < next_n) {
+      row = next_codes + (u - rows) * RowBytes;
+      left = next_n - (u - rows);
+    }
+  }
+  // Asks for the next `Rows` rows.
+  template <int Rows>
+  EIGEN_ALWAYS_INLINE void ask() noexcept {
+    for (int u = 0; u < Rows; ++u) {
+      if (row == nullptr) return;
+      for (Index line = 0; line < RowBytes; line += 64) prefetch_ahead(row, line);
+      row += RowBytes;
+      if (--left == 0) {
+        row = next;
+        left = next_rows;
+        next = nullptr;
+      }
+    }
+  }
+};
+
 #if defined(__AVX512F__)
 // For 4 rows x 4 tokens of packets of 16: s[r][u] = bias[r] + sum of the lanes of acc[r][u]
 // (rows of s `s_stride` apart). A tree of 45 shuffles and adds instead of 16 separate
@@ -285,14 +332,27 @@ struct quantized_fixed_kernel {
   // s[r][t - a] = q_r . k_t for R rows and the tokens [a, b) of one key group.
   template <int R>
   static void scores_pass(const T* q, Index q_stride, const quantized_block<Bits>& blk,
-                          Index a, Index b, T* s, Index s_stride) {
+                          const quantized_block<Bits>* next, Index a, Index b, T* s,
+                          Index s_stride) {
     using namespace Eigen::internal;
     const Eigen::half* scale = blk.key_scales + (a / blk.group) * dim;
     const Eigen::half* zero = blk.key_zeros + (a / blk.group) * dim;
-    for (Index i = 0; i < dim; i += 32) {  // the next group's, 32 halves a line
-      prefetch_ahead(scale, 2 * (dim + i));
-      prefetch_ahead(zero, 2 * (dim + i));
+    // The next group's scales and zero points, 32 halves a line: this block's, or the next
+    // block's first when this group is the block's last.
+    const bool last_group = (a / blk.group + 1) * blk.group >= blk.tokens;
+    const Eigen::half* next_scale = !last_group ? scale + dim
+                                    : next != nullptr ? next->key_scales : nullptr;
+    const Eigen::half* next_zero = !last_group ? zero + dim
+                                   : next != nullptr ? next->key_zeros : nullptr;
+    if (next_scale != nullptr) {
+      for (Index i = 0; i < dim; i += 32) {
+        prefetch_ahead(next_scale, 2 * i);
+        prefetch_ahead(next_zero, 2 * i);
+      }
     }
+    code_lead<row_bytes> ahead(blk.key_codes, blk.tokens,
+                               next != nullptr ? next->key_codes : nullptr,
+                               next != nullptr ? next->tokens : 0, a);
     alignas(64) T qs[R][dim];  // q o scale
     packet bias_acc[R];
     for (int r = 0; r < R; ++r) bias_acc[r] = pset1<packet>(T(0));
@@ -310,9 +370,7 @@ struct quantized_fixed_kernel {
     Index t = a;
     for (; t + key_tokens <= b; t += key_tokens) {
       const std::uint8_t* kt = blk.key_codes + t * row_bytes;
-      for (Index line = 0; line < key_tokens * row_bytes; line += 64) {
-        prefetch_ahead(kt, code_prefetch_bytes + line);
-      }
+      ahead.template ask<key_tokens>();
       // Packets outer, tokens inner: R x 4 independent sums in flight, and each packet of
       // q o scale loaded once for the 4 tokens.
       packet acc[R][key_tokens];
@@ -371,21 +429,24 @@ struct quantized_fixed_kernel {
   }
 
   // Scores of `rows` rows for the tokens [t0, t0 + n), written to columns 0..n-1 of s.
+  // `next` (or null) is the block read after this one, whose codes are asked for ahead.
   static void scores(const T* q, Index q_stride, Index rows, const quantized_block<Bits>& blk,
-                     Index t0, Index n, T* s, Index s_stride) {
+                     Index t0, Index n, T* s, Index s_stride,
+                     const quantized_block<Bits>* next = nullptr) {
     for (Index a = t0; a < t0 + n;) {
       const Index b = std::min(t0 + n, (a / blk.group + 1) * blk.group);
       T* sa = s + (a - t0);
       Index r = 0;
       for (; r + key_rows <= rows; r += key_rows) {
-        scores_pass<key_rows>(q + r * q_stride, q_stride, blk, a, b, sa + r * s_stride, s_stride);
+        scores_pass<key_rows>(q + r * q_stride, q_stride, blk, next, a, b, sa + r * s_stride,
+                              s_stride);
       }
       const T* qr = q + r * q_stride;
       T* sr = sa + r * s_stride;
       switch (rows - r) {
-        case 1: scores_pass<1>(qr, q_stride, blk, a, b, sr, s_stride); break;
-        case 2: scores_pass<2>(qr, q_stride, blk, a, b, sr, s_stride); break;
-        case 3: scores_pass<3>(qr, q_stride, blk, a, b, sr, s_stride); break;
+        case 1: scores_pass<1>(qr, q_stride, blk, next, a, b, sr, s_stride); break;
+        case 2: scores_pass<2>(qr, q_stride, blk, next, a, b, sr, s_stride); break;
+        case 3: scores_pass<3>(qr, q_stride, blk, next, a, b, sr, s_stride); break;
         default: break;
       }
       a = b;
@@ -394,11 +455,14 @@ struct quantized_fixed_kernel {
 
   // The packets [C0, C0 + CC) of o_r += sum over t in [0, n) of p[r][t] * v_{t0 + t} for R
   // rows, value groups of P packets. `scale` and `zero` are the n tokens' scales and zero
-  // points as T, [t][group]. The first run of packets prefetches the codes.
+  // points as T, [t][group]. The first run of packets prefetches the codes. Out of line: when
+  // GCC 12 inlined the runs into accumulate, decode over int8 took 15% longer in them.
   template <int R, int P, int C0, int CC>
-  static void accumulate_packets(const T* p, Index p_stride, const quantized_block<Bits>& blk,
-                                 Index t0, Index n, const T* scale, const T* zero, T* o,
-                                 Index o_stride) {
+  EIGEN_DONT_INLINE static void accumulate_packets(const T* p, Index p_stride,
+                                                   const quantized_block<Bits>& blk,
+                                                   code_lead<row_bytes> ahead, Index t0,
+                                                   Index n, const T* scale, const T* zero, T* o,
+                                                   Index o_stride) {
     using namespace Eigen::internal;
     constexpr int groups = C / P;
     packet acc[R][CC];
@@ -407,11 +471,7 @@ struct quantized_fixed_kernel {
     }
     const std::uint8_t* vt = blk.value_codes + t0 * row_bytes;
     for (Index t = 0; t < n; ++t, vt += row_bytes) {
-      if constexpr (C0 == 0) {
-        for (Index line = 0; line < row_bytes; line += 64) {
-          prefetch_ahead(vt, code_prefetch_bytes + line);
-        }
-      }
+      if constexpr (C0 == 0) ahead.template ask<1>();
       packet w[R];
       for (int r = 0; r < R; ++r) w[r] = pset1<packet>(p[r * p_stride + t]);
       [[maybe_unused]] packet table;
@@ -437,52 +497,70 @@ struct quantized_fixed_kernel {
   // R x CC accumulators take half the vector registers.
   template <int R, int P>
   static void accumulate_rows(const T* p, Index p_stride, const quantized_block<Bits>& blk,
-                              Index t0, Index n, const T* scale, const T* zero, T* o,
-                              Index o_stride) {
+                              const code_lead<row_bytes>& ahead, Index t0, Index n,
+                              const T* scale, const T* zero, T* o, Index o_stride) {
     // A power of two, so that the runs tile the C packets (C is one): half the registers / R
     // itself would leave packets out for R = 3, 5, 6, 7.
     constexpr int budget = std::max(1, registers / 2 / R);
     constexpr int CC = std::min(C, budget >= 16 ? 16 : budget >= 8 ? 8 : budget >= 4 ? 4 : budget >= 2 ? 2 : 1);
-    accumulate_runs<R, P, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride,
+    accumulate_runs<R, P, CC>(p, p_stride, blk, ahead, t0, n, scale, zero, o, o_stride,
                               std::make_integer_sequence<int, C / CC>{});
   }
 
   template <int R, int P, int CC, int... Run>
   static void accumulate_runs(const T* p, Index p_stride, const quantized_block<Bits>& blk,
-                              Index t0, Index n, const T* scale, const T* zero, T* o,
-                              Index o_stride, std::integer_sequence<int, Run...>) {
-    (accumulate_packets<R, P, Run * CC, CC>(p, p_stride, blk, t0, n, scale, zero, o, o_stride),
+                              const code_lead<row_bytes>& ahead, Index t0, Index n,
+                              const T* scale, const T* zero, T* o, Index o_stride,
+                              std::integer_sequence<int, Run...>) {
+    (accumulate_packets<R, P, Run * CC, CC>(p, p_stride, blk, ahead, t0, n, scale, zero, o,
+                                            o_stride),
      ...);
   }
 
   // o_r += sum over t in [t0, t0 + n) of p[r][t - t0] * v_t for `rows` rows (at most
-  // micro_kernel_rows); `scratch` holds 2 * n * C / P values of T.
+  // micro_kernel_rows); `scratch` holds 2 * n * C / P values of T. `next` (or null) is the
+  // block read after this one, whose codes are asked for ahead.
   template <int P>
   static void accumulate(const T* p, Index p_stride, Index rows,
                          const quantized_block<Bits>& blk, Index t0, Index n, T* o,
-                         Index o_stride, T* scratch) {
+                         Index o_stride, T* scratch,
+                         const quantized_block<Bits>* next = nullptr) {
     constexpr Index groups = C / P;
     // The next tile's scales and zero points, 32 halves a line: small streams the codes'
-    // prefetch does not cover.
-    for (Index i = 0; i < n * groups; i += 32) {
-      prefetch_ahead(blk.value_scales, 2 * ((t0 + n) * groups + i));
-      prefetch_ahead(blk.value_zeros, 2 * ((t0 + n) * groups + i));
+    // prefetch does not cover. This block's, or the next block's first when this tile ends it.
+    const bool last_tile = t0 + n >= blk.tokens;
+    const Eigen::half* next_scales = !last_tile ? blk.value_scales + (t0 + n) * groups
+                                     : next != nullptr ? next->value_scales : nullptr;
+    const Eigen::half* next_zeros = !last_tile ? blk.value_zeros + (t0 + n) * groups
+                                    : next != nullptr ? next->value_zeros : nullptr;
+    if (next_scales != nullptr) {
+      for (Index i = 0; i < n * groups; i += 32) {
+        prefetch_ahead(next_scales, 2 * i);
+        prefetch_ahead(next_zeros, 2 * i);
+      }
     }
+    const code_lead<row_bytes> ahead(blk.value_codes, blk.tokens,
+                                     next != nullptr ? next->value_codes : nullptr,
+                                     next != nullptr ? next->tokens : 0, t0);
     T* scale = scratch;
     T* zero = scratch + n * groups;
     convert(blk.value_scales + t0 * groups, n * groups, scale);
     convert(blk.value_zeros + t0 * groups, n * groups, zero);
+    const auto pass = [&](auto r) {
+      accumulate_rows<decltype(r)::value, P>(p, p_stride, blk, ahead, t0, n, scale, zero, o,
+                                             o_stride);
+    };
     switch (rows) {
-      case 1: accumulate_rows<1, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 2: accumulate_rows<2, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 3: accumulate_rows<3, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 4: accumulate_rows<4, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 5: accumulate_rows<5, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 6: accumulate_rows<6, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
-      case 7: accumulate_rows<7, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride); break;
+      case 1: pass(std::integral_constant<int, 1>{}); break;
+      case 2: pass(std::integral_constant<int, 2>{}); break;
+      case 3: pass(std::integral_constant<int, 3>{}); break;
+      case 4: pass(std::integral_constant<int, 4>{}); break;
+      case 5: pass(std::integral_constant<int, 5>{}); break;
+      case 6: pass(std::integral_constant<int, 6>{}); break;
+      case 7: pass(std::integral_constant<int, 7>{}); break;
       default:
         KVCACHE_ASSERT(rows == 8);
-        accumulate_rows<8, P>(p, p_stride, blk, t0, n, scale, zero, o, o_stride);
+        pass(std::integral_constant<int, 8>{});
         break;
     }
   }
@@ -565,11 +643,13 @@ tile_map<T> key_tile(const quantized_block<Bits>& blk, Index t0, Index n, Index 
 // arguments mean the same). Decode with a common head_dim reads the codes directly
 // (quantized_fixed_kernel); other head dims and prefill's many rows dequantize one tile at a
 // time into the workspace's k and v tiles, which the drivers size because this format is not
-// stored as float.
+// stored as float. The codes of `next`, the block read after this one (or null), are asked for
+// ahead of their use.
 template <class T, int Bits>
 void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index first, Index d,
                   Index rows, const Index* row_pos, const attention_mask& mask, Index tile,
-                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st) {
+                  typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                  const quantized_block<Bits>* next = nullptr) {
   static_assert(std::is_same_v<T, float>, "kvcache: quantized caches compute in float");
   KVCACHE_ASSERT(blk.group > 0);
   // The drivers size k and v as tile x head_dim (the format is not float); the fixed
@@ -586,7 +666,7 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
     if (fixed) {
       with_fixed_chunks<T>(d, [&](auto chunks) {
         quantized_fixed_kernel<T, Bits, decltype(chunks)::value>::scores(
-            ws.q.data(), ws.q.cols(), rows, blk, t0, n, ws.s.data(), ws.s.cols());
+            ws.q.data(), ws.q.cols(), rows, blk, t0, n, ws.s.data(), ws.s.cols(), next);
       });
     } else {
       dequantize_key_tile<T>(blk, t0, n, d, ws.k);
@@ -604,7 +684,8 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
         constexpr int C = decltype(chunks)::value;
         with_group_packets<C>(packets, [&](auto group_packets) {
           quantized_fixed_kernel<T, Bits, C>::template accumulate<decltype(group_packets)::value>(
-              ws.s.data(), ws.s.cols(), rows, blk, t0, n, st.o.data(), st.o.cols(), ws.v.data());
+              ws.s.data(), ws.s.cols(), rows, blk, t0, n, st.o.data(), st.o.cols(), ws.v.data(),
+              next);
         });
       });
     } else {
