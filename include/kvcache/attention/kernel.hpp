@@ -377,6 +377,39 @@ struct page_tile_of<const kv_block<Scalar>*> {
   using type = page_tile<Scalar>;
 };
 
+// Rows [lo, hi) of a stored block whose first token sits at position `first`: one of the
+// short blocks (pages) a format gathers into a tile.
+template <class Block>
+struct gathered_run {
+  Block blk{};
+  Index lo = 0;
+  Index hi = 0;
+  Index first = 0;
+};
+inline constexpr Index max_gathered_runs = 16;
+
+// A block's stored run when its format gathers short blocks into one tile (the format
+// overloads it, and attend_gathered, for its blocks), else null. Plain pages are gathered by
+// plain_of and attend_pages instead.
+template <class Block>
+std::nullptr_t gathered_of(const Block&) noexcept {
+  return nullptr;
+}
+
+// Folds gathered runs into `st`: here each run on its own (attend_block), asking ahead for the
+// run after it and the last for `next`; formats that gather overload it to fold them as one
+// tile.
+template <class T, class Block>
+void attend_gathered(const gathered_run<Block>* runs, Index count, Index d, Index rows,
+                     const Index* row_pos, const attention_mask& mask, Index tile,
+                     typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                     const Block* next) {
+  for (Index i = 0; i < count; ++i) {
+    attend_block<T>(runs[i].blk, runs[i].lo, runs[i].hi, runs[i].first, d, rows, row_pos, mask,
+                    tile, ws, st, i + 1 < count ? &runs[i + 1].blk : next);
+  }
+}
+
 // Rows [t0, t0 + n) of a block's keys as a tile of T (see load_tile): mapped in place when
 // stored as T, otherwise converted into `scratch`. Formats overload it for their own blocks.
 template <class T, class Scalar>
@@ -560,6 +593,23 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
     pt.count = 0;
     pt.tokens = 0;
   };
+  // Short blocks of a format that gathers them (quantized pages), folded as one tile by the
+  // format's attend_gathered; `next` is the block read after them, or null.
+  using runs_t = decltype(gathered_of(view.block(h, 0)));
+  constexpr bool may_gather_runs = !std::is_same_v<runs_t, std::nullptr_t>;
+  using run_block = std::conditional_t<may_gather_runs,
+                                       std::remove_cv_t<std::remove_pointer_t<runs_t>>, int>;
+  std::array<gathered_run<run_block>, static_cast<std::size_t>(max_gathered_runs)> runs{};
+  Index run_count = 0, run_tokens = 0;
+  const auto flush_runs = [&](const run_block* next) {
+    if constexpr (may_gather_runs) {
+      if (run_count > 0) {
+        attend_gathered<T>(runs.data(), run_count, d, rows, row_pos, mask, tile, ws, st, next);
+      }
+    }
+    run_count = 0;
+    run_tokens = 0;
+  };
   Index offset = 0;  // index of the current block's first token within the view
   for (Index b = 0; b < view.n_blocks() && offset < k1; ++b) {
     const auto blk = view.block(h, b);
@@ -595,7 +645,17 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
           gathered = true;
         }
       }
+      if constexpr (may_gather_runs) {
+        const auto* stored = gathered_of(blk);
+        if (stored != nullptr && hi - lo < tile) {
+          if (run_tokens + (hi - lo) > tile || run_count == max_gathered_runs) flush_runs(stored);
+          runs[static_cast<std::size_t>(run_count++)] = {*stored, lo - offset, hi - offset, first};
+          run_tokens += hi - lo;
+          gathered = true;
+        }
+      }
       if (!gathered) {
+        if constexpr (may_gather_runs) flush_runs(gathered_of(blk));
         flush();
         // The block after it, when this item reads on into it.
         const bool more = b + 1 < view.n_blocks() && offset + blk.tokens < k1 &&
@@ -608,6 +668,7 @@ void attend_range(const View& view, Index h, Index k0, Index k1, Index rows, con
     offset += blk.tokens;
   }
   flush();
+  flush_runs(nullptr);
 }
 
 template <class View>

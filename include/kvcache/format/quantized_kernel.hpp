@@ -700,5 +700,64 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
   }
 }
 
+// Quantized pages are gathered into tiles (see attend_range): a layer block's stored run.
+template <int Bits, class T>
+const quantized_block<Bits>* gathered_of(const layer_block<quantized_block<Bits>, T>& blk) noexcept {
+  return blk.in_tail ? nullptr : &blk.stored;
+}
+
+// Folds `count` short runs of quantized tokens (pages, at most a tile of them in all) into `st`
+// as one tile: the scores of every run side by side, one online softmax step, then the values
+// of every run, so that pages of 32 tokens cost one softmax step a tile, not one each. Each
+// run asks ahead for the next run's codes, the last for `next` (or nothing). Where the fixed
+// kernels do not apply, each run is its own attend_block.
+template <class T, int Bits>
+void attend_gathered(const gathered_run<quantized_block<Bits>>* runs, Index count, Index d,
+                     Index rows, const Index* row_pos, const attention_mask& mask, Index tile,
+                     typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                     const quantized_block<Bits>* next) {
+  const auto next_of = [&](Index i) { return i + 1 < count ? &runs[i + 1].blk : next; };
+  bool fixed = rows <= micro_kernel_rows;
+  Index tokens = 0;
+  for (Index i = 0; i < count; ++i) {
+    fixed = fixed && runs[i].blk.group == runs[0].blk.group &&
+            quantized_fixed_fits<T>(d, runs[i].blk.group);
+    tokens += runs[i].hi - runs[i].lo;
+  }
+  fixed = fixed && with_fixed_chunks<T>(d, [&](auto chunks) {
+    constexpr int C = decltype(chunks)::value;
+    using kernel = quantized_fixed_kernel<T, Bits, C>;
+    auto S = ws.s.topLeftCorner(rows, tokens);
+    Index col = 0;
+    for (Index i = 0; i < count; ++i) {
+      const gathered_run<quantized_block<Bits>>& r = runs[i];
+      const Index n = r.hi - r.lo;
+      kernel::scores(ws.q.data(), ws.q.cols(), rows, r.blk, r.lo, n, ws.s.data() + col,
+                     ws.s.cols(), next_of(i));
+      if (needs_mask(row_pos, rows, r.first + r.lo, n, mask)) {
+        auto Sr = S.middleCols(col, n);
+        apply_mask(Sr, row_pos, r.first + r.lo, mask);
+      }
+      col += n;
+    }
+    online_softmax_update(S, st);
+    with_group_packets<C>(runs[0].blk.group / code_loader<T, Bits>::width, [&](auto packets) {
+      Index at = 0;
+      for (Index i = 0; i < count; ++i) {
+        const gathered_run<quantized_block<Bits>>& r = runs[i];
+        kernel::template accumulate<decltype(packets)::value>(
+            ws.s.data() + at, ws.s.cols(), rows, r.blk, r.lo, r.hi - r.lo, st.o.data(),
+            st.o.cols(), ws.v.data(), next_of(i));
+        at += r.hi - r.lo;
+      }
+    });
+  });
+  if (fixed) return;
+  for (Index i = 0; i < count; ++i) {
+    attend_block<T>(runs[i].blk, runs[i].lo, runs[i].hi, runs[i].first, d, rows, row_pos, mask,
+                    tile, ws, st, next_of(i));
+  }
+}
+
 }  // namespace detail
 }  // namespace kvcache
