@@ -434,6 +434,70 @@ TEST_P(PagedBatch, EqualsOneSequenceAtATimeOnContiguousCaches) {
 
 INSTANTIATE_TEST_SUITE_P(Threads, PagedBatch, ::testing::Values(Index(1), Index(3)));
 
+// Quantized pages of a head_dim and group the register kernels take (64 and 16), gathered into
+// tiles of several pages, each page asking ahead for the next: batched decode and a mixed
+// batch of one or two query rows a sequence (the causal mask within the gathered pages) equal
+// the plain reference over each sequence's dequantized keys and values.
+template <int Bits>
+void expect_quantized_batch_equals_reference(Index threads) {
+  using T = float;
+  using format = quantized_format<Bits>;
+  const cache_shape shape(1, 8, 2, 64);
+  const attention_shape gqa = shape.heads();
+  thread_pool pool(threads);
+  attention_options opt;
+  opt.pool = threads > 1 ? &pool : nullptr;
+  paged_kv_cache<format> paged(shape, {16, 512}, format(16));
+  const std::vector<Index> lengths = {1, 17, 300, 64, 5, 1000};  // 64: pages only, no tail
+  std::vector<Index> seqs;
+  for (std::size_t s = 0; s < lengths.size(); ++s) seqs.push_back(paged.create());
+  // Round robin, 16 tokens (a page) at a time: every sequence's pages lie between others'.
+  const Index longest = *std::max_element(lengths.begin(), lengths.end());
+  for (Index t = 0; t < longest; t += 16) {
+    for (std::size_t s = 0; s < lengths.size(); ++s) {
+      const Index n = std::min<Index>(16, lengths[s] - t);
+      if (n <= 0) continue;
+      const unsigned seed = unsigned(s * 5000 + t);
+      paged.append(seqs[s], 0, random_matrix<float>(n, shape.kv_width(), seed + 1),
+                   random_matrix<float>(n, shape.kv_width(), seed + 2));
+    }
+  }
+  const Index B = Index(seqs.size());
+  paged_batch<format> batch;
+  paged.batch(seqs, 0, batch);
+  attention_workspace<T> ws;
+  const auto reference = [&](Index b, const row_matrix<T>& q) {
+    const Index seq = seqs[std::size_t(b)];
+    return reference_attention<double>(gqa, q.cast<double>(),
+                                       paged.keys(seq, 0).template cast<double>(),
+                                       paged.values(seq, 0).template cast<double>());
+  };
+  const row_matrix<T> q = random_matrix<T>(B, gqa.q_width(), 31);
+  row_matrix<T> out(B, gqa.q_width());
+  batch_decode_attention(gqa, q, batch, out, ws, opt);
+  for (Index b = 0; b < B; ++b) {
+    const row_matrix<T> qb = q.row(b);
+    EXPECT_LE((out.row(b).template cast<double>() - reference(b, qb)).cwiseAbs().maxCoeff(), 2e-5)
+        << "int" << Bits << ", sequence " << b;
+  }
+  const std::vector<Index> qo = {0, 1, 3, 5, 7, 8, 10};
+  const row_matrix<T> qm = random_matrix<T>(qo.back(), gqa.q_width(), 41);
+  row_matrix<T> om(qo.back(), gqa.q_width());
+  batch_attention(gqa, qm, qo, batch, om, ws, opt);
+  for (Index b = 0; b < B; ++b) {
+    const Index r0 = qo[std::size_t(b)], m = qo[std::size_t(b) + 1] - r0;
+    const row_matrix<T> qb = qm.middleRows(r0, m);
+    const row_matrix<double> got = om.middleRows(r0, m).template cast<double>();
+    EXPECT_LE((got - reference(b, qb)).cwiseAbs().maxCoeff(), 2e-5)
+        << "int" << Bits << ", sequence " << b;
+  }
+}
+
+TEST_P(PagedBatch, QuantizedPagesEqualTheReference) {
+  expect_quantized_batch_equals_reference<8>(GetParam());
+  expect_quantized_batch_equals_reference<4>(GetParam());
+}
+
 TEST(PagedBatchErrors, RefusesWhatDoesNotFit) {
   using T = float;
   paged_kv_cache<plain_format<float>> paged(model, {4, 8});

@@ -702,7 +702,8 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
 
 // Quantized pages are gathered into tiles (see attend_range): a layer block's stored run.
 template <int Bits, class T>
-const quantized_block<Bits>* gathered_of(const layer_block<quantized_block<Bits>, T>& blk) noexcept {
+const quantized_block<Bits>* gathered_of(
+    const layer_block<quantized_block<Bits>, T>& blk) noexcept {
   return blk.in_tail ? nullptr : &blk.stored;
 }
 
