@@ -396,11 +396,10 @@ std::nullptr_t gathered_of(const Block&) noexcept {
   return nullptr;
 }
 
-// Folds gathered runs into `st`: here each run on its own (attend_block), asking ahead for the
-// run after it and the last for `next`; formats that gather overload it to fold them as one
-// tile.
+// Folds gathered runs into `st` each on its own (attend_block), each asking ahead for the run
+// after it and the last for `next`.
 template <class T, class Block>
-void attend_gathered(const gathered_run<Block>* runs, Index count, Index d, Index rows,
+void attend_each_run(const gathered_run<Block>* runs, Index count, Index d, Index rows,
                      const Index* row_pos, const attention_mask& mask, Index tile,
                      typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
                      const Block* next) {
@@ -408,6 +407,16 @@ void attend_gathered(const gathered_run<Block>* runs, Index count, Index d, Inde
     attend_block<T>(runs[i].blk, runs[i].lo, runs[i].hi, runs[i].first, d, rows, row_pos, mask,
                     tile, ws, st, i + 1 < count ? &runs[i + 1].blk : next);
   }
+}
+
+// Folds gathered runs into `st`: here each on its own; formats that gather overload it to
+// fold them as one tile.
+template <class T, class Block>
+void attend_gathered(const gathered_run<Block>* runs, Index count, Index d, Index rows,
+                     const Index* row_pos, const attention_mask& mask, Index tile,
+                     typename attention_workspace<T>::worker_scratch& ws, softmax_state<T>& st,
+                     const Block* next) {
+  attend_each_run<T>(runs, count, d, rows, row_pos, mask, tile, ws, st, next);
 }
 
 // Rows [t0, t0 + n) of a block's keys as a tile of T (see load_tile): mapped in place when

@@ -753,11 +753,7 @@ void attend_gathered(const gathered_run<quantized_block<Bits>>* runs, Index coun
       }
     });
   });
-  if (fixed) return;
-  for (Index i = 0; i < count; ++i) {
-    attend_block<T>(runs[i].blk, runs[i].lo, runs[i].hi, runs[i].first, d, rows, row_pos, mask,
-                    tile, ws, st, next_of(i));
-  }
+  if (!fixed) attend_each_run<T>(runs, count, d, rows, row_pos, mask, tile, ws, st, next);
 }
 
 }  // namespace detail
