@@ -269,5 +269,109 @@ TEST(OnlineSoftmax, MergeIsExactAndEmptyIsIdentity) {
   }
 }
 
+// The register-blocked products of many-row tiles against Eigen's in double: every block shape
+// and remainder (rows not a multiple of the block's, tokens not a multiple of a packet or a
+// panel, head_dim not a multiple of a packet, which sends accumulate to Eigen), keys gathered
+// from several runs with gaps between their rows, and keys stored as half.
+template <class T, class Scalar>
+void check_tile_kernel(Index rows, const std::vector<Index>& run_lengths, Index d,
+                       unsigned seed) {
+  using tiles = detail::tile_kernel<T>;
+  Index n = 0;
+  for (Index len : run_lengths) n += len;
+  const Index gap = 3;  // the runs' rows are `d + gap` apart: not packed
+  const row_matrix<double> q = random_matrix<double>(rows, d, seed);
+  row_matrix<double> kd = random_matrix<double>(n, d + gap, seed + 1);
+  const row_matrix<Scalar> ks = kd.cast<Scalar>();
+  const row_matrix<T> vs = random_matrix<double>(n, d + gap, seed + 2).cast<T>();
+  kd = ks.template cast<double>();  // what is stored, exactly
+  std::vector<detail::row_run<Scalar>> key_runs;
+  std::vector<detail::row_run<T>> value_runs;
+  Index at = 0;
+  for (const Index len : run_lengths) {
+    key_runs.push_back({ks.data() + at * ks.cols(), len, ks.cols()});
+    value_runs.push_back({vs.data() + at * vs.cols(), len, vs.cols()});
+    at += len;
+  }
+  const row_matrix<T> qt = q.cast<T>();
+  row_matrix<T> s = row_matrix<T>::Constant(rows, n + 5, T(7)), kt;
+  tiles::scores(qt.data(), qt.cols(), rows, key_runs.data(), Index(key_runs.size()), d, s.data(),
+                s.cols(), kt);
+  const row_matrix<double> want_s = q * kd.leftCols(d).transpose();
+  // Sums of d (then n) terms of at most 1 (then max|s|) each, in T.
+  const double eps = std::is_same_v<T, float> ? 1e-5 : 1e-13;
+  EXPECT_LT((s.leftCols(n).template cast<double>() - want_s).cwiseAbs().maxCoeff(), eps * d);
+  // Columns past the tokens are not written.
+  EXPECT_TRUE((s.rightCols(5).array() == T(7)).all());
+
+  const row_matrix<T> o0 = random_matrix<double>(rows, d + 2, seed + 3).cast<T>();
+  row_matrix<T> o = o0;
+  tiles::accumulate(s.data(), s.cols(), rows, value_runs.data(), Index(value_runs.size()), d,
+                    o.data(), o.cols());
+  row_matrix<double> want_o = o0.template cast<double>();
+  want_o.leftCols(d) += s.leftCols(n).template cast<double>() *
+                        vs.leftCols(d).template cast<double>();
+  const double s_max = s.leftCols(n).template cast<double>().cwiseAbs().maxCoeff();
+  EXPECT_LT((o.template cast<double>() - want_o).cwiseAbs().maxCoeff(), eps * double(n) * s_max);
+}
+
+TEST(TileKernel, ProductsEqualEigensForEveryBlockShape) {
+  unsigned seed = 900;
+  for (Index rows : {1, 5, 6, 7, 13, 24, 37}) {
+    for (Index d : {16, 20, 64, 72, 128}) {
+      for (const std::vector<Index>& runs : std::vector<std::vector<Index>>{
+               {1}, {15}, {16}, {17}, {63}, {64}, {65}, {128}, {16, 16, 16}, {5, 1, 30, 9}}) {
+        SCOPED_TRACE("rows=" + std::to_string(rows) + " d=" + std::to_string(d) + " runs=" +
+                     std::to_string(runs.size()) + " first=" + std::to_string(runs[0]));
+        check_tile_kernel<float, float>(rows, runs, d, seed += 4);
+        check_tile_kernel<double, double>(rows, runs, d, seed += 4);
+        check_tile_kernel<float, Eigen::half>(rows, runs, d, seed += 4);
+      }
+    }
+  }
+}
+
+// The vectorized online softmax step equals the step written with Eigen's row expressions
+// (taken through a non-contiguous view of the same scores), over tiles whose widths are not a
+// multiple of a packet, with masked rows, fully masked rows and a NaN score.
+TEST(OnlineSoftmax, VectorizedStepEqualsTheRowExpressions) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  for (Index n : {1, 7, 16, 33, 128}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const Index rows = 9, d = 20;
+    softmax_state<float> fast, slow;
+    fast.reset(rows, d);
+    for (int step = 0; step < 3; ++step) {
+      row_matrix<float> s = (random_matrix<double>(rows, n, 40 + step) * 6.0).cast<float>();
+      s.row(1).setConstant(float(-inf));                 // a row that sees nothing this tile
+      s.row(2).tail((n + 1) / 2).setConstant(float(-inf));  // a causal edge
+      if (step == 1) s(3, n / 2) = std::numeric_limits<float>::quiet_NaN();
+      if (step == 0) {
+        fast.o = random_matrix<double>(rows, d, 50).cast<float>();
+        slow = fast;
+      }
+      // Column-major storage has no contiguous rows: the generic path.
+      Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> s_cols = s;
+      auto fast_s = s.topLeftCorner(rows, n);
+      auto slow_s = s_cols.topLeftCorner(rows, n);
+      detail::online_softmax_update(fast_s, fast);
+      detail::online_softmax_update(slow_s, slow);
+      for (Index r = 0; r < rows; ++r) {
+        SCOPED_TRACE("row " + std::to_string(r) + " step " + std::to_string(step));
+        if (r == 3 && step >= 1) {  // NaN from the step that saw it on
+          EXPECT_TRUE(fast.o.row(r).array().isNaN().all());
+          EXPECT_TRUE(slow.o.row(r).array().isNaN().all());
+          continue;
+        }
+        EXPECT_EQ(fast.m(r), slow.m(r));
+        EXPECT_NEAR(fast.l(r), slow.l(r), 1e-5f * slow.l(r));
+        EXPECT_LT((fast.o.row(r) - slow.o.row(r)).cwiseAbs().maxCoeff(), 1e-5f);
+        EXPECT_LT((s.row(r) - s_cols.row(r)).cwiseAbs().maxCoeff(), 1e-6f);
+      }
+      EXPECT_TRUE((s.row(1).array() == 0.0f).all());
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvcache::test

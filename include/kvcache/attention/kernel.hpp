@@ -6,6 +6,7 @@
 
 #include "kvcache/attention/micro_kernel.hpp"
 #include "kvcache/attention/online_softmax.hpp"
+#include "kvcache/attention/tile_kernel.hpp"
 #include "kvcache/detail/assert.hpp"
 #include "kvcache/detail/checked.hpp"
 #include "kvcache/detail/error.hpp"
@@ -25,6 +26,13 @@
 #include <vector>
 
 namespace kvcache {
+namespace detail {
+
+// Up to this many query rows an item takes the micro-kernels; more rows (prefill) take the
+// register-blocked tile products (tile_kernel).
+inline constexpr Index micro_kernel_rows = 8;
+
+}  // namespace detail
 
 /// Knobs of the attention kernels. The defaults are right for most uses.
 struct attention_options {
@@ -68,6 +76,7 @@ class attention_workspace {
     row_matrix<T> s;         // [row][tile] scores, then probabilities
     row_matrix<T> k;         // [tile][head_dim] keys converted to T, when stored otherwise
     row_matrix<T> v;         // [tile][head_dim] values converted to T
+    row_matrix<T> kt;        // [head_dim][tile] keys transposed, for items of many rows
     std::vector<Index> pos;  // [row] position of each query row, for the masks
     softmax_state<T> state;  // of the item being run, when it needs no merge
   };
@@ -88,6 +97,9 @@ class attention_workspace {
       auto& s = worker(w);
       grow(s.q, rows, head_dim);
       grow(s.s, rows, tile);
+      if (rows > detail::micro_kernel_rows) {
+        grow(s.kt, head_dim, detail::tile_kernel<T>::padded(tile));
+      }
       if (convert) {
         grow(s.k, tile, head_dim);
         grow(s.v, tile, head_dim);
@@ -142,10 +154,6 @@ class attention_workspace {
 
 namespace detail {
 
-// Up to this many query rows an item takes the micro-kernels; more rows (prefill) amortize a
-// general matrix product's packing and take Eigen's.
-inline constexpr Index micro_kernel_rows = 8;
-
 
 // Sets to -inf the scores that `mask` hides: row r's query sits at position row_pos[r], the
 // tile's key j at position first + j. Keys after the query are hidden when the mask is causal,
@@ -182,12 +190,79 @@ inline bool needs_mask(const Index* row_pos, Index rows, Index first, Index n,
   return false;
 }
 
+// The online softmax step for rows of scores stored row-major (`s_stride` apart), vectorized:
+// per row, one pass for the max, one for exp(score - max) and its sum, one to scale. Rows whose
+// scores are all -inf (masked) get zeros; a NaN score makes its row NaN.
+template <class T>
+void online_softmax_rows(T* s, Index s_stride, Index rows, Index n, softmax_state<T>& st) {
+  using namespace Eigen::internal;
+  using packet = typename tile_kernel<T>::packet;
+  constexpr Index width = tile_kernel<T>::width;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const Index np = n - n % width, dv = st.o.cols(), dp = dv - dv % width;
+  for (Index r = 0; r < rows; ++r) {
+    T* row = s + r * s_stride;
+    packet mx0 = pset1<packet>(neg_inf), mx1 = mx0;
+    Index j = 0;
+    for (; j + 2 * width <= np; j += 2 * width) {
+      mx0 = pmax(mx0, ploadu<packet>(row + j));
+      mx1 = pmax(mx1, ploadu<packet>(row + j + width));
+    }
+    if (j < np) mx0 = pmax(mx0, ploadu<packet>(row + j));
+    T tile_max = predux_max(pmax(mx0, mx1));
+    for (j = np; j < n; ++j) tile_max = std::max(tile_max, row[j]);
+    if (tile_max == neg_inf && std::none_of(row, row + n, [](T x) { return x != x; })) {
+      std::fill(row, row + n, T(0));  // every key of the tile hidden from this row
+      continue;
+    }
+    const T m_new = std::max(st.m(r), tile_max);
+    const T alpha = std::exp(st.m(r) - m_new) * st.l(r);  // 0 before any key
+    const packet m_p = pset1<packet>(m_new);
+    packet sum0 = pset1<packet>(T(0)), sum1 = sum0;
+    for (j = 0; j + 2 * width <= np; j += 2 * width) {
+      const packet e0 = pexp(psub(ploadu<packet>(row + j), m_p));
+      const packet e1 = pexp(psub(ploadu<packet>(row + j + width), m_p));
+      pstoreu(row + j, e0);
+      pstoreu(row + j + width, e1);
+      sum0 = padd(sum0, e0);
+      sum1 = padd(sum1, e1);
+    }
+    if (j < np) {
+      const packet e0 = pexp(psub(ploadu<packet>(row + j), m_p));
+      pstoreu(row + j, e0);
+      sum0 = padd(sum0, e0);
+    }
+    T sum = predux(padd(sum0, sum1));
+    for (j = np; j < n; ++j) {
+      row[j] = std::exp(row[j] - m_new);
+      sum += row[j];
+    }
+    const T l_new = alpha + sum;
+    const T inv = T(1) / l_new;
+    const packet inv_p = pset1<packet>(inv);
+    for (j = 0; j < np; j += width) pstoreu(row + j, pmul(ploadu<packet>(row + j), inv_p));
+    for (j = np; j < n; ++j) row[j] *= inv;
+    T* o = st.o.data() + r * st.o.outerStride();
+    const T w = alpha * inv;
+    const packet w_p = pset1<packet>(w);
+    for (j = 0; j < dp; j += width) pstoreu(o + j, pmul(ploadu<packet>(o + j), w_p));
+    for (j = dp; j < dv; ++j) o[j] *= w;
+    st.l(r) = l_new;
+    st.m(r) = m_new;
+  }
+}
+
 // The online softmax step for one tile: scores S (rows x n) become probabilities relative to
 // each row's new running max, already divided by the new running sum, and the state's output
 // is reweighted to match, so the output stays normalized (see softmax_state). Rows that see no
 // key in the tile get zero probabilities and keep their state.
 template <class Scores, class T>
 void online_softmax_update(Scores& S, softmax_state<T>& st) {
+  if constexpr (bool(Scores::IsRowMajor) && (int(Scores::Flags) & Eigen::DirectAccessBit) != 0 &&
+                Eigen::internal::packet_traits<T>::Vectorizable) {
+    online_softmax_rows(S.data(), S.outerStride(), S.rows(), S.cols(), st);
+    return;
+  }
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   for (Index r = 0; r < S.rows(); ++r) {
     const T tile_max = S.row(r).maxCoeff();
@@ -204,6 +279,17 @@ void online_softmax_update(Scores& S, softmax_state<T>& st) {
     st.o.row(r) *= alpha * inv;
     st.l(r) = l_new;
     st.m(r) = m_new;
+  }
+}
+
+// `n` stored rows `stride` apart, converted to T into rows `dst_stride` apart.
+template <class T, class Scalar>
+void convert_rows(const Scalar* src, Index stride, Index n, Index d, T* dst, Index dst_stride) {
+  using w = widen<T, Scalar>;
+  const Index dv = d - d % w::width;
+  for (Index t = 0; t < n; ++t, src += stride, dst += dst_stride) {
+    for (Index x = 0; x < dv; x += w::width) Eigen::internal::pstoreu(dst + x, w::load(src + x));
+    for (Index x = dv; x < d; ++x) dst[x] = T(src[x]);
   }
 }
 
@@ -235,14 +321,14 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, 
                                                              blk.stride, n, ws.s.data(),
                                                              ws.s.cols(), &ahead);
     });
-    if (!fixed) {
+    if (!fixed && micro) {
       const auto K = load_tile<T>(blk.keys, blk.stride, t0, n, d, ws.k);
-      if (micro) {
-        micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
-                                ws.s.data(), ws.s.cols());
-      } else {
-        S.noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
-      }
+      micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
+                              ws.s.data(), ws.s.cols());
+    } else if (!fixed) {
+      const row_run<Scalar> key_run{keys, n, blk.stride};
+      tile_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, &key_run, 1, d, ws.s.data(),
+                             ws.s.cols(), ws.kt);
     }
     if (needs_mask(row_pos, rows, first + t0, n, mask)) apply_mask(S, row_pos, first + t0, mask);
     online_softmax_update(S, st);
@@ -264,7 +350,9 @@ void attend_block(const kv_block<Scalar>& blk, Index lo, Index hi, Index first, 
         micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, V.data(), V.outerStride(), n,
                                     d, st.o.data(), st.o.cols());
       } else {
-        st.o.topRows(rows).noalias() += S * V;
+        const row_run<T> value_run{V.data(), n, V.outerStride()};
+        tile_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, &value_run, 1, d, st.o.data(),
+                                   st.o.cols());
       }
     }
   }
@@ -313,18 +401,18 @@ void attend_pages(const page_tile<Scalar>& pt, Index d, Index rows, const Index*
                                                            pt.keys.data(), pt.count, ws.s.data(),
                                                            ws.s.cols());
   });
+  if (!micro) {
+    tile_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, pt.keys.data(), pt.count, d,
+                           ws.s.data(), ws.s.cols(), ws.kt);
+  }
   Index col = 0;
   for (Index i = 0; i < pt.count; ++i) {
     const auto at = static_cast<std::size_t>(i);
     const row_run<Scalar>& k = pt.keys[at];
-    if (!fixed) {
+    if (micro && !fixed) {
       const auto K = load_tile<T>(k.rows, k.stride, 0, k.n, d, ws.k);
-      if (micro) {
-        micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), k.n, d,
-                                ws.s.data() + col, ws.s.cols());
-      } else {
-        S.middleCols(col, k.n).noalias() = ws.q.topLeftCorner(rows, d) * K.transpose();
-      }
+      micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), k.n, d,
+                              ws.s.data() + col, ws.s.cols());
     }
     if (needs_mask(row_pos, rows, pt.first[at], k.n, mask)) {
       auto Sk = S.middleCols(col, k.n);
@@ -340,16 +428,28 @@ void attend_pages(const page_tile<Scalar>& pt, Index d, Index rows, const Index*
     });
     return;
   }
+  if (!micro) {
+    if constexpr (std::is_same_v<Scalar, T>) {
+      tile_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, pt.values.data(), pt.count, d,
+                                 st.o.data(), st.o.cols());
+    } else {
+      // Values stored otherwise are converted into one tile of T, the runs one after another.
+      for (Index i = 0, at = 0; i < pt.count; at += pt.values[std::size_t(i)].n, ++i) {
+        const row_run<Scalar>& v = pt.values[static_cast<std::size_t>(i)];
+        convert_rows(v.rows, v.stride, v.n, d, ws.v.data() + at * ws.v.cols(), ws.v.cols());
+      }
+      const row_run<T> tile{ws.v.data(), pt.tokens, ws.v.cols()};
+      tile_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, &tile, 1, d, st.o.data(),
+                                 st.o.cols());
+    }
+    return;
+  }
   col = 0;
   for (Index i = 0; i < pt.count; ++i) {
     const row_run<Scalar>& v = pt.values[static_cast<std::size_t>(i)];
     const auto V = load_tile<T>(v.rows, v.stride, 0, v.n, d, ws.v);
-    if (micro) {
-      micro_kernel<T>::accumulate(ws.s.data() + col, ws.s.cols(), rows, V.data(), V.outerStride(),
-                                  v.n, d, st.o.data(), st.o.cols());
-    } else {
-      st.o.topRows(rows).noalias() += S.middleCols(col, v.n) * V;
-    }
+    micro_kernel<T>::accumulate(ws.s.data() + col, ws.s.cols(), rows, V.data(), V.outerStride(),
+                                v.n, d, st.o.data(), st.o.cols());
     col += v.n;
   }
 }
@@ -433,23 +533,6 @@ tile_map<T> key_tile(const layer_block<StoredBlock, T>& blk, Index t0, Index n, 
                      : key_tile<T>(blk.stored, t0, n, d, scratch);
 }
 
-// `n` stored rows `stride` apart, converted to T into rows `dst_stride` apart.
-template <class T, class Scalar>
-void convert_rows(const Scalar* src, Index stride, Index n, Index d, T* dst, Index dst_stride) {
-  using w = widen<T, Scalar>;
-  const Index dv = d - d % w::width;
-  for (Index t = 0; t < n; ++t, src += stride, dst += dst_stride) {
-    for (Index x = 0; x < dv; x += w::width) Eigen::internal::pstoreu(dst + x, w::load(src + x));
-    for (Index x = dv; x < d; ++x) dst[x] = T(src[x]);
-  }
-}
-
-// Eigen's matrix products keep their packed blocks on the stack up to
-// EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) and on the heap beyond: products at most this deep and
-// this wide (with tiles of the default 128 keys) stay on the stack, so rows wider than a
-// usual head (MLA's latent, 576) are multiplied in slices of this many columns.
-inline constexpr Index product_slice = 128;
-
 // Folds one tile of keys K (n x d, rows of T) whose first dv columns are the values too into
 // `st`: scores, mask_tile(scores), one online softmax step, then the weighted sum of the same
 // rows. Every row is read from memory once for both. `next`, when given, walks the stored rows
@@ -460,19 +543,15 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
                       MaskTile&& mask_tile, Ahead* next = nullptr) {
   const Index n = K.rows();
   auto S = ws.s.topLeftCorner(rows, n);
-  // Decode's few rows (MLA's heads) take the register-blocked kernels; prefill's many, Eigen's
-  // products.
+  // Decode's few rows (MLA's heads) take the wide kernels; prefill's many, the tile products.
   const bool wide = rows <= wide_kernel<T>::max_rows;
+  const row_run<T> run{K.data(), n, K.outerStride()};
   if (wide) {
     wide_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, K.data(), K.outerStride(), n, d,
                            ws.s.data(), ws.s.cols());
   } else {
-    S.noalias() = ws.q.topLeftCorner(rows, std::min(d, product_slice)) *
-                  K.leftCols(std::min(d, product_slice)).transpose();
-    for (Index x = product_slice; x < d; x += product_slice) {
-      const Index w = std::min(product_slice, d - x);
-      S.noalias() += ws.q.block(0, x, rows, w) * K.middleCols(x, w).transpose();
-    }
+    tile_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, &run, 1, d, ws.s.data(), ws.s.cols(),
+                           ws.kt);
   }
   mask_tile(S);
   online_softmax_update(S, st);
@@ -480,10 +559,8 @@ void fold_shared_tile(const Tile& K, Index d, Index dv, Index rows,
     wide_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, K.data(), K.outerStride(), n, dv,
                                st.o.data(), st.o.cols(), next);
   } else {
-    for (Index x = 0; x < dv; x += product_slice) {
-      const Index w = std::min(product_slice, dv - x);
-      st.o.block(0, x, rows, w).noalias() += S * K.middleCols(x, w);
-    }
+    tile_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, &run, 1, dv, st.o.data(),
+                               st.o.cols());
   }
 }
 

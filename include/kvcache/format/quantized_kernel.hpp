@@ -674,7 +674,9 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
         micro_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, ws.k.data(), ws.k.cols(), n, d,
                                 ws.s.data(), ws.s.cols());
       } else {
-        S.noalias() = ws.q.topLeftCorner(rows, d) * ws.k.topLeftCorner(n, d).transpose();
+        const row_run<T> keys{ws.k.data(), n, ws.k.cols()};
+        tile_kernel<T>::scores(ws.q.data(), ws.q.cols(), rows, &keys, 1, d, ws.s.data(),
+                               ws.s.cols(), ws.kt);
       }
     }
     if (needs_mask(row_pos, rows, first + t0, n, mask)) apply_mask(S, row_pos, first + t0, mask);
@@ -694,7 +696,9 @@ void attend_block(const quantized_block<Bits>& blk, Index lo, Index hi, Index fi
         micro_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, ws.v.data(), ws.v.cols(), n,
                                     d, st.o.data(), st.o.cols());
       } else {
-        st.o.topRows(rows).noalias() += S * ws.v.topLeftCorner(n, d);
+        const row_run<T> values{ws.v.data(), n, ws.v.cols()};
+        tile_kernel<T>::accumulate(ws.s.data(), ws.s.cols(), rows, &values, 1, d, st.o.data(),
+                                   st.o.cols());
       }
     }
   }
