@@ -180,19 +180,26 @@ inline void prefetch_cursor<Scalar>::next() noexcept {
 // Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes), within a
 // page tile's runs (row_lead), and decode over a block's tiles also asks for the other stream
 // (prefetch_cursor).
+// Calls f(std::integral_constant<int, k>{}) for the run-time k in [1, Max]; nothing for others.
+template <int Max, class F>
+EIGEN_ALWAYS_INLINE void with_count(Index k, F&& f) {
+  if constexpr (Max >= 1) {
+    if (k == Max) {
+      f(std::integral_constant<int, Max>{});
+    } else {
+      with_count<Max - 1>(k, f);
+    }
+  }
+}
+
 // Calls f(std::integral_constant<int, R>{}, r0) for passes of R rows covering [0, rows):
-// passes of Max rows (at most 4), then one of the rest.
+// passes of Max rows, then one of the rest.
 template <int Max, class F>
 EIGEN_ALWAYS_INLINE void row_passes(Index rows, F&& f) {
-  static_assert(Max >= 1 && Max <= 4, "row_passes: Max must be 1..4");
+  static_assert(Max >= 1, "row_passes: Max must be at least 1");
   Index r = 0;
   for (; r + Max <= rows; r += Max) f(std::integral_constant<int, Max>{}, r);
-  switch (rows - r) {
-    case 1: f(std::integral_constant<int, 1>{}, r); break;
-    case 2: if constexpr (Max > 2) f(std::integral_constant<int, 2>{}, r); break;
-    case 3: if constexpr (Max > 3) f(std::integral_constant<int, 3>{}, r); break;
-    default: break;
-  }
+  with_count<Max - 1>(rows - r, [&](auto rest) { f(rest, r); });
 }
 
 // Keeps a loaded packet in a register: without it GCC 12 may fold the load into every fused

@@ -14,18 +14,6 @@
 
 namespace kvcache::detail {
 
-// Calls f(std::integral_constant<int, k>{}) for the run-time k in [1, Max]; nothing for others.
-template <int Max, class F>
-EIGEN_ALWAYS_INLINE void with_count(Index k, F&& f) {
-  if constexpr (Max >= 1) {
-    if (k == Max) {
-      f(std::integral_constant<int, Max>{});
-    } else {
-      with_count<Max - 1>(k, f);
-    }
-  }
-}
-
 template <class T>
 struct tile_kernel {
   using packet = typename Eigen::internal::packet_traits<T>::type;
@@ -60,7 +48,9 @@ struct tile_kernel {
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
-          for (int i = 0; i < width; ++i) b.packet[i] = widen<T, Scalar>::load(k + i * run.stride + c);
+          for (int i = 0; i < width; ++i) {
+            b.packet[i] = widen<T, Scalar>::load(k + i * run.stride + c);
+          }
           ptranspose(b);
           for (int i = 0; i < width; ++i) pstoreu(kt + (c + i) * kt_stride + j, b.packet[i]);
         }
@@ -160,14 +150,9 @@ struct tile_kernel {
       const T* ktp = kt.data() + j0;
       with_count<block_packets>((panel + width - 1) / width, [&](auto packets) {
         constexpr int P = decltype(packets)::value;
-        Index r = 0;
-        for (; r + block_rows <= rows; r += block_rows) {
-          scores_block<block_rows, P>(q + r * q_stride, q_stride, ktp, kt_stride, d,
-                                      s + r * s_stride + j0, s_stride, panel);
-        }
-        with_count<block_rows - 1>(rows - r, [&](auto left) {
-          scores_block<decltype(left)::value, P>(q + r * q_stride, q_stride, ktp, kt_stride, d,
-                                                 s + r * s_stride + j0, s_stride, panel);
+        row_passes<block_rows>(rows, [&](auto r_count, Index r) {
+          scores_block<decltype(r_count)::value, P>(q + r * q_stride, q_stride, ktp, kt_stride, d,
+                                                    s + r * s_stride + j0, s_stride, panel);
         });
       });
     }
@@ -196,14 +181,9 @@ struct tile_kernel {
     for (Index c0 = 0; c0 < dv; c0 += block_packets * width) {
       with_count<block_packets>(std::min<Index>(block_packets, (dv - c0) / width), [&](auto n) {
         constexpr int P = decltype(n)::value;
-        Index r = 0;
-        for (; r + block_rows <= rows; r += block_rows) {
-          accumulate_block<block_rows, P>(p + r * p_stride, p_stride, runs, count, c0,
-                                          o + r * o_stride + c0, o_stride);
-        }
-        with_count<block_rows - 1>(rows - r, [&](auto left) {
-          accumulate_block<decltype(left)::value, P>(p + r * p_stride, p_stride, runs, count, c0,
-                                                     o + r * o_stride + c0, o_stride);
+        row_passes<block_rows>(rows, [&](auto r_count, Index r) {
+          accumulate_block<decltype(r_count)::value, P>(p + r * p_stride, p_stride, runs, count,
+                                                        c0, o + r * o_stride + c0, o_stride);
         });
       });
     }
