@@ -88,6 +88,7 @@ struct flat {
   static constexpr bool lossless = format::lossless;
   static kv_dtype dtype() { return F::dtype(); }
   static attention_mask mask() { return L::mask(); }
+  static std::string name() { return std::string(L::name) + "_" + F::make().name(); }
 
   cache_type c;
   explicit flat(const cache_shape& s) : c(s, L::make(), F::make()) {}
@@ -112,6 +113,7 @@ struct paged {
   static constexpr bool lossless = format::lossless;
   static kv_dtype dtype() { return F::dtype(); }
   static attention_mask mask() { return L::make().mask(); }
+  static std::string name() { return std::string(L::name) + "_" + F::make().name(); }
 
   cache_type c;
   Index seq;
@@ -129,24 +131,29 @@ struct paged {
 };
 
 struct contiguous {
+  static constexpr const char* name = "contiguous";
   using type = contiguous_layout;
   static type make() { return {}; }
   static attention_mask mask() { return {}; }
 };
 struct fixed200 {
+  static constexpr const char* name = "fixed200";
   using type = fixed_layout;
   static type make() { return {200}; }
   static attention_mask mask() { return {}; }
 };
 struct ring {
+  static constexpr const char* name = "ring";
   using type = ring_layout;
   static type make() { return {40, 4, 0}; }
   static attention_mask mask() { return {true, -1, 40, 4}; }
 };
 struct pages16 {
+  static constexpr const char* name = "pages16";
   static paged_layout make() { return paged_layout(16, 64); }
 };
 struct pages16_window {
+  static constexpr const char* name = "pages16_window";
   static paged_layout make() { return paged_layout(16, 64, 48, 4); }
 };
 
@@ -160,7 +167,14 @@ using kinds = ::testing::Types<
     flat<ring, int8_g8>, paged<pages16, f32>, paged<pages16, f16>, paged<pages16, bf16>,
     paged<pages16, int8_g8>, paged<pages16, int4_g8>, paged<pages16_window, f32>,
     paged<pages16_window, int8_g16_r8>>;
-TYPED_TEST_SUITE(Mla, kinds);
+// Test names: the layout's, the format's and the kind's index (two int8 kinds differ in group).
+struct kind_name {
+  template <class K>
+  static std::string GetName(int i) {
+    return K::name() + "_" + std::to_string(i);
+  }
+};
+TYPED_TEST_SUITE(Mla, kinds, kind_name);
 
 // Tolerance of the absorbed kernel against the naive double MLA over the same stored rows:
 // float arithmetic, and the absorbed query and output projections add a sum of kv_lora_rank

@@ -134,7 +134,14 @@ struct bf16_p1 { using format = plain_format<Eigen::bfloat16>; static format mak
 struct int8_g4_p8 { using format = quantized_format<8>; static format make() { return format(4, 0); } static constexpr Index page = 8; };
 struct int4_g4_r3_p4 { using format = quantized_format<4>; static format make() { return format(4, 3); } static constexpr Index page = 4; };
 using formats = ::testing::Types<f32_p4, f64_p3, f16_p16, bf16_p1, int8_g4_p8, int4_g4_r3_p4>;
-TYPED_TEST_SUITE(PagedFormats, formats);
+// Test names: the format's and the page size, e.g. int8_page8.
+struct format_page_name {
+  template <class F>
+  static std::string GetName(int) {
+    return F::make().name() + "_page" + std::to_string(F::page);
+  }
+};
+TYPED_TEST_SUITE(PagedFormats, formats, format_page_name);
 
 template <class F>
 using contiguous_of = kv_cache<contiguous_layout, typename F::format>;
