@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 // Tests of the KV-cache byte formula and its inverses.
+#include <kvcache/detail/buffer.hpp>
 #include <kvcache/memory.hpp>
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <limits>
 #include <string>
 
@@ -63,6 +65,24 @@ TEST(Memory, EveryProductIsChecked) {
   EXPECT_EQ(kv_tokens_that_fit(1000, max64, 1, 1, 1, 1), 0);
   EXPECT_EQ(kv_batch_that_fits(1000, max64, 1, 1, 1, 1), 0);
   EXPECT_EQ(kv_tokens_that_fit(max64, 1, 1, 1, 1, 1), max64 / 2);
+}
+
+// The storage under every cache: 64-byte aligned, 2 MiB aligned from 8 MiB on (huge pages);
+// a size whose bytes exceed the largest object is std::length_error, not std::bad_alloc.
+TEST(Buffer, AlignsAndRefusesSizesNoObjectCanHave) {
+  const auto address = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  detail::buffer<float> small(1000);
+  EXPECT_EQ(small.size(), 1000);
+  EXPECT_EQ(address(small.data()) % 64, 0u);
+  detail::buffer<float> large(Index(2) << 20);
+  EXPECT_EQ(address(large.data()) % (std::uintptr_t(2) << 20), 0u);
+  large.data()[(Index(2) << 20) - 1] = 1.5f;
+  detail::buffer<float> moved(std::move(large));
+  EXPECT_EQ(moved.data()[(Index(2) << 20) - 1], 1.5f);
+  EXPECT_EQ(large.size(), 0);
+  EXPECT_EQ(large.data(), nullptr);
+  EXPECT_THROW(detail::buffer<double>(std::numeric_limits<Index>::max() / 4), std::length_error);
+  EXPECT_THROW(detail::buffer<float>(-1), std::length_error);
 }
 
 }  // namespace

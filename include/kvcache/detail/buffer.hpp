@@ -36,10 +36,11 @@ class buffer {
 
  public:
   buffer() noexcept = default;
-  /// Allocates `n` uninitialized elements; throws std::length_error when n is too large to
-  /// address and std::bad_alloc when memory is short.
+  /// Allocates `n` uninitialized elements; throws std::length_error when n is negative or its
+  /// bytes exceed the largest object (PTRDIFF_MAX), std::bad_alloc when memory is short.
   explicit buffer(Index n) : size_(n) {
-    if (n < 0 || static_cast<std::size_t>(n) > std::numeric_limits<std::size_t>::max() / sizeof(T)) {
+    constexpr auto max_bytes = static_cast<std::size_t>(std::numeric_limits<std::ptrdiff_t>::max());
+    if (n < 0 || static_cast<std::size_t>(n) > max_bytes / sizeof(T)) {
       throw std::length_error("kvcache: buffer size out of range");
     }
     if (n > 0) {
@@ -47,7 +48,9 @@ class buffer {
       data_ = static_cast<T*>(::operator new(bytes, std::align_val_t{alignment_for(bytes)}));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       // Advice only: where huge pages are off or unavailable the buffer works as it is.
-      if (bytes >= huge_buffer_bytes) ::madvise(data_, bytes / huge_page_bytes * huge_page_bytes, MADV_HUGEPAGE);
+      if (bytes >= huge_buffer_bytes) {
+        ::madvise(data_, bytes / huge_page_bytes * huge_page_bytes, MADV_HUGEPAGE);
+      }
 #endif
     }
   }
@@ -61,7 +64,8 @@ class buffer {
   }
   ~buffer() {
     if (data_ != nullptr) {
-      ::operator delete(data_, std::align_val_t{alignment_for(static_cast<std::size_t>(size_) * sizeof(T))});
+      const std::size_t bytes = static_cast<std::size_t>(size_) * sizeof(T);
+      ::operator delete(data_, std::align_val_t{alignment_for(bytes)});
     }
   }
 
