@@ -180,6 +180,7 @@ inline void prefetch_cursor<Scalar>::next() noexcept {
 // Every path asks for the rows 4 KiB ahead of the one it reads (row_prefetch_bytes), within a
 // page tile's runs (row_lead), and decode over a block's tiles also asks for the other stream
 // (prefetch_cursor).
+
 // Calls f(std::integral_constant<int, k>{}) for the run-time k in [1, Max]; nothing for others.
 template <int Max, class F>
 EIGEN_ALWAYS_INLINE void with_count(Index k, F&& f) {
